@@ -1,0 +1,66 @@
+"""Argument validation shared by the transforms and aliases.
+
+Every check runs at construction (or at ``init`` for parameter dtypes) and
+raises a ``ValueError`` that names the argument and the accepted values.
+Hyperparameters that arrive as tracers (``optax.inject_hyperparams`` passes
+them that way inside ``jit``) cannot be inspected and are let through.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a Python float, or None when it is traced."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if array.shape != ():
+    raise ValueError(f'expected a scalar, got an array of shape {array.shape}')
+  return float(array)
+
+
+def check_beta(name: str, value: Any) -> None:
+  """Checks that a decay rate lies in [0, 1)."""
+  x = _concrete_float(value)
+  if x is not None and not 0.0 <= x < 1.0:
+    raise ValueError(f'{name} must be in [0, 1), got {value!r}.')
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  """Checks that a scalar is finite and >= 0."""
+  x = _concrete_float(value)
+  if x is not None and not (np.isfinite(x) and x >= 0.0):
+    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """Checks that a structural argument is an integer >= ``minimum``."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  array = np.asarray(value)
+  is_int = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            ) or (array.shape == () and jnp.issubdtype(array.dtype, jnp.integer))
+  if not is_int or int(array) < minimum:
+    raise ValueError(
+        f'{name} must be an integer >= {minimum}, got {value!r}.')
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Checks that a string option is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f'{name} must be one of {choices}, got {value!r}.')
+
+
+def check_float_params(params: Any) -> None:
+  """Checks that every parameter is a real floating-point array."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          'params must be real floating-point arrays (float16, bfloat16, '
+          f'float32 or float64); the leaf at {jax.tree_util.keystr(path)} '
+          f'has dtype {dtype}.')
