@@ -144,3 +144,152 @@ def test_soap_matches_numpy_oracle(x64, tree_name, variant):
           np.max(np.abs(got - expected)) / scale, 1e-9,
           err_msg=f'{k} at call {call}')
   assert int(state[0].eigenbasis.count) == 32
+
+
+# ------------------------------------------------------------------------------
+# Behaviour that every update must have.
+
+MIXED_PARAMS = {
+    'dense': jnp.ones((8, 16)),
+    'conv': jnp.ones((3, 3, 4, 8)),
+    'bias': jnp.ones((16,)),
+    'scale': jnp.ones(()),
+}
+
+
+def _random_like(tree, seed, dtype=None):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([
+      jax.random.normal(k, x.shape, dtype or x.dtype)
+      for k, x in zip(keys, leaves)])
+
+
+def test_update_is_jitted_once_and_never_retraces():
+  opt = soap_optax.soap(precondition_frequency=2)
+  state = opt.init(MIXED_PARAMS)
+  params = MIXED_PARAMS
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(7):
+    params, state = step(params, state, _random_like(params, i))
+  assert len(traces) == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_first_call_returns_zeros_and_later_calls_do_not():
+  opt = soap_optax.scale_by_rotated_adam()
+  state = opt.init(MIXED_PARAMS)
+  updates, state = opt.update(_random_like(MIXED_PARAMS, 0), state)
+  for leaf in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  np.testing.assert_array_equal(
+      np.asarray(state.mu['dense']), 0.0)  # t stays 0: no moment yet.
+  updates, _ = opt.update(_random_like(MIXED_PARAMS, 1), state)
+  for leaf in jax.tree.leaves(updates):
+    assert float(jnp.max(jnp.abs(leaf))) > 0.0
+
+
+def test_bfloat16_parameters_keep_float32_statistics():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), MIXED_PARAMS)
+  opt = soap_optax.soap(precondition_frequency=1)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  for i in range(4):
+    grads = _random_like(params, i, jnp.bfloat16)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves(updates) + jax.tree.leaves(params):
+    assert leaf.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  inner = state[0]
+  for leaf in jax.tree.leaves((inner.mu, inner.nu, inner.eigenbasis.factors)):
+    assert leaf.dtype == jnp.float32
+
+
+def test_float64_run_is_float64_throughout(x64):
+  del x64
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), MIXED_PARAMS)
+  opt = soap_optax.scale_by_rotated_adam(precondition_frequency=1)
+  state = opt.init(params)
+  for i in range(3):
+    updates, state = opt.update(_random_like(params, i), state)
+  for leaf in jax.tree.leaves((updates, state.mu, state.nu,
+                               state.eigenbasis.factors)):
+    assert leaf.dtype == jnp.float64
+
+
+def test_zero_gradients_give_finite_updates():
+  opt = soap_optax.soap(precondition_frequency=1)
+  state = opt.init(MIXED_PARAMS)
+  zeros = jax.tree.map(jnp.zeros_like, MIXED_PARAMS)
+  update = jax.jit(opt.update)
+  for _ in range(4):
+    updates, state = update(zeros, state, MIXED_PARAMS)
+    for leaf in jax.tree.leaves((updates, state)):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_state_round_trips_through_flatten_and_unflatten():
+  opt = soap_optax.soap(precondition_frequency=1)
+  state = opt.init(MIXED_PARAMS)
+  _, state = opt.update(_random_like(MIXED_PARAMS, 0), state, MIXED_PARAMS)
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  rebuilt = jax.tree_util.tree_unflatten(
+      treedef, [np.asarray(x) for x in leaves])
+  assert jax.tree_util.tree_structure(rebuilt) == treedef
+  grads = _random_like(MIXED_PARAMS, 1)
+  expected, _ = opt.update(grads, state, MIXED_PARAMS)
+  got, _ = opt.update(grads, jax.tree.map(jnp.asarray, rebuilt), MIXED_PARAMS)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_update_launches_one_eigh_and_one_qr_per_distinct_factor_size():
+  from tests.test_engine import count_primitives
+  params = {'a': jnp.zeros((8, 16)), 'b': jnp.zeros((16, 8)),
+            'c': jnp.zeros((8, 8)), 'd': jnp.zeros((4, 8, 16))}
+  opt = soap_optax.scale_by_rotated_adam()
+  state = opt.init(params)
+  jaxpr = jax.make_jaxpr(opt.update)(params, state).jaxpr
+  assert count_primitives(jaxpr, 'eigh') == 3  # sizes 4, 8, 16
+  assert count_primitives(jaxpr, 'qr') == 3
+
+
+def test_non_finite_statistics_never_replace_a_finite_basis():
+  opt = soap_optax.scale_by_rotated_adam(precondition_frequency=1)
+  params = {'w': jnp.ones((4, 5))}
+  state = opt.init(params)
+  _, state = opt.update(_random_like(params, 0), state)
+  bases = state.eigenbasis.factors['w'].bases
+  _, state = opt.update({'w': jnp.full((4, 5), jnp.inf)}, state)
+  for old, new in zip(bases, state.eigenbasis.factors['w'].bases):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+@pytest.mark.parametrize('kwargs, name', [
+    (dict(b1=1.0), 'b1'), (dict(b1=-0.1), 'b1'), (dict(b2=1.5), 'b2'),
+    (dict(shampoo_beta=1.0), 'shampoo_beta'), (dict(eps=-1e-8), 'eps'),
+    (dict(eps=float('nan')), 'eps'),
+    (dict(precondition_frequency=0), 'precondition_frequency'),
+    (dict(precondition_frequency=2.5), 'precondition_frequency'),
+    (dict(max_precond_dim=-1), 'max_precond_dim'),
+])
+def test_bad_hyperparameters_raise_at_construction(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    soap_optax.scale_by_rotated_adam(**kwargs)
+  with pytest.raises(ValueError, match=name):
+    soap_optax.soap(**kwargs)
+
+
+def test_non_float_parameters_raise_at_init():
+  opt = soap_optax.soap()
+  with pytest.raises(ValueError, match=r"params.*\['step'\].*int32"):
+    opt.init({'w': jnp.ones((2, 2)), 'step': jnp.zeros((), jnp.int32)})

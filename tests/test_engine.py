@@ -1,0 +1,180 @@
+"""Tests of soap_optax._engine: axis rules, rotation, factors, batched refresh."""
+
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soap_optax import _engine
+from tests.oracle import soap_numpy
+
+
+def _random_orthonormal(n, rng):
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  return q
+
+
+@pytest.mark.parametrize('shape, limit, expected', [
+    ((2, 3, 8, 5), 10, (6, 8, 5)),
+    ((4, 20), 10, (4, 20)),            # an axis alone above the limit stays.
+    ((20, 2, 3), 10, (20, 6)),
+    ((3, 3, 3, 3), 9, (9, 9)),
+    ((3, 3, 3, 3), 10000, (81,)),
+    ((7,), 5, (7,)),
+])
+def test_merge_axes_is_greedy_left_to_right(shape, limit, expected):
+  assert _engine.merge_axes(shape, limit) == expected
+  assert soap_numpy.merged_shape(shape, limit) == expected
+
+
+@pytest.mark.parametrize('shape, options, merged, factored', [
+    ((), {}, (), ()),
+    ((7,), {}, (7,), ()),
+    ((7,), {'precondition_1d': True}, (7,), (0,)),
+    ((7,), {'precondition_1d': True, 'max_precond_dim': 6}, (7,), ()),
+    ((4, 20), {'max_precond_dim': 10}, (4, 20), (0,)),
+    ((30, 40), {'max_precond_dim': 10}, (30, 40), ()),
+    ((3, 4, 5), {}, (3, 4, 5), (0, 1, 2)),
+    ((2, 3, 8, 5), {'max_precond_dim': 10, 'merge_dims': True},
+     (6, 8, 5), (0, 1, 2)),
+    ((2, 3, 20), {'max_precond_dim': 10, 'merge_dims': True}, (6, 20), (0,)),
+    ((8, 3), {'one_sided': True}, (8, 3), (1,)),
+    ((5, 5), {'one_sided': True}, (5, 5), (0,)),
+    ((6, 2, 4), {'one_sided': True}, (6, 2, 4), (1,)),
+    ((0, 4), {}, (0, 4), ()),
+])
+def test_plan_layout_axis_rules(shape, options, merged, factored):
+  kwargs = dict(max_precond_dim=10000, merge_dims=False, precondition_1d=False)
+  kwargs.update(options)
+  layout = _engine.plan_layout(shape, **kwargs)
+  assert layout.shape == shape
+  assert layout.merged_shape == merged
+  assert layout.factored_axes == factored
+
+
+def test_rotate_and_unrotate_match_mode_products():
+  rng = np.random.default_rng(1)
+  layout = _engine.FactorLayout((3, 4, 5), (3, 4, 5), (0, 2))
+  bases = (_random_orthonormal(3, rng), _random_orthonormal(5, rng))
+  factors = _engine.KroneckerFactors(
+      layout, stats=tuple(np.zeros_like(q) for q in bases), bases=bases)
+  x = rng.normal(size=(3, 4, 5))
+  with jax.enable_x64(True):
+    rotated = np.asarray(_engine.rotate(jnp.asarray(x), factors))
+    back = np.asarray(_engine.unrotate(jnp.asarray(rotated), factors))
+  expected = soap_numpy.mode_product(
+      soap_numpy.mode_product(x, bases[0].T, 0), bases[1].T, 2)
+  np.testing.assert_allclose(rotated, expected, rtol=0, atol=1e-13)
+  np.testing.assert_allclose(back, x, rtol=0, atol=1e-13)
+
+
+def test_rotate_of_a_matrix_is_ql_transpose_g_qr():
+  rng = np.random.default_rng(2)
+  ql, qr = _random_orthonormal(4, rng), _random_orthonormal(6, rng)
+  g = rng.normal(size=(4, 6))
+  factors = _engine.KroneckerFactors(
+      _engine.FactorLayout((4, 6), (4, 6), (0, 1)), (ql, qr), (ql, qr))
+  with jax.enable_x64(True):
+    got = np.asarray(_engine.rotate(jnp.asarray(g), factors))
+  np.testing.assert_allclose(got, ql.T @ g @ qr, rtol=0, atol=1e-13)
+
+
+def test_factor_statistics_are_unfolding_gram_matrices():
+  rng = np.random.default_rng(3)
+  g = rng.normal(size=(3, 4, 5))
+  layout = _engine.FactorLayout((3, 4, 5), (3, 4, 5), (0, 1, 2))
+  with jax.enable_x64(True):
+    stats = _engine.factor_statistics(jnp.asarray(g), layout)
+  for axis, stat in enumerate(stats):
+    unfolded = soap_numpy.unfold(g, axis)
+    np.testing.assert_allclose(
+        np.asarray(stat), unfolded @ unfolded.T, rtol=1e-13, atol=0)
+  matrix = rng.normal(size=(4, 6))
+  layout = _engine.FactorLayout((4, 6), (4, 6), (0, 1))
+  with jax.enable_x64(True):
+    left, right = _engine.factor_statistics(jnp.asarray(matrix), layout)
+  np.testing.assert_allclose(np.asarray(left), matrix @ matrix.T, rtol=1e-13)
+  np.testing.assert_allclose(np.asarray(right), matrix.T @ matrix, rtol=1e-13)
+
+
+def test_power_qr_basis_sorts_then_orthonormalizes(x64):
+  del x64
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(6, 6))
+  stat = a @ a.T
+  old = _random_orthonormal(6, rng)
+  new, order = _engine.power_qr_basis(jnp.asarray(stat), jnp.asarray(old))
+  estimates = np.diag(old.T @ stat @ old)
+  expected_order = np.argsort(-estimates, kind='stable')
+  np.testing.assert_array_equal(np.asarray(order), expected_order)
+  expected = np.linalg.qr(stat @ old[:, expected_order])[0]
+  # QR is unique up to the sign of each column.
+  signs = np.sign(np.sum(np.asarray(new) * expected, axis=0))
+  np.testing.assert_allclose(np.asarray(new), expected * signs, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(new).T @ np.asarray(new), np.eye(6),
+                             atol=1e-12)
+
+
+def test_eigh_basis_diagonalizes_in_descending_order(x64):
+  del x64
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(5, 5))
+  stat = a @ a.T
+  basis, values = _engine.eigh_basis(jnp.asarray(stat), jnp.eye(5))
+  basis, values = np.asarray(basis), np.asarray(values)
+  np.testing.assert_allclose(values, np.linalg.eigvalsh(stat)[::-1],
+                             rtol=1e-12)
+  np.testing.assert_allclose(basis.T @ stat @ basis, np.diag(values),
+                             atol=1e-11)
+
+
+@pytest.mark.parametrize('basis_fn', [_engine.eigh_basis,
+                                      _engine.power_qr_basis])
+def test_refresh_keeps_the_old_basis_when_the_new_one_is_not_finite(basis_fn):
+  old = jnp.asarray(_random_orthonormal(4, np.random.default_rng(6)),
+                    jnp.float32)
+  stat = jnp.full((4, 4), jnp.nan, jnp.float32)
+  new, _ = basis_fn(stat, old)
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  if basis_fn is _engine.power_qr_basis:
+    _, order = basis_fn(stat, old)
+    np.testing.assert_array_equal(np.asarray(order), np.arange(4))
+
+
+def count_primitives(jaxpr, name):
+  """Counts ``name`` equations in a jaxpr, nested jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      count += 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      count += count_primitives(sub, name)
+  return count
+
+
+def test_refresh_is_one_batched_call_per_distinct_factor_size():
+  params = {
+      'a': jnp.zeros((8, 16)), 'b': jnp.zeros((16, 8)), 'c': jnp.zeros((8, 8)),
+      'd': jnp.zeros((4, 8, 16)), 'e': jnp.zeros((32,)), 'f': jnp.zeros(()),
+  }
+  state = _engine.init_eigenbasis(
+      params, max_precond_dim=10000, merge_dims=False, precondition_1d=True)
+  factors = jax.tree.leaves(
+      state.factors, is_leaf=lambda x: isinstance(x, _engine.KroneckerFactors))
+  sizes = {n for f in factors for n in f.layout.factor_sizes}
+  assert sizes == {4, 8, 16, 32}
+  n_factors = sum(len(f.bases) for f in factors)
+  assert n_factors == 10  # 2 + 2 + 2 + 3 + 1 + 0
+
+  qr_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_power_qr(fs))(factors)
+  eigh_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_eigh(fs))(factors)
+  assert count_primitives(qr_jaxpr.jaxpr, 'qr') == len(sizes)
+  assert count_primitives(qr_jaxpr.jaxpr, 'eigh') == 0
+  assert count_primitives(eigh_jaxpr.jaxpr, 'eigh') == len(sizes)
+
+
+def test_map_by_size_keeps_input_order():
+  mats = [jnp.full((2, 2), 1.0), jnp.full((3, 3), 2.0), jnp.full((2, 2), 3.0)]
+  out = _engine.map_by_size(lambda m: m.sum(), mats)
+  np.testing.assert_allclose([float(o) for o in out], [4.0, 18.0, 12.0])
