@@ -25,8 +25,9 @@ and rotates a tensor into, and out of, that basis:
 
 Axes that are not factored use the identity basis. Which axes are factored is
 decided once, at ``init``, by :func:`plan_layout`, and stored in the state as a
-static :class:`FactorLayout` (part of the tree structure, not an array), so the
-compiled ``update`` never depends on a traced ``max_precond_dim``.
+static :class:`EigenbasisPlan` (part of the tree structure, not an array), so
+the compiled ``update`` never depends on a traced ``max_precond_dim`` (as
+``optax.inject_hyperparams`` would pass it).
 
 Two refresh methods exist, both batched over every factor of the same size and
 dtype across the whole parameter tree (one ``vmap``-ed linear-algebra call per
@@ -61,7 +62,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class FactorLayout:
-  """How the engine sees one parameter. Static: part of the tree structure.
+  """How the engine sees one parameter. Static (no array leaves).
 
   Attributes:
     shape: the parameter's shape.
@@ -80,11 +81,33 @@ class FactorLayout:
     return tuple(self.merged_shape[i] for i in self.factored_axes)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class EigenbasisPlan:
+  """The layout of every parameter, in ``jax.tree.leaves(params)`` order.
+
+  Static: it is part of the state's tree structure, not an array, so it is
+  known while tracing ``update`` and survives ``jit``, Orbax and
+  ``flax.nnx.Optimizer`` unchanged.
+  """
+
+  layouts: tuple[FactorLayout, ...]
+
+  def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat per-factor sequence into one tuple per parameter."""
+    groups, start = [], 0
+    for layout in self.layouts:
+      stop = start + len(layout.factored_axes)
+      groups.append(tuple(flat[start:stop]))
+      start = stop
+    return groups
+
+
 class KroneckerFactors(NamedTuple):
-  """The engine's state for one parameter.
+  """One parameter's factors, as the engine's functions take them.
 
   Attributes:
-    layout: the static :class:`FactorLayout`.
+    layout: the parameter's :class:`FactorLayout`.
     stats: ``GG_i``, one ``(d_i, d_i)`` array per factored axis.
     bases: ``Q_i``, one orthonormal ``(d_i, d_i)`` array per factored axis.
   """
@@ -97,15 +120,24 @@ class KroneckerFactors(NamedTuple):
 class EigenbasisState(NamedTuple):
   """The engine's state for a whole parameter tree.
 
+  The factors of all parameters are kept as two flat tuples (parameters in
+  ``jax.tree.leaves`` order, each parameter's factored axes in increasing
+  order), so that every array of the state is a leaf of its own: containers
+  such as ``flax.nnx.Optimizer`` wrap parameter-shaped leaves, not nested
+  per-parameter structures. :func:`unpack` gives the per-parameter view.
+
   Attributes:
     count: int32 scalar, the number of gradients absorbed into the statistics
       (0 until the first ``update``).
-    factors: a tree shaped like the parameters with one
-      :class:`KroneckerFactors` per parameter.
+    plan: the static :class:`EigenbasisPlan`.
+    stats: every ``GG_i``.
+    bases: every ``Q_i``.
   """
 
   count: jax.Array
-  factors: Any
+  plan: EigenbasisPlan
+  stats: tuple[jax.Array, ...]
+  bases: tuple[jax.Array, ...]
 
 
 def merge_axes(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
@@ -182,26 +214,74 @@ def init_eigenbasis(
     precondition_1d: bool,
     one_sided: bool = False,
 ) -> EigenbasisState:
-  """Zero statistics and identity bases for every parameter of a tree."""
+  """Zero statistics and identity bases for every parameter of a tree.
 
-  def init_one(param):
-    layout = plan_layout(
-        jnp.shape(param),
-        max_precond_dim=max_precond_dim,
-        merge_dims=merge_dims,
-        precondition_1d=precondition_1d,
-        one_sided=one_sided,
-    )
-    dtype = state_dtype(jnp.result_type(param))
-    sizes = layout.factor_sizes
-    return KroneckerFactors(
-        layout=layout,
-        stats=tuple(jnp.zeros((n, n), dtype) for n in sizes),
-        bases=tuple(jnp.eye(n, dtype=dtype) for n in sizes),
-    )
-
+  ``max_precond_dim`` decides array shapes, so it must be concrete here. It is
+  a tracer only when ``optax.inject_hyperparams`` injected it and ``init`` runs
+  under ``jit``; the error then says how to keep it static.
+  """
+  if isinstance(max_precond_dim, jax.core.Tracer):
+    raise ValueError(
+        'max_precond_dim decides the shapes of the optimizer state and must be '
+        'a concrete integer at init, but it is traced here (optax.'
+        'inject_hyperparams under jit). Pass static_args=("max_precond_dim", '
+        '"precondition_frequency") to optax.inject_hyperparams.')
+  max_precond_dim = int(max_precond_dim)
+  leaves = jax.tree.leaves(params)
+  layouts = tuple(
+      plan_layout(
+          jnp.shape(leaf),
+          max_precond_dim=max_precond_dim,
+          merge_dims=merge_dims,
+          precondition_1d=precondition_1d,
+          one_sided=one_sided,
+      ) for leaf in leaves)
+  stats, bases = [], []
+  for leaf, layout in zip(leaves, layouts):
+    dtype = state_dtype(jnp.result_type(leaf))
+    for n in layout.factor_sizes:
+      stats.append(jnp.zeros((n, n), dtype))
+      bases.append(jnp.eye(n, dtype=dtype))
   return EigenbasisState(
-      count=jnp.zeros([], jnp.int32), factors=jax.tree.map(init_one, params))
+      count=jnp.zeros([], jnp.int32),
+      plan=EigenbasisPlan(layouts),
+      stats=tuple(stats),
+      bases=tuple(bases),
+  )
+
+
+def unpack(state: EigenbasisState, num_leaves: int) -> list[KroneckerFactors]:
+  """The per-parameter view of the state, in ``jax.tree.leaves`` order.
+
+  Args:
+    state: the engine's state.
+    num_leaves: the number of leaves of the gradient tree, checked against the
+      tree the state was initialized with.
+
+  Returns:
+    One :class:`KroneckerFactors` per parameter.
+  """
+  layouts = state.plan.layouts
+  if num_leaves != len(layouts):
+    raise ValueError(
+        f'updates have {num_leaves} leaves but the optimizer state was '
+        f'initialized for {len(layouts)} parameters.')
+  return [
+      KroneckerFactors(layout, stats, bases)
+      for layout, stats, bases in zip(
+          layouts, state.plan.split(state.stats), state.plan.split(state.bases))
+  ]
+
+
+def pack(
+    factors: Sequence[KroneckerFactors], count: jax.Array) -> EigenbasisState:
+  """Inverse of :func:`unpack`."""
+  return EigenbasisState(
+      count=count,
+      plan=EigenbasisPlan(tuple(f.layout for f in factors)),
+      stats=tuple(s for f in factors for s in f.stats),
+      bases=tuple(q for f in factors for q in f.bases),
+  )
 
 
 # ------------------------------------------------------------------------------

@@ -132,8 +132,8 @@ def scale_by_rotated_adam(
   def update_fn(updates, state, params=None):
     del params
     grads, treedef = jax.tree.flatten(updates)
-    factors, mus, nus = _flatten_like(
-        treedef, state.eigenbasis.factors, state.mu, state.nu)
+    mus, nus = _flatten_like(treedef, state.mu, state.nu)
+    factors = _engine.unpack(state.eigenbasis, len(grads))
     layouts = [f.layout for f in factors]
     merged_grads = [
         _engine.to_merged(g.astype(m.dtype), layout)
@@ -195,10 +195,8 @@ def scale_by_rotated_adam(
     new_state = ScaleByRotatedAdamState(
         mu=treedef.unflatten(mus),
         nu=treedef.unflatten(nus),
-        eigenbasis=_engine.EigenbasisState(
-            count=optax.safe_increment(state.eigenbasis.count),
-            factors=treedef.unflatten(factors),
-        ),
+        eigenbasis=_engine.pack(
+            factors, optax.safe_increment(state.eigenbasis.count)),
     )
     return treedef.unflatten(new_updates), new_state
 

@@ -160,8 +160,7 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
   }
   state = _engine.init_eigenbasis(
       params, max_precond_dim=10000, merge_dims=False, precondition_1d=True)
-  factors = jax.tree.leaves(
-      state.factors, is_leaf=lambda x: isinstance(x, _engine.KroneckerFactors))
+  factors = _engine.unpack(state, len(params))
   sizes = {n for f in factors for n in f.layout.factor_sizes}
   assert sizes == {4, 8, 16, 32}
   n_factors = sum(len(f.bases) for f in factors)

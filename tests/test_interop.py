@@ -1,0 +1,141 @@
+"""soap_optax inside the tools people already use: Flax NNX, optax wrappers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import soap_optax
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(8, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def _data():
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+  y = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+  return x, y
+
+
+def test_nnx_optimizer_trains_and_matches_plain_optax():
+  x, y = _data()
+  tx = soap_optax.soap(1e-2, precondition_frequency=2)
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(
+        lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  graphdef, params = nnx.split(_MLP(nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  state = tx.init(params)
+
+  @jax.jit
+  def optax_step(params, state):
+    def loss_fn(p):
+      model = nnx.merge(graphdef, nnx.State(p))
+      return jnp.mean((model(x) - y) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  nnx_losses, optax_losses = [], []
+  for _ in range(8):
+    nnx_losses.append(float(nnx_step(model, optimizer)))
+    params, state, loss = optax_step(params, state)
+    optax_losses.append(float(loss))
+  np.testing.assert_allclose(nnx_losses, optax_losses, rtol=1e-5)
+  assert nnx_losses[1] == nnx_losses[0]  # the first call moves nothing.
+  assert nnx_losses[-1] < 0.9 * nnx_losses[0]
+
+
+STRUCTURAL = ('precondition_frequency', 'max_precond_dim')
+
+
+@pytest.mark.parametrize('static_args, jit_init', [
+    (STRUCTURAL, True),   # the optax convention for integer hyperparameters.
+    ((), False),          # plain inject_hyperparams, eager init.
+])
+def test_inject_hyperparams_changes_floats_without_recompiling(
+    x64, static_args, jit_init):
+  """Injected and plain soap agree to float64 precision, one compilation."""
+  del x64
+  params = {'w': jnp.ones((6, 6), jnp.float64),
+            'b': jnp.ones((6,), jnp.float64)}
+  # Square weights and fresh full-rank gradients at every step. (A rank-deficient factor has no
+  # unique eigenbasis, and a repeated gradient is diagonal in its own basis up
+  # to round-off: two different programs could then disagree.)
+  grads_at = lambda step: jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(step), p.shape), params)
+  schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+  opt = optax.inject_hyperparams(soap_optax.soap, static_args=static_args)(
+      learning_rate=schedule, b1=0.9, precondition_frequency=2)
+  state = (jax.jit(opt.init) if jit_init else opt.init)(params)
+  if static_args:
+    assert not set(STRUCTURAL) & set(state.hyperparams)
+  reference = soap_optax.soap(schedule, b1=0.9, precondition_frequency=2)
+  ref_state = reference.init(params)
+  traces = []
+
+  @jax.jit
+  def update(grads, state, params):
+    traces.append(1)
+    return opt.update(grads, state, params)
+
+  for step in range(6):
+    if step == 3:  # change float hyperparameters between steps.
+      for name, value in dict(b1=0.8, b2=0.9, eps=1e-6,
+                              weight_decay=0.1).items():
+        old = state.hyperparams[name]
+        state.hyperparams[name] = jnp.asarray(value, old.dtype)
+      reference = soap_optax.soap(schedule, b1=0.8, b2=0.9, eps=1e-6,
+                                  weight_decay=0.1, precondition_frequency=2)
+    grads = grads_at(step)
+    updates, state = update(grads, state, params)
+    ref_updates, ref_state = jax.jit(reference.update)(
+        grads, ref_state, params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10)
+  assert len(traces) == 1
+
+
+def test_inject_hyperparams_with_traced_max_precond_dim_says_what_to_do():
+  opt = optax.inject_hyperparams(soap_optax.soap)(learning_rate=1e-3)
+  with pytest.raises(ValueError, match='static_args'):
+    jax.jit(opt.init)({'w': jnp.ones((4, 6))})
+
+
+def test_orbax_round_trip_continues_identically(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,))}
+  opt = soap_optax.soap(1e-2, precondition_frequency=2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  grads = lambda k: jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(k), p.shape), params)
+  for k in range(3):
+    _, state = update(grads(k), state, params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / 'state', state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(
+      tmp_path / 'state', jax.eval_shape(opt.init, params))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for k in range(3, 6):
+    expected, state = update(grads(k), state, params)
+    got, restored = update(grads(k), restored, params)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
