@@ -1,13 +1,33 @@
 """soap_optax: Shampoo-family optimizers as composable optax transformations."""
 
+from soap_optax._aliases import factorized_soap
+from soap_optax._aliases import GraftingState
+from soap_optax._aliases import scale_by_grafting
+from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
+from soap_optax._diagnostics import state_nbytes
+from soap_optax._diagnostics import state_size
+from soap_optax._transforms import scale_by_adafactor_in_eigenbasis
 from soap_optax._transforms import scale_by_rotated_adam
+from soap_optax._transforms import scale_by_shampoo_eigenbasis
+from soap_optax._transforms import ScaleByAdafactorInEigenbasisState
 from soap_optax._transforms import ScaleByRotatedAdamState
+from soap_optax._transforms import ScaleByShampooEigenbasisState
 
 __all__ = (
+    'GraftingState',
+    'ScaleByAdafactorInEigenbasisState',
     'ScaleByRotatedAdamState',
+    'ScaleByShampooEigenbasisState',
+    'factorized_soap',
+    'scale_by_adafactor_in_eigenbasis',
+    'scale_by_grafting',
     'scale_by_rotated_adam',
+    'scale_by_shampoo_eigenbasis',
+    'shampoo',
     'soap',
+    'state_nbytes',
+    'state_size',
 )
 
 __version__ = '0.1.0'

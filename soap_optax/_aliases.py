@@ -4,11 +4,13 @@ Each alias reads like ``optax.adamw``: a preconditioning transform, decoupled
 weight decay, then the (possibly scheduled) learning rate.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from soap_optax import _checks
 from soap_optax import _transforms
 
 
@@ -41,6 +43,7 @@ def soap(
     precondition_1d: bool = False,
     normalize_grads: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    one_sided: bool = False,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -68,6 +71,8 @@ def soap(
     normalize_grads: divide each parameter's update by its RMS.
     weight_decay_mask: a tree of booleans, or a function of the parameters
       returning one, that selects the leaves to decay.
+    one_sided: rotate only the shorter axis of each matrix (the paper's
+      memory-saving variant).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -87,7 +92,198 @@ def soap(
           merge_dims=merge_dims,
           precondition_1d=precondition_1d,
           normalize_grads=normalize_grads,
+          one_sided=one_sided,
       ),
       _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def factorized_soap(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    one_sided: bool = False,
+) -> optax.GradientTransformation:
+  """SOAP with Adafactor's factored second moment: the memory-saving variant.
+
+  Exactly :func:`soap` (same first call, step counting, eps placement, refresh
+  and momentum carry-over), except that the per-element second moment ``v`` is
+  replaced by one running statistic per axis of the rotated squared gradient
+  (row and column averages for a matrix) and rebuilt as
+  ``v = r c^T / sum(r)``. For an ``m x n`` layer the optimizer state is
+  ``2m^2 + 2n^2 + mn + m + n`` numbers, or ``2 min(m, n)^2 + mn + m + n`` with
+  ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
+
+  Args: as :func:`soap`, plus
+    one_sided: rotate only the shorter axis of each matrix.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 7,
+    "improving space usage").
+  """
+  return optax.chain(
+      _transforms.scale_by_rotated_adam(
+          b1=b1,
+          b2=b2,
+          shampoo_beta=shampoo_beta,
+          eps=eps,
+          precondition_frequency=precondition_frequency,
+          max_precond_dim=max_precond_dim,
+          merge_dims=merge_dims,
+          precondition_1d=precondition_1d,
+          normalize_grads=normalize_grads,
+          one_sided=one_sided,
+          factored=True,
+      ),
+      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+class GraftingState(NamedTuple):
+  """State of :func:`scale_by_grafting`: the two transforms' states."""
+
+  direction: optax.OptState
+  magnitude: optax.OptState
+
+
+def scale_by_grafting(
+    direction: optax.GradientTransformation,
+    magnitude: optax.GradientTransformation,
+    eps: float = 1e-16,
+) -> optax.GradientTransformation:
+  """Per parameter, ``direction``'s update rescaled to ``magnitude``'s norm.
+
+  .. math::
+
+    U = U_{dir} \\cdot \\frac{\\lVert U_{mag} \\rVert}{\\lVert U_{dir} \\rVert}
+
+  (Frobenius norms per parameter; where ``||U_dir|| <= eps`` the update is
+  zero). Both transforms see the same incoming updates.
+
+  References:
+    Agarwal et al., `Disentangling Adaptive Gradient Methods from Learning
+    Rates <https://arxiv.org/abs/2002.11803>`_, 2020; Anil et al., `Scalable
+    Second Order Optimization for Deep Learning
+    <https://arxiv.org/abs/2002.09018>`_, 2020.
+  """
+
+  def init_fn(params):
+    return GraftingState(direction.init(params), magnitude.init(params))
+
+  def update_fn(updates, state, params=None):
+    dir_updates, dir_state = direction.update(updates, state.direction, params)
+    mag_updates, mag_state = magnitude.update(updates, state.magnitude, params)
+
+    def graft(d, m):
+      d_norm = jnp.linalg.norm(d.ravel())
+      ratio = jnp.where(d_norm > eps, jnp.linalg.norm(m.ravel()) / jnp.where(
+          d_norm > eps, d_norm, 1.0), 0.0)
+      return (d * ratio).astype(d.dtype)
+
+    return jax.tree.map(graft, dir_updates, mag_updates), GraftingState(
+        dir_state, mag_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+GRAFTING = ('adam', 'none')
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    shampoo_beta: jax.typing.ArrayLike = 0.95,
+    exponent: jax.typing.ArrayLike = 0.5,
+    eps: jax.typing.ArrayLike = 1e-12,
+    weight_decay: jax.typing.ArrayLike = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    trace_normalize: bool = True,
+    refresh: str = 'eigh',
+    grafting: str = 'adam',
+    graft_b2: jax.typing.ArrayLike = 0.999,
+    graft_eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+  """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
+
+  .. math::
+
+    U_k = graft(P_k(g_k)), \\quad
+    M_k = b_1 M_{k-1} + (1 - b_1) U_k, \\quad
+    p \\leftarrow p - \\eta_k (M_k + \\lambda p)
+
+  where ``P_k`` is :func:`soap_optax.scale_by_shampoo_eigenbasis` and, with
+  ``grafting="adam"``, ``graft`` rescales each parameter's Shampoo update to
+  the norm of the ``optax.scale_by_adam(b1=0, b2=graft_b2, eps=graft_eps)``
+  update of the same gradient (the magnitude of Adam, the direction of
+  Shampoo, as in DistributedShampoo); ``grafting="none"`` leaves it as is.
+  The momentum ``M`` is an exponential moving average of the preconditioned
+  updates (no bias correction).
+
+  Args:
+    learning_rate: a float or an ``optax`` schedule.
+    b1: momentum decay, in [0, 1).
+    shampoo_beta: decay of the Kronecker factors.
+    exponent: inverse power of the preconditioner (0.5: Shampoo^(1/2), the
+      SOAP paper's baseline; 0.25: classic Shampoo).
+    eps: added to the eigenvalues.
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    precondition_frequency: refresh the factors' eigenbases every this many
+      steps.
+    max_precond_dim: axes longer than this get a diagonal preconditioner.
+    merge_dims: merge consecutive small axes before factoring.
+    precondition_1d: give 1-D parameters a full factor.
+    trace_normalize: see :func:`scale_by_shampoo_eigenbasis`.
+    refresh: ``"eigh"`` or ``"qr"``.
+    grafting: ``"adam"`` or ``"none"``.
+    graft_b2: second-moment decay of the Adam graft.
+    graft_eps: eps of the Adam graft.
+    weight_decay_mask: which leaves to decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Gupta et al., `Shampoo <https://arxiv.org/abs/1802.09568>`_, 2018;
+    Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024.
+  """
+  _checks.check_choice('grafting', grafting, GRAFTING)
+  _checks.check_beta('b1', b1)
+  preconditioner = _transforms.scale_by_shampoo_eigenbasis(
+      shampoo_beta=shampoo_beta,
+      exponent=exponent,
+      eps=eps,
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim,
+      merge_dims=merge_dims,
+      precondition_1d=precondition_1d,
+      trace_normalize=trace_normalize,
+      refresh=refresh,
+  )
+  if grafting == 'adam':
+    preconditioner = scale_by_grafting(
+        preconditioner,
+        optax.scale_by_adam(b1=0.0, b2=graft_b2, eps=graft_eps))
+  return optax.chain(
+      preconditioner,
+      optax.ema(b1, debias=False),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )

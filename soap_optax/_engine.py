@@ -67,7 +67,7 @@ class FactorLayout:
   Attributes:
     shape: the parameter's shape.
     merged_shape: the shape the factors are built on (``shape`` unless
-      ``merge_dims`` merged consecutive axes).
+      ``merge_dims`` merged consecutive axes; ``(1,)`` for a scalar).
     factored_axes: the axes of ``merged_shape`` that carry a Kronecker factor,
       in increasing order; every other axis uses the identity basis.
   """
@@ -95,12 +95,21 @@ class EigenbasisPlan:
 
   def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Groups a flat per-factor sequence into one tuple per parameter."""
-    groups, start = [], 0
-    for layout in self.layouts:
-      stop = start + len(layout.factored_axes)
-      groups.append(tuple(flat[start:stop]))
-      start = stop
-    return groups
+    return _split(flat, [len(l.factored_axes) for l in self.layouts])
+
+  def split_axes(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat per-(merged)-axis sequence into one tuple per parameter."""
+    return _split(flat, [len(l.merged_shape) for l in self.layouts])
+
+
+def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
+  groups, start = [], 0
+  for count in counts:
+    groups.append(tuple(flat[start:start + count]))
+    start += count
+  if start != len(flat):
+    raise ValueError(f'expected {start} entries in the state, got {len(flat)}.')
+  return groups
 
 
 class KroneckerFactors(NamedTuple):
@@ -169,7 +178,7 @@ def plan_layout(
 
   Rules, in order:
 
-  * scalars (and empty arrays) never get a factor;
+  * scalars (seen as shape ``(1,)``) and empty arrays never get a factor;
   * a 1-D parameter gets one only if ``precondition_1d`` and its length is
     ``<= max_precond_dim``;
   * otherwise the shape is first merged with :func:`merge_axes` when
@@ -189,7 +198,9 @@ def plan_layout(
     The parameter's :class:`FactorLayout`.
   """
   shape = tuple(int(n) for n in shape)
-  if not shape or math.prod(shape) == 0:
+  if not shape:
+    return FactorLayout(shape, (1,), ())
+  if math.prod(shape) == 0:
     return FactorLayout(shape, shape, ())
   if len(shape) == 1:
     factored = (0,) if precondition_1d and shape[0] <= max_precond_dim else ()
@@ -386,6 +397,11 @@ def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
 
 
+def rayleigh_quotients(stat: jax.Array, basis: jax.Array) -> jax.Array:
+  """``diag(Q^T GG Q)``: the factor's eigenvalue estimates in basis ``Q``."""
+  return jnp.einsum('ij,ij->j', basis, stat @ basis, precision=HIGHEST)
+
+
 def eigh_basis(
     stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvectors and eigenvalues (descending) of one factor.
@@ -397,8 +413,7 @@ def eigh_basis(
   eigenvalues, basis = jnp.linalg.eigh(stat)
   eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
   ok = _all_finite(basis) & _all_finite(eigenvalues)
-  old_values = jnp.einsum(
-      'ij,ij->j', old_basis, stat @ old_basis, precision=HIGHEST)
+  old_values = rayleigh_quotients(stat, old_basis)
   return (jnp.where(ok, basis, old_basis),
           jnp.where(ok, eigenvalues, old_values))
 
@@ -417,6 +432,7 @@ def power_qr_basis(
   """
   power = jnp.matmul(stat, old_basis, precision=HIGHEST)
   estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
+  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
   order = jnp.argsort(estimates, descending=True, stable=True)
   new_basis, _ = jnp.linalg.qr(power[:, order])
   ok = _all_finite(new_basis)
@@ -468,3 +484,28 @@ def refresh_power_qr(
     applied to each factored axis (see :func:`power_qr_basis`).
   """
   return _refresh(power_qr_basis, factors)
+
+
+def refresh_with_eigenvalues(
+    factors: Sequence[KroneckerFactors], method: str,
+) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
+  """Refreshes every basis and returns eigenvalue estimates in the new bases.
+
+  Args:
+    factors: the per-parameter factors.
+    method: ``"eigh"`` (eigenvalues from the decomposition) or ``"qr"``
+      (power iteration + QR; the estimates are the Rayleigh quotients
+      ``diag(Q_new^T GG Q_new)``).
+
+  Returns:
+    The refreshed factors and, per parameter, one eigenvalue vector per
+    factored axis, matching the columns of the new bases.
+  """
+  if method == 'eigh':
+    return refresh_eigh(factors)
+  refreshed, _ = refresh_power_qr(factors)
+  eigenvalues = [
+      tuple(rayleigh_quotients(s, q) for s, q in zip(f.stats, f.bases))
+      for f in refreshed
+  ]
+  return refreshed, eigenvalues

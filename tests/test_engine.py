@@ -29,7 +29,7 @@ def test_merge_axes_is_greedy_left_to_right(shape, limit, expected):
 
 
 @pytest.mark.parametrize('shape, options, merged, factored', [
-    ((), {}, (), ()),
+    ((), {}, (1,), ()),
     ((7,), {}, (7,), ()),
     ((7,), {'precondition_1d': True}, (7,), (0,)),
     ((7,), {'precondition_1d': True, 'max_precond_dim': 6}, (7,), ()),

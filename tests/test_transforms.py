@@ -91,10 +91,20 @@ def _first_factor_is_rank_deficient(shape, options):
     dict(shampoo_beta=None, normalize_grads=False),
     dict(shampoo_beta=0.8, normalize_grads=False),
     dict(shampoo_beta=None, normalize_grads=True),
+    dict(shampoo_beta=None, normalize_grads=False, factored=True),
+    dict(shampoo_beta=None, normalize_grads=False, one_sided=True),
+    dict(shampoo_beta=0.8, normalize_grads=False, factored=True,
+         one_sided=True),
 ])
 def test_soap_matches_numpy_oracle(x64, tree_name, variant):
-  """soap() follows the oracle for 31 steps (6 refreshes), to 1e-9 relative."""
+  """soap / factorized_soap follow the oracle for 31 steps (6 refreshes).
+
+  To 1e-9 relative, with every axis rule of the engine exercised.
+  """
   del x64
+  variant = dict(variant)
+  factored = variant.pop('factored', False)
+  one_sided = variant.pop('one_sided', False)
   tree = TREES[tree_name]
   rng = np.random.default_rng(0)
   problems = {k: _make_problem(s, rng) for k, s in tree['shapes'].items()}
@@ -102,9 +112,10 @@ def test_soap_matches_numpy_oracle(x64, tree_name, variant):
   # through float32, which would blur a 1e-9 comparison).
   learning_rate = lambda count: 0.05 / (1.0 + 0.1 * count)
   weight_decay = 0.1
-  opt = soap_optax.soap(
+  alias = soap_optax.factorized_soap if factored else soap_optax.soap
+  opt = alias(
       learning_rate=learning_rate, weight_decay=weight_decay,
-      **ADAM, **variant, **tree['options'])
+      one_sided=one_sided, **ADAM, **variant, **tree['options'])
 
   params = {k: jnp.asarray(p['init']) for k, p in problems.items()}
   state = opt.init(params)
@@ -130,7 +141,7 @@ def test_soap_matches_numpy_oracle(x64, tree_name, variant):
             merge_dims=tree['options']['merge_dims'],
             precondition_1d=tree['options']['precondition_1d'],
             normalize_grads=variant['normalize_grads'],
-            initial_bases=shared)
+            initial_bases=shared, one_sided=one_sided, factored=factored)
     lr = float(learning_rate(call))
     for k in problems:
       ref_grad = _loss_gradient(ref_params[k], problems[k], call)
@@ -297,3 +308,196 @@ def test_non_float_parameters_raise_at_init():
   opt = soap_optax.soap()
   with pytest.raises(ValueError, match=r"params.*\['step'\].*int32"):
     opt.init({'w': jnp.ones((2, 2)), 'step': jnp.zeros((), jnp.int32)})
+
+
+# ------------------------------------------------------------------------------
+# Shampoo and Adafactor in the eigenbasis.
+
+from tests.oracle import shampoo_numpy  # pylint: disable=g-import-not-at-top
+
+
+def _gradient_stream(shapes, steps, seed):
+  rng = np.random.default_rng(seed)
+  return [{k: rng.normal(size=s) for k, s in shapes.items()}
+          for _ in range(steps)]
+
+
+def _max_relative_error(got, expected):
+  scale = max(np.max(np.abs(expected)), 1e-300)
+  return np.max(np.abs(np.asarray(got) - expected)) / scale
+
+
+IDENTITY_SHAPES = {'square': (6, 6), 'cube': (3, 4, 5), 'vector': (7,),
+                   'scalar': (), 'long_axis': (3, 40), 'wide': (4, 9)}
+
+
+@pytest.mark.parametrize('options', [
+    dict(),
+    dict(precondition_1d=True, max_precond_dim=20),
+    dict(merge_dims=True, max_precond_dim=12),
+])
+def test_shampoo_half_equals_adafactor_in_eigenbasis(x64, options):
+  """The SOAP paper's identity through the public API, float64, 25 steps."""
+  del x64
+  beta = 0.9
+  shampoo = soap_optax.scale_by_shampoo_eigenbasis(
+      shampoo_beta=beta, exponent=0.5, trace_normalize=True,
+      precondition_frequency=1, eps=0.0, **options)
+  adafactor = soap_optax.scale_by_adafactor_in_eigenbasis(
+      b2=beta, precondition_frequency=1, eps=0.0, **options)
+  params = {k: jnp.zeros(s) for k, s in IDENTITY_SHAPES.items()}
+  s_state, a_state = shampoo.init(params), adafactor.init(params)
+  s_update, a_update = jax.jit(shampoo.update), jax.jit(adafactor.update)
+  for grads in _gradient_stream(IDENTITY_SHAPES, 25, seed=1):
+    grads = jax.tree.map(jnp.asarray, grads)
+    s_out, s_state = s_update(grads, s_state)
+    a_out, a_state = a_update(grads, a_state)
+    for k in IDENTITY_SHAPES:
+      assert _max_relative_error(a_out[k], np.asarray(s_out[k])) < 1e-10, k
+
+
+def test_identity_breaks_between_refreshes(x64):
+  """At frequency 5 Adafactor's statistics move while Shampoo's are frozen."""
+  del x64
+  shampoo = soap_optax.scale_by_shampoo_eigenbasis(
+      shampoo_beta=0.9, precondition_frequency=5, eps=0.0)
+  adafactor = soap_optax.scale_by_adafactor_in_eigenbasis(
+      b2=0.9, precondition_frequency=5, eps=0.0)
+  params = {'w': jnp.zeros((6, 6))}
+  s_state, a_state = shampoo.init(params), adafactor.init(params)
+  errors = []
+  for grads in _gradient_stream({'w': (6, 6)}, 10, seed=2):
+    grads = jax.tree.map(jnp.asarray, grads)
+    s_out, s_state = shampoo.update(grads, s_state)
+    a_out, a_state = adafactor.update(grads, a_state)
+    errors.append(_max_relative_error(a_out['w'], np.asarray(s_out['w'])))
+  assert errors[0] < 1e-10 and errors[5] < 1e-10  # refresh calls agree.
+  assert min(errors[1:5] + errors[6:]) > 1e-3     # the others do not.
+
+
+@pytest.mark.parametrize('shape', [(6, 6), (5, 7), (3, 4, 5)])
+@pytest.mark.parametrize('exponent, trace_normalize', [
+    (0.5, True), (0.25, False), (0.25, True)])
+@pytest.mark.parametrize('frequency, refresh', [
+    (1, 'eigh'), (3, 'eigh'), (3, 'qr')])
+def test_shampoo_matches_matrix_power_oracle(
+    x64, shape, exponent, trace_normalize, frequency, refresh):
+  del x64
+  opt = soap_optax.scale_by_shampoo_eigenbasis(
+      shampoo_beta=0.8, exponent=exponent, eps=1e-6,
+      precondition_frequency=frequency, trace_normalize=trace_normalize,
+      refresh=refresh)
+  oracle = shampoo_numpy.ShampooReference(
+      shape, beta=0.8, exponent=exponent, eps=1e-6, frequency=frequency,
+      trace_normalize=trace_normalize, refresh=refresh)
+  state = opt.init({'w': jnp.zeros(shape)})
+  update = jax.jit(opt.update)
+  for i, grads in enumerate(_gradient_stream({'w': shape}, 10, seed=3)):
+    out, state = update({'w': jnp.asarray(grads['w'])}, state)
+    expected = oracle.step(grads['w'])
+    if i == 0:
+      # The power iteration is warm-started from the first basis, which a
+      # rank-deficient factor (5x7: the 7x7 one) does not determine: share it.
+      oracle.Q = [np.asarray(q) for q in state.eigenbasis.bases]
+    assert _max_relative_error(out['w'], expected) < 1e-9, i
+
+
+@pytest.mark.parametrize('shape', [(6, 6), (3, 4, 5)])
+@pytest.mark.parametrize('frequency, refresh', [(1, 'eigh'), (4, 'eigh'),
+                                                (4, 'qr')])
+def test_adafactor_in_eigenbasis_matches_oracle(x64, shape, frequency,
+                                                refresh):
+  del x64
+  opt = soap_optax.scale_by_adafactor_in_eigenbasis(
+      b2=0.85, eps=1e-12, precondition_frequency=frequency, refresh=refresh)
+  oracle = shampoo_numpy.AdafactorInEigenbasisReference(
+      shape, b2=0.85, eps=1e-12, frequency=frequency, refresh=refresh)
+  state = opt.init({'w': jnp.zeros(shape)})
+  update = jax.jit(opt.update)
+  for i, grads in enumerate(_gradient_stream({'w': shape}, 13, seed=4)):
+    out, state = update({'w': jnp.asarray(grads['w'])}, state)
+    expected = oracle.step(grads['w'])
+    assert _max_relative_error(out['w'], expected) < 1e-9, i
+
+
+def test_whitening_view_idealized_soap_equals_idealized_shampoo(x64):
+  """Theorem 1 of the whitening paper, with the library's Shampoo.
+
+  For a gradient covariance ``Σ = (R ⊗ L) / tr(L)`` (``tr L = tr R``), the
+  whitened gradient ``Σ^{-1/2} g`` equals idealized SOAP (Adam's diagonal
+  normalization by the exact second moment in the Kronecker eigenbasis) and
+  the library's Shampoo^(1/2) and Adafactor-in-eigenbasis updates when their
+  statistics are exactly ``L`` and ``R``.
+  """
+  del x64
+  rng = np.random.default_rng(5)
+  m, n = 5, 4
+
+  def spd(d):
+    a = rng.normal(size=(d, d))
+    s = a @ a.T + 0.1 * np.eye(d)
+    return s / np.trace(s)
+
+  left, right = spd(m), spd(n)
+  sigma = np.kron(right, left) / np.trace(left)  # column-major vec(G).
+  grad = rng.normal(size=(m, n))
+  g = grad.reshape(-1, order='F')
+
+  w, v = np.linalg.eigh(sigma)
+  whitened = (v @ ((v.T @ g) / np.sqrt(w))).reshape((m, n), order='F')
+
+  q = np.kron(np.linalg.eigh(right)[1], np.linalg.eigh(left)[1])
+  second_moment = np.diag(q.T @ sigma @ q)  # diag(E[g' g'^T]).
+  soap_direction = (q @ ((q.T @ g) / np.sqrt(second_moment))).reshape(
+      (m, n), order='F')
+  np.testing.assert_allclose(soap_direction, whitened, rtol=0, atol=1e-10)
+
+  beta = 0.5
+  # Statistics chosen so that, once the call absorbs ``grad``, they are
+  # exactly L and R.
+  stats = ((left - (1 - beta) * grad @ grad.T) / beta,
+           (right - (1 - beta) * grad.T @ grad) / beta)
+  for opt in (soap_optax.scale_by_shampoo_eigenbasis(
+                  shampoo_beta=beta, eps=0.0),
+              soap_optax.scale_by_adafactor_in_eigenbasis(b2=beta, eps=0.0)):
+    state = opt.init({'w': jnp.zeros((m, n))})
+    state = state._replace(eigenbasis=state.eigenbasis._replace(
+        stats=tuple(jnp.asarray(s) for s in stats)))
+    out, _ = opt.update({'w': jnp.asarray(grad)}, state)
+    np.testing.assert_allclose(np.asarray(out['w']), whitened, rtol=0,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize('factory', [
+    soap_optax.scale_by_shampoo_eigenbasis,
+    soap_optax.scale_by_adafactor_in_eigenbasis,
+])
+def test_eigenbasis_transforms_are_finite_on_zero_gradients_and_bf16(factory):
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), MIXED_PARAMS)
+  opt = factory(precondition_frequency=2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  for i in range(4):
+    grads = (jax.tree.map(jnp.zeros_like, params) if i < 2
+             else _random_like(params, i, jnp.bfloat16))
+    updates, state = update(grads, state)
+    for leaf in jax.tree.leaves(updates):
+      assert leaf.dtype == jnp.bfloat16
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('factory, kwargs, name', [
+    (soap_optax.scale_by_shampoo_eigenbasis, dict(refresh='svd'), 'refresh'),
+    (soap_optax.scale_by_shampoo_eigenbasis, dict(exponent=-0.5), 'exponent'),
+    (soap_optax.scale_by_shampoo_eigenbasis, dict(shampoo_beta=1.0),
+     'shampoo_beta'),
+    (soap_optax.scale_by_adafactor_in_eigenbasis, dict(refresh='x'),
+     'refresh'),
+    (soap_optax.scale_by_adafactor_in_eigenbasis, dict(eps=-1.0), 'eps'),
+    (soap_optax.scale_by_adafactor_in_eigenbasis,
+     dict(precondition_frequency=0), 'precondition_frequency'),
+])
+def test_eigenbasis_transforms_reject_bad_arguments(factory, kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    factory(**kwargs)

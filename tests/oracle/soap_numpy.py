@@ -48,7 +48,9 @@ class SoapReference:
 
   def __init__(self, shape, *, b1, b2, shampoo_beta, eps, frequency,
                max_dim, merge_dims, precondition_1d, normalize_grads=False,
-               initial_bases=None):
+               initial_bases=None, one_sided=False, factored=False):
+    """``factored``: ``v`` is rebuilt from per-axis sums (Adafactor);
+    ``one_sided``: only the shortest factored axis keeps its factor."""
     self.shape = tuple(shape)
     self.b1, self.b2, self.eps = b1, b2, eps
     self.sb = b2 if shampoo_beta is None else shampoo_beta
@@ -63,11 +65,17 @@ class SoapReference:
       self.work_shape = (merged_shape(self.shape, max_dim) if merge_dims
                          else self.shape)
       self.axes = [a for a, d in enumerate(self.work_shape) if d <= max_dim]
+      if one_sided and len(self.axes) > 1:
+        self.axes = [min(self.axes, key=lambda a: (self.work_shape[a], a))]
     self.GG = {a: np.zeros((self.work_shape[a],) * 2) for a in self.axes}
     self.Q = None
     self.initial_bases = initial_bases
+    self.factored = factored
     self.m = np.zeros(self.work_shape)
     self.v = np.zeros(self.work_shape)
+    # Factored: one running vector per axis (scalars are seen as (1,)).
+    axes_shape = self.work_shape if self.work_shape else (1,)
+    self.axis_sums = [np.zeros(d) for d in axes_shape]
     self.t = 0
 
   def rotate(self, x):
@@ -99,8 +107,21 @@ class SoapReference:
     gp = self.rotate(g)
     self.t += 1
     self.m = self.b1 * self.m + (1 - self.b1) * gp
-    self.v = self.b2 * self.v + (1 - self.b2) * gp**2
-    u = self.unrotate(self.m / (np.sqrt(self.v) + self.eps))
+    if self.factored:
+      squares = np.reshape(gp**2, [len(x) for x in self.axis_sums])
+      for k in range(squares.ndim):
+        sums = np.sum(unfold(squares, k), axis=1)
+        self.axis_sums[k] = self.b2 * self.axis_sums[k] + (1 - self.b2) * sums
+      v = np.ones(())
+      for x in self.axis_sums:
+        v = np.multiply.outer(v, x)
+      total = np.sum(self.axis_sums[0])
+      v = v / total ** (len(self.axis_sums) - 1) if total > 0 else 0 * v
+      v = v.reshape(self.work_shape)
+    else:
+      self.v = self.b2 * self.v + (1 - self.b2) * gp**2
+      v = self.v
+    u = self.unrotate(self.m / (np.sqrt(v) + self.eps))
     u = u * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
     if self.normalize_grads:
       u = u / (1e-30 + np.sqrt(np.mean(u**2)))
@@ -112,6 +133,7 @@ class SoapReference:
         est = np.diag(q.T @ self.GG[a] @ q)
         order = np.argsort(-est, kind='stable')
         self.v = np.take(self.v, order, axis=a)
+        self.axis_sums[a] = self.axis_sums[a][order]
         self.Q[a] = np.linalg.qr(self.GG[a] @ q[:, order])[0]
       self.m = self.rotate(m_param_space)
     return u.reshape(self.shape)
