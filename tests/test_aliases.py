@@ -121,6 +121,8 @@ def test_state_sizes_match_the_formulas(m, n):
           soap_optax.factorized_soap(one_sided=True),
           2 * small**2 + m * n + m + n),
       'adamw': (optax.adamw(1e-3), 2 * m * n),
+      'shampoo eigenbasis': (soap_optax.scale_by_shampoo_eigenbasis(),
+                             2 * m * m + 2 * n * n + m + n),
   }
   for name, (opt, size) in expected.items():
     assert soap_optax.state_size(opt.init(params)) == size, name
