@@ -30,6 +30,20 @@ def _decayed_weights_after_first_call(
       optax.add_decayed_weights(weight_decay, mask), _is_after_first_call)
 
 
+def _rotated_adam_chain(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Any,
+    weight_decay_mask: Any,
+    **transform_kwargs,
+) -> optax.GradientTransformation:
+  """``scale_by_rotated_adam``, decoupled weight decay, the learning rate."""
+  return optax.chain(
+      _transforms.scale_by_rotated_adam(**transform_kwargs),
+      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
 def soap(
     learning_rate: optax.ScalarOrSchedule = 3e-3,
     b1: jax.typing.ArrayLike = 0.95,
@@ -81,22 +95,13 @@ def soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  return optax.chain(
-      _transforms.scale_by_rotated_adam(
-          b1=b1,
-          b2=b2,
-          shampoo_beta=shampoo_beta,
-          eps=eps,
-          precondition_frequency=precondition_frequency,
-          max_precond_dim=max_precond_dim,
-          merge_dims=merge_dims,
-          precondition_1d=precondition_1d,
-          normalize_grads=normalize_grads,
-          one_sided=one_sided,
-      ),
-      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _rotated_adam_chain(
+      learning_rate, weight_decay, weight_decay_mask,
+      b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+      one_sided=one_sided)
 
 
 def factorized_soap(
@@ -134,23 +139,13 @@ def factorized_soap(
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 7,
     "improving space usage").
   """
-  return optax.chain(
-      _transforms.scale_by_rotated_adam(
-          b1=b1,
-          b2=b2,
-          shampoo_beta=shampoo_beta,
-          eps=eps,
-          precondition_frequency=precondition_frequency,
-          max_precond_dim=max_precond_dim,
-          merge_dims=merge_dims,
-          precondition_1d=precondition_1d,
-          normalize_grads=normalize_grads,
-          one_sided=one_sided,
-          factored=True,
-      ),
-      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _rotated_adam_chain(
+      learning_rate, weight_decay, weight_decay_mask,
+      b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+      one_sided=one_sided, factored=True)
 
 
 class GraftingState(NamedTuple):

@@ -101,6 +101,11 @@ class EigenbasisPlan:
     """Groups a flat per-(merged)-axis sequence into one tuple per parameter."""
     return _split(flat, [len(l.merged_shape) for l in self.layouts])
 
+  def split_unfactored(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat sequence with one entry per axis *without* a factor."""
+    return _split(flat, [len(l.merged_shape) - len(l.factored_axes)
+                         for l in self.layouts])
+
 
 def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
   groups, start = [], 0

@@ -24,14 +24,29 @@ def _flatten_like(treedef: Any, *trees: Any) -> list[list[Any]]:
   return [treedef.flatten_up_to(tree) for tree in trees]
 
 
-def _merged_gradients(
-    grads: list[jax.Array], layouts: list[_engine.FactorLayout]
-) -> list[jax.Array]:
-  """Gradients reshaped to their merged shape, in their state dtype."""
-  return [
+def _init_eigenbasis(params: Any, **layout_options) -> _engine.EigenbasisState:
+  """Checks the parameters' dtypes and builds the engine's state."""
+  _checks.check_float_params(params)
+  return _engine.init_eigenbasis(params, **layout_options)
+
+
+def _unpack_gradients(updates: Any, eigenbasis: _engine.EigenbasisState):
+  """What every ``update_fn`` starts from.
+
+  Returns:
+    ``(grads, treedef, factors, layouts, merged_grads)``: the gradient leaves
+    and their tree structure, the per-parameter :class:`KroneckerFactors` and
+    layouts, and the gradients reshaped to their merged shape in the state's
+    dtype.
+  """
+  grads, treedef = jax.tree.flatten(updates)
+  factors = _engine.unpack(eigenbasis, len(grads))
+  layouts = [f.layout for f in factors]
+  merged_grads = [
       _engine.to_merged(g.astype(_engine.state_dtype(g.dtype)), layout)
       for g, layout in zip(grads, layouts)
   ]
+  return grads, treedef, factors, layouts, merged_grads
 
 
 def _outputs(directions, layouts, grads):
@@ -207,8 +222,7 @@ def scale_by_rotated_adam(
   factor_beta = b2 if shampoo_beta is None else shampoo_beta
 
   def init_fn(params):
-    _checks.check_float_params(params)
-    eigenbasis = _engine.init_eigenbasis(
+    eigenbasis = _init_eigenbasis(
         params,
         max_precond_dim=max_precond_dim,
         merge_dims=merge_dims,
@@ -226,9 +240,8 @@ def scale_by_rotated_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef = jax.tree.flatten(updates)
-    factors = _engine.unpack(state.eigenbasis, len(grads))
-    layouts = [f.layout for f in factors]
+    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+        updates, state.eigenbasis)
     (mus,) = _flatten_like(treedef, state.mu)
     # Second moments, per parameter, as tuples in the merged shape: (v,) or
     # (s_0, ..., s_{N-1}) when factored.
@@ -238,7 +251,6 @@ def scale_by_rotated_adam(
       nus = [(_engine.to_merged(v, layout),)
              for v, layout in zip(treedef.flatten_up_to(state.nu), layouts)]
     mus = [_engine.to_merged(m, layout) for m, layout in zip(mus, layouts)]
-    merged_grads = _merged_gradients(grads, layouts)
 
     def absorb_gradients():
       return [_engine.accumulate(f, g, factor_beta)
@@ -415,8 +427,7 @@ def scale_by_shampoo_eigenbasis(
   _check_refresh(refresh)
 
   def init_fn(params):
-    _checks.check_float_params(params)
-    eigenbasis = _engine.init_eigenbasis(
+    eigenbasis = _init_eigenbasis(
         params,
         max_precond_dim=max_precond_dim,
         merge_dims=merge_dims,
@@ -430,16 +441,14 @@ def scale_by_shampoo_eigenbasis(
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef = jax.tree.flatten(updates)
-    factors = _engine.unpack(state.eigenbasis, len(grads))
-    layouts = [f.layout for f in factors]
+    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+        updates, state.eigenbasis)
     plan = state.eigenbasis.plan
-    merged_grads = _merged_gradients(grads, layouts)
     count = state.eigenbasis.count
 
     factors = [_engine.accumulate(f, g, shampoo_beta)
                for f, g in zip(factors, merged_grads)]
-    diagonals = _split_unfactored(state.diagonals, layouts)
+    diagonals = plan.split_unfactored(state.diagonals)
     diagonals = [
         tuple(shampoo_beta * d + (1 - shampoo_beta) * new for d, new in zip(
             diag, _unfactored(_factored.axis_sums_of_squares(g), layout)))
@@ -477,12 +486,6 @@ def _unfactored(per_axis: tuple, layout: _engine.FactorLayout) -> tuple:
   """The entries of a per-axis tuple that belong to axes without a factor."""
   return tuple(x for axis, x in enumerate(per_axis)
                if axis not in layout.factored_axes)
-
-
-def _split_unfactored(flat, layouts):
-  """Groups a flat per-unfactored-axis tuple into one tuple per parameter."""
-  counts = [len(l.merged_shape) - len(l.factored_axes) for l in layouts]
-  return _engine._split(flat, counts)  # pylint: disable=protected-access
 
 
 class ScaleByAdafactorInEigenbasisState(NamedTuple):
@@ -558,8 +561,7 @@ def scale_by_adafactor_in_eigenbasis(
   _check_refresh(refresh)
 
   def init_fn(params):
-    _checks.check_float_params(params)
-    eigenbasis = _engine.init_eigenbasis(
+    eigenbasis = _init_eigenbasis(
         params,
         max_precond_dim=max_precond_dim,
         merge_dims=merge_dims,
@@ -571,10 +573,8 @@ def scale_by_adafactor_in_eigenbasis(
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef = jax.tree.flatten(updates)
-    factors = _engine.unpack(state.eigenbasis, len(grads))
-    layouts = [f.layout for f in factors]
-    merged_grads = _merged_gradients(grads, layouts)
+    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+        updates, state.eigenbasis)
     count = state.eigenbasis.count
 
     factors = [_engine.accumulate(f, g, b2)
