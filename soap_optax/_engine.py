@@ -376,12 +376,28 @@ def accumulate(
 # Batched refresh.
 
 
+def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
+  """``fn`` over the leading axis of ``stacked``: one call for the whole stack.
+
+  On accelerators this is ``jax.vmap`` (one batched solver launch). On CPU it
+  is ``jax.lax.map``: jaxlib's batched LAPACK kernels (``syevd``) share XLA's
+  CPU thread pool, and with a batch inside a larger program they can wait for
+  pool threads that are themselves waiting, so the step never finishes
+  (observed with jax 0.10.2 on 2 cores, in about 1 run of 3; never with
+  ``lax.map``). It is still one primitive per stack in the program.
+  """
+  if jax.default_backend() == 'cpu':
+    return jax.lax.map(lambda args: fn(*args), tuple(stacked))
+  return jax.vmap(fn)(*stacked)
+
+
 def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array]):
   """Applies ``fn`` to ``(a[k], b[k], ...)`` for every ``k``, batched by size.
 
   Arguments whose first array shares shape and dtype are stacked and sent
-  through one ``jax.vmap(fn)`` call, so the number of calls is the number of
-  distinct (shape, dtype) pairs, not the number of items.
+  through one batched call (see :func:`_map_stacked`), so the number of
+  linear-algebra primitives is the number of distinct (shape, dtype) pairs,
+  not the number of items.
 
   Returns:
     A list with ``fn``'s output for each ``k``, in the input order.
@@ -392,7 +408,7 @@ def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array]):
   results: list[Any] = [None] * len(arg_lists[0])
   for members in groups.values():
     stacked = [jnp.stack([args[k] for k in members]) for args in arg_lists]
-    batched = jax.vmap(fn)(*stacked)
+    batched = _map_stacked(fn, stacked)
     for j, k in enumerate(members):
       results[k] = jax.tree.map(lambda out, j=j: out[j], batched)
   return results

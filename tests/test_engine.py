@@ -177,3 +177,39 @@ def test_map_by_size_keeps_input_order():
   mats = [jnp.full((2, 2), 1.0), jnp.full((3, 3), 2.0), jnp.full((2, 2), 3.0)]
   out = _engine.map_by_size(lambda m: m.sum(), mats)
   np.testing.assert_allclose([float(o) for o in out], [4.0, 18.0, 12.0])
+
+
+_TRANSFORMER_SHAPES = """
+import jax, jax.numpy as jnp, soap_optax
+shapes = [(2, 16), (32, 2, 16), (32,), (2, 16, 32), (2, 16), (32, 2, 16),
+          (2, 16), (32, 2, 16), (32,), (128, 32), (32,), (32,), (32,), (32,),
+          (128,), (32, 128), (256, 32), (256,), (32, 256), (32,), (32,),
+          (32, 32)]
+params = {f'{i:02d}': jnp.ones(s) for i, s in enumerate(shapes)}
+opt = soap_optax.scale_by_rotated_adam(precondition_frequency=1)
+update = jax.jit(opt.update)
+for seed in range(5):
+  state = opt.init(params)
+  grads = jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(seed), p.shape), params)
+  for _ in range(2):
+    updates, state = update(grads, state)
+  jax.block_until_ready(updates)
+print('finished')
+"""
+
+
+def test_batched_refresh_does_not_wedge_the_cpu_thread_pool():
+  """Regression: with vmap-batched LAPACK calls this hung about 1 run in 3.
+
+  The parameter shapes of a small transformer (many factor sizes, 3-D
+  attention kernels); run in a subprocess so that a hang fails the test
+  instead of stopping the suite.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, '-c', _TRANSFORMER_SHAPES], capture_output=True,
+      text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'finished' in result.stdout
