@@ -139,3 +139,97 @@ def test_orbax_round_trip_continues_identically(tmp_path):
     got, restored = update(grads(k), restored, params)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _random_grads(params, seed):
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(seed), p.shape), params)
+
+
+def test_multisteps_accumulates_then_applies_soap():
+  params = {'w': jnp.ones((4, 4))}
+  k = 3
+  accumulated = optax.MultiSteps(soap_optax.soap(1e-2), every_k_schedule=k)
+  plain = soap_optax.soap(1e-2)
+  acc_state, plain_state = accumulated.init(params), plain.init(params)
+  for outer in range(3):
+    grads = [_random_grads(params, 10 * outer + i) for i in range(k)]
+    for i, g in enumerate(grads):
+      updates, acc_state = accumulated.update(g, acc_state, params)
+      if i < k - 1:
+        np.testing.assert_array_equal(np.asarray(updates['w']), 0.0)
+    mean = jax.tree.map(lambda *g: sum(g) / k, *grads)
+    expected, plain_state = plain.update(mean, plain_state, params)
+    np.testing.assert_allclose(np.asarray(updates['w']),
+                               np.asarray(expected['w']), rtol=1e-5, atol=1e-7)
+
+
+def test_partition_soap_for_matrices_adamw_for_the_rest():
+  params = {'embed': jnp.ones((50, 8)), 'dense': jnp.ones((8, 8)),
+            'bias': jnp.ones((8,))}
+  labels = {'embed': 'adamw', 'dense': 'soap', 'bias': 'adamw'}
+  opt = optax.partition(
+      {'soap': soap_optax.soap(1e-2), 'adamw': optax.adamw(1e-3)}, labels)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  for i in range(3):
+    updates, state = update(_random_grads(params, i), state, params)
+  soap_only = soap_optax.soap(1e-2)
+  s = soap_only.init({'dense': params['dense']})
+  for i in range(3):
+    expected, s = soap_only.update(
+        {'dense': _random_grads(params, i)['dense']}, s,
+        {'dense': params['dense']})
+  np.testing.assert_allclose(np.asarray(updates['dense']),
+                             np.asarray(expected['dense']), rtol=1e-6)
+
+
+def test_masked_soap_leaves_other_parameters_alone():
+  params = {'w': jnp.ones((4, 4)), 'b': jnp.ones((4,))}
+  opt = optax.masked(soap_optax.soap(1e-2), {'w': True, 'b': False})
+  state = opt.init(params)
+  grads = _random_grads(params, 0)
+  for _ in range(2):
+    updates, state = opt.update(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(updates['b']),
+                                np.asarray(grads['b']))
+  assert float(jnp.max(jnp.abs(updates['w']))) > 0
+
+
+def test_apply_if_finite_skips_nan_gradients_without_touching_state():
+  params = {'w': jnp.ones((4, 4))}
+  opt = optax.apply_if_finite(soap_optax.soap(1e-2), max_consecutive_errors=5)
+  state = opt.init(params)
+  for i in range(2):
+    _, state = opt.update(_random_grads(params, i), state, params)
+  before = state.inner_state
+  bad = {'w': jnp.full((4, 4), jnp.nan)}
+  updates, state = opt.update(bad, state, params)
+  np.testing.assert_array_equal(np.asarray(updates['w']), 0.0)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(state.notfinite_count) == 1
+
+
+def test_linen_train_state_trains_with_soap():
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax.training import train_state  # pylint: disable=g-import-not-at-top
+  model = nn.Dense(4)
+  x, y = _data()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      tx=soap_optax.soap(3e-2, precondition_frequency=2))
+
+  @jax.jit
+  def step(state):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean((state.apply_fn({'params': p}, x) - y) ** 2))(
+            state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  losses = []
+  for _ in range(10):
+    state, loss = step(state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.9 * losses[0]
