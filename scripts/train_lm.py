@@ -293,7 +293,7 @@ def build(config: Config):
 
   return dict(jax=jax, jnp=jnp, nnx=nnx, optax=optax,
               ByteTransformer=ByteTransformer, make_optimizer=make_optimizer,
-              train_step=train_step, eval_loss=eval_loss)
+              loss_fn=loss_fn, train_step=train_step, eval_loss=eval_loss)
 
 
 def sample_batch(jax, tokens, key, batch_size, seq_len):
@@ -394,8 +394,7 @@ def optimizer_step_share(lib, model, optimizer, tokens, config, repeats=10):
   pure_state = nnx.as_pure(optimizer.opt_state)
 
   def loss_of(p):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        nnx.merge(graphdef, p, rest)(batch[:, :-1]), batch[:, 1:]).mean()
+    return lib['loss_fn'](nnx.merge(graphdef, p, rest), batch)
 
   grads = jax.grad(loss_of)(pure_params)
 

@@ -19,11 +19,6 @@ def _check_eigenbasis_args(
   _checks.check_int('max_precond_dim', max_precond_dim, 0)
 
 
-def _flatten_like(treedef: Any, *trees: Any) -> list[list[Any]]:
-  """Per-parameter lists of each tree, following the gradients' structure."""
-  return [treedef.flatten_up_to(tree) for tree in trees]
-
-
 def _init_eigenbasis(params: Any, **layout_options) -> _engine.EigenbasisState:
   """Checks the parameters' dtypes and builds the engine's state."""
   _checks.check_float_params(params)
@@ -242,7 +237,7 @@ def scale_by_rotated_adam(
     del params
     grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
         updates, state.eigenbasis)
-    (mus,) = _flatten_like(treedef, state.mu)
+    mus = treedef.flatten_up_to(state.mu)
     # Second moments, per parameter, as tuples in the merged shape: (v,) or
     # (s_0, ..., s_{N-1}) when factored.
     if factored:
