@@ -1,0 +1,99 @@
+"""scripts/benchmark.py and scripts/experiments.py in their --quick sizes.
+
+These prove that the scripts run end to end and write what BENCHMARKS.md is
+built from. They assert no timing: the numbers of a quick run mean little.
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / 'scripts'
+
+
+def run(script, *args, timeout=900):
+  return subprocess.run([sys.executable, str(SCRIPTS / script), *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def test_quick_benchmark_writes_every_section(tmp_path):
+  result = run('benchmark.py', '--quick', '--device', 'cpu', '--out',
+               str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  tables = (tmp_path / 'tables.md').read_text()
+  for title in ('Optimizer step', 'Refresh cost', 'Compile time',
+                'Optimizer-state memory', 'Whole training step'):
+    assert title in tables
+  for name in ('step_cost.png', 'refresh_cost.png', 'memory.png'):
+    assert (tmp_path / name).stat().st_size > 5_000
+
+  step_rows = results['step']['rows']
+  assert {r['optimizer'] for r in step_rows} == {
+      'adamw', 'soap', 'shampoo', 'factorized_soap', 'soap_one_sided'}
+  for r in step_rows:
+    assert r['regular_s'] > 0 and r['regular_n'] >= 9
+    if r['optimizer'] != 'adamw':
+      assert r['refresh_n'] >= 1 and r['percent_of_matmul'] > 0
+
+  # The state sizes of every variant equal the closed forms written in the
+  # script, for single matrices, the small transformer and GPT-2 small.
+  memory = results['memory']['rows']
+  assert memory and all(r['exact'] for r in memory), [
+      r for r in memory if not r['exact']]
+
+  refresh = results['refresh']
+  assert {r['method'] for r in refresh['batched']} == {'eigh', 'qr'}
+  assert all(r['eigh_s'] > 0 and r['qr_s'] > 0 for r in refresh['single'])
+
+  train = results['train_step']['rows']
+  assert [r['optimizer'] for r in train] == ['adamw', 'soap']
+  for r in train:  # a few steps of training lower the loss below uniform.
+    assert math.isfinite(r['final_loss']) and r['final_loss'] < math.log(256)
+
+
+def test_benchmark_rejects_bad_arguments():
+  result = run('benchmark.py', '--sections', 'step,speed')
+  assert result.returncode == 2
+  assert '--sections' in result.stderr and 'speed' in result.stderr
+  result = run('benchmark.py', '--steps', '3')
+  assert result.returncode == 2 and '--steps' in result.stderr
+
+
+def test_benchmark_asks_for_a_gpu_it_cannot_find():
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    pytest.skip('JAX sees an accelerator here (never so in CI)')
+  result = run('benchmark.py', '--device', 'gpu', '--sections', 'memory')
+  assert result.returncode == 2 and 'no GPU' in result.stderr
+
+
+def test_quick_experiments_write_tables_and_plots(tmp_path):
+  result = run('experiments.py', '--quick', '--out', str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  for name in ('kronecker.png', 'frequency.png', 'lm.png'):
+    assert (tmp_path / name).stat().st_size > 5_000
+  kronecker = {(r['optimizer'], r['frequency']): r
+               for r in results['kronecker']['rows']}
+  assert {('soap', 1), ('shampoo', 1), ('soap', 10), ('shampoo', 10),
+          ('adamw', 10), ('soap_one_sided', 10),
+          ('factorized_soap', 10)} <= set(kronecker)
+  # AdamW reaches its own final loss by definition.
+  assert all(s is not None
+             for s in kronecker[('adamw', 10)]['steps_to_adamw_final'])
+  lm = {r['optimizer']: r for r in results['lm']['rows']}
+  assert set(lm) == {'adamw', 'soap', 'shampoo', 'soap_one_sided',
+                     'factorized_soap'}
+  for r in lm.values():
+    assert all(math.isfinite(v) for v in r['final_valid_loss'])
+
+
+def test_experiments_reject_unknown_parts():
+  result = run('experiments.py', '--parts', 'kronecker,vision')
+  assert result.returncode == 2 and 'vision' in result.stderr
