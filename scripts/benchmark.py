@@ -77,18 +77,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--out', default=None,
                       help='output folder (default runs/benchmark-<time>)')
   args = parser.parse_args(argv)
-  sections = tuple(s.strip() for s in args.sections.split(',') if s.strip())
-  unknown = [s for s in sections if s not in SECTIONS]
-  if not sections or unknown:
-    raise UsageError(f'--sections: unknown {", ".join(unknown) or "(empty)"};'
-                     f' choose from {", ".join(SECTIONS)}')
+  args.sections = comma_list('--sections', args.sections, SECTIONS)
   if args.steps is None:
     args.steps = 20 if args.quick else 60
   if args.steps < FREQUENCY:
     raise UsageError(f'--steps must be >= {FREQUENCY} (one refresh call), '
                      f'got {args.steps}')
-  args.sections = sections
   return args
+
+
+def comma_list(flag: str, text: str, choices: tuple[str, ...]):
+  """``"a,b"`` -> ``("a", "b")``; UsageError unless a non-empty subset of
+  ``choices``."""
+  items = tuple(s.strip() for s in text.split(',') if s.strip())
+  unknown = [s for s in items if s not in choices]
+  if not items or unknown:
+    raise UsageError(f'{flag}: unknown {", ".join(unknown) or "(empty)"}; '
+                     f'choose from {", ".join(choices)}')
+  return items
 
 
 def select_device(choice: str):
@@ -671,6 +677,15 @@ def train_step_table(section) -> str:
 # Plots and main.
 
 
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+  """Writes a matplotlib figure as a PNG, closes it and returns the path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def plot(results, out_dir: pathlib.Path) -> list[pathlib.Path]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -697,10 +712,7 @@ def plot(results, out_dir: pathlib.Path) -> list[pathlib.Path]:
     times.set_ylabel('regular update step (ms, median)')
     shares.axhline(50, color='k', lw=0.8, ls='--')
     shares.set_ylabel('% of measured matmul FLOP/s')
-    fig.tight_layout()
-    paths.append(out_dir / 'step_cost.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / 'step_cost.png'))
   if 'refresh' in results:
     rows = results['refresh']['single']
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -712,10 +724,7 @@ def plot(results, out_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_ylabel('refresh of one factor (ms)')
     ax.grid(alpha=0.3, which='both')
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / 'refresh_cost.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / 'refresh_cost.png'))
   if 'memory' in results:
     rows = results['memory']['rows']
     sets = list(dict.fromkeys(r['params'] for r in rows))
@@ -730,10 +739,7 @@ def plot(results, out_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_ylabel('optimizer state / AdamW state')
     ax.grid(alpha=0.3, axis='y')
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / 'memory.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / 'memory.png'))
   return paths
 
 

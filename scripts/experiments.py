@@ -56,13 +56,7 @@ def parse_args(argv):
   parser.add_argument('--out', default=None,
                       help='output folder (default runs/experiments-<time>)')
   args = parser.parse_args(argv)
-  parts = tuple(p.strip() for p in args.parts.split(',') if p.strip())
-  unknown = [p for p in parts if p not in PARTS]
-  if not parts or unknown:
-    raise benchmark.UsageError(
-        f'--parts: unknown {", ".join(unknown) or "(empty)"}; choose from '
-        f'{", ".join(PARTS)}')
-  args.parts = parts
+  args.parts = benchmark.comma_list('--parts', args.parts, PARTS)
   return args
 
 
@@ -324,10 +318,7 @@ def plot(results, out_dir):
     ax.set_title(f'Kronecker problem {k["m"]}×{k["n"]}, frequency 10')
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / 'kronecker.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(benchmark.save_figure(fig, out_dir / 'kronecker.png'))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ('soap', 'shampoo'):
@@ -340,10 +331,7 @@ def plot(results, out_dir):
     ax.set_ylabel('final loss / initial (best lr)')
     ax.grid(alpha=0.3, which='both')
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / 'frequency.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(benchmark.save_figure(fig, out_dir / 'frequency.png'))
   if 'lm' in results:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results['lm']['rows']:
@@ -353,10 +341,7 @@ def plot(results, out_dir):
     ax.set_ylabel('validation loss (nats/byte, mean of seeds)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / 'lm.png')
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(benchmark.save_figure(fig, out_dir / 'lm.png'))
   return paths
 
 
