@@ -26,7 +26,7 @@ Every number is measured in the same run, on the same machine, so the ratios
 
 Examples::
 
-  python scripts/benchmark.py                   # everything (~25 min on 2 CPU cores)
+  python scripts/benchmark.py                   # everything (~20 min on 2 CPU cores)
   python scripts/benchmark.py --quick           # small sizes, under a minute (CI)
   python scripts/benchmark.py --sections step,memory --device gpu
 
@@ -293,7 +293,6 @@ def time_optimizer(jax, name: str, shapes: dict, steps: int):
 
 
 def run_step_section(jax, args, quick: bool):
-  import soap_optax  # pylint: disable=g-import-not-at-top
   sets = {f'{m}x{n}': {'w': (m, n)}
           for m, n in (QUICK_SHAPES if quick else FULL_SHAPES)}
   sets['transformer'] = (transformer_shapes(32, 1, 256, 32) if quick else
@@ -321,7 +320,6 @@ def run_step_section(jax, args, quick: bool):
         row.update(flops=flops, flops_per_s=flops / timing['regular_s'],
                    percent_of_matmul=100 * flops / timing['regular_s'] / rate)
       rows.append(row)
-  del soap_optax
   return dict(rows=rows, frequency=FREQUENCY)
 
 
