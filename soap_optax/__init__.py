@@ -7,6 +7,8 @@ from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
 from soap_optax._diagnostics import state_nbytes
 from soap_optax._diagnostics import state_size
+from soap_optax._flax import dimension_numbers_from_axis_names
+from soap_optax._stacks import EigenbasisDimensionNumbers
 from soap_optax._transforms import scale_by_adafactor_in_eigenbasis
 from soap_optax._transforms import scale_by_rotated_adam
 from soap_optax._transforms import scale_by_shampoo_eigenbasis
@@ -15,10 +17,12 @@ from soap_optax._transforms import ScaleByRotatedAdamState
 from soap_optax._transforms import ScaleByShampooEigenbasisState
 
 __all__ = (
+    'EigenbasisDimensionNumbers',
     'GraftingState',
     'ScaleByAdafactorInEigenbasisState',
     'ScaleByRotatedAdamState',
     'ScaleByShampooEigenbasisState',
+    'dimension_numbers_from_axis_names',
     'factorized_soap',
     'scale_by_adafactor_in_eigenbasis',
     'scale_by_grafting',

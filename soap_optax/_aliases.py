@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
+from soap_optax import _stacks
 from soap_optax import _transforms
 
 
@@ -58,6 +59,9 @@ def soap(
     normalize_grads: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -87,6 +91,13 @@ def soap(
       returning one, that selects the leaves to decay.
     one_sided: rotate only the shorter axis of each matrix (the paper's
       memory-saving variant).
+    mu_dtype: dtype of the first moment (``None``: the statistics' dtype).
+    dimension_numbers: which axes of each parameter are batch axes (the layer
+      axis of a scanned model), as a tree prefix of the parameters (or a
+      callable of them) with :class:`soap_optax.EigenbasisDimensionNumbers`
+      or ``None`` leaves; each slice along them is optimized on its own.
+    block_size: cut every non-batch axis longer than this into blocks with
+      their own factors and moments (``None``: no blocking).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -101,7 +112,8 @@ def soap(
       precondition_frequency=precondition_frequency,
       max_precond_dim=max_precond_dim, merge_dims=merge_dims,
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-      one_sided=one_sided)
+      one_sided=one_sided, mu_dtype=mu_dtype,
+      dimension_numbers=dimension_numbers, block_size=block_size)
 
 
 def factorized_soap(
@@ -118,6 +130,9 @@ def factorized_soap(
     normalize_grads: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """SOAP with Adafactor's factored second moment: the memory-saving variant.
 
@@ -129,8 +144,8 @@ def factorized_soap(
   ``2m^2 + 2n^2 + mn + m + n`` numbers, or ``2 min(m, n)^2 + mn + m + n`` with
   ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
 
-  Args: as :func:`soap`, plus
-    one_sided: rotate only the shorter axis of each matrix.
+  Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``
+    and ``block_size`` included).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -145,7 +160,8 @@ def factorized_soap(
       precondition_frequency=precondition_frequency,
       max_precond_dim=max_precond_dim, merge_dims=merge_dims,
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-      one_sided=one_sided, factored=True)
+      one_sided=one_sided, mu_dtype=mu_dtype,
+      dimension_numbers=dimension_numbers, block_size=block_size, factored=True)
 
 
 class GraftingState(NamedTuple):
@@ -159,15 +175,19 @@ def scale_by_grafting(
     direction: optax.GradientTransformation,
     magnitude: optax.GradientTransformation,
     eps: float = 1e-16,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
-  """Per parameter, ``direction``'s update rescaled to ``magnitude``'s norm.
+  """Per unit, ``direction``'s update rescaled to ``magnitude``'s norm.
 
   .. math::
 
     U = U_{dir} \\cdot \\frac{\\lVert U_{mag} \\rVert}{\\lVert U_{dir} \\rVert}
 
-  (Frobenius norms per parameter; where ``||U_dir|| <= eps`` the update is
-  zero). Both transforms see the same incoming updates.
+  (Frobenius norms per unit: per parameter, or per slice along the batch axes
+  of ``dimension_numbers`` and per block of ``block_size``, the units of the
+  eigenbasis transforms; where ``||U_dir|| <= eps`` the update is zero). Both
+  transforms see the same incoming updates.
 
   References:
     Agarwal et al., `Disentangling Adaptive Gradient Methods from Learning
@@ -183,14 +203,24 @@ def scale_by_grafting(
     dir_updates, dir_state = direction.update(updates, state.direction, params)
     mag_updates, mag_state = magnitude.update(updates, state.magnitude, params)
 
-    def graft(d, m):
-      d_norm = jnp.linalg.norm(d.ravel())
-      ratio = jnp.where(d_norm > eps, jnp.linalg.norm(m.ravel()) / jnp.where(
-          d_norm > eps, d_norm, 1.0), 0.0)
-      return (d * ratio).astype(d.dtype)
+    dir_leaves, treedef = jax.tree.flatten(dir_updates)
+    mag_leaves = treedef.flatten_up_to(mag_updates)
+    plan = _stacks.plan_units(
+        dir_leaves, dimension_numbers, updates, block_size)
 
-    return jax.tree.map(graft, dir_updates, mag_updates), GraftingState(
-        dir_state, mag_state)
+    def graft(d, m):  # (U, ...) stacks: one norm per unit.
+      axes = tuple(range(1, d.ndim))
+      d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=axes, keepdims=True))
+      m_norm = jnp.sqrt(jnp.sum(jnp.square(m), axis=axes, keepdims=True))
+      safe = d_norm > eps
+      return d * jnp.where(safe, m_norm / jnp.where(safe, d_norm, 1.0), 0.0)
+
+    grafted = _stacks.scatter(
+        [graft(d, m) for d, m in zip(_stacks.gather(dir_leaves, plan),
+                                     _stacks.gather(mag_leaves, plan))], plan)
+    return treedef.unflatten([
+        g.astype(d.dtype) for g, d in zip(grafted, dir_leaves)
+    ]), GraftingState(dir_state, mag_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -215,6 +245,8 @@ def shampoo(
     graft_b2: jax.typing.ArrayLike = 0.999,
     graft_eps: jax.typing.ArrayLike = 1e-8,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
 
@@ -251,6 +283,10 @@ def shampoo(
     graft_b2: second-moment decay of the Adam graft.
     graft_eps: eps of the Adam graft.
     weight_decay_mask: which leaves to decay.
+    dimension_numbers: batch axes per parameter (see :func:`soap`); the
+      grafting norms are taken per slice too.
+    block_size: cut longer axes into blocks (see :func:`soap`); the grafting
+      norms are taken per block too.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -271,11 +307,14 @@ def shampoo(
       precondition_1d=precondition_1d,
       trace_normalize=trace_normalize,
       refresh=refresh,
+      dimension_numbers=dimension_numbers,
+      block_size=block_size,
   )
   if grafting == 'adam':
     preconditioner = scale_by_grafting(
         preconditioner,
-        optax.scale_by_adam(b1=0.0, b2=graft_b2, eps=graft_eps))
+        optax.scale_by_adam(b1=0.0, b2=graft_b2, eps=graft_eps),
+        dimension_numbers=dimension_numbers, block_size=block_size)
   return optax.chain(
       preconditioner,
       optax.ema(b1, debias=False),

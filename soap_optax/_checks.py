@@ -64,3 +64,18 @@ def check_float_params(params: Any) -> None:
           'params must be real floating-point arrays (float16, bfloat16, '
           f'float32 or float64); the leaf at {jax.tree_util.keystr(path)} '
           f'has dtype {dtype}.')
+
+
+def check_float_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+  """Checks an optional dtype argument: ``None`` or a floating-point dtype."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError:
+    canonical = None
+  if canonical is None or not jnp.issubdtype(canonical, jnp.floating):
+    raise ValueError(
+        f'{name} must be None or a floating-point dtype (e.g. jnp.bfloat16, '
+        f'jnp.float32), got {dtype!r}.')
+  return canonical

@@ -3,8 +3,11 @@
 Every transformation in this package keeps its statistics in the eigenbasis of
 Shampoo's preconditioner, and every one of them gets that basis from here.
 
-For a parameter ``G`` whose (merged) shape is ``(d_0, ..., d_{N-1})`` the engine
-keeps, for each *factored* axis ``i``, a Kronecker factor and a basis:
+The engine works on *units*: a parameter, or one slice or block of it (see
+:mod:`soap_optax._stacks`, which cuts parameters into units and stacks units
+of the same shape). For a unit ``G`` whose (merged) shape is
+``(d_0, ..., d_{N-1})`` the engine keeps, for each *factored* axis ``i``, a
+Kronecker factor and a basis:
 
 .. math::
 
@@ -24,10 +27,11 @@ and rotates a tensor into, and out of, that basis:
   unrotate(X) = X \\times_0 Q_0 \\times_1 Q_1 \\cdots       (matrix: Q_L X Q_R^T)
 
 Axes that are not factored use the identity basis. Which axes are factored is
-decided once, at ``init``, by :func:`plan_layout`, and stored in the state as a
-static :class:`EigenbasisPlan` (part of the tree structure, not an array), so
-the compiled ``update`` never depends on a traced ``max_precond_dim`` (as
-``optax.inject_hyperparams`` would pass it).
+decided once, at ``init``, by :func:`plan_layout`, and stored in the state as
+part of a static plan (the tree structure, not an array), so the compiled
+``update`` never depends on a traced ``max_precond_dim`` (as
+``optax.inject_hyperparams`` would pass it). The per-unit functions here are
+``jax.vmap``-ed over a stack by the transforms.
 
 Two refresh methods exist, both batched over every factor of the same size and
 dtype across the whole parameter tree (one ``vmap``-ed linear-algebra call per
@@ -81,75 +85,19 @@ class FactorLayout:
     return tuple(self.merged_shape[i] for i in self.factored_axes)
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class EigenbasisPlan:
-  """The layout of every parameter, in ``jax.tree.leaves(params)`` order.
-
-  Static: it is part of the state's tree structure, not an array, so it is
-  known while tracing ``update`` and survives ``jit``, Orbax and
-  ``flax.nnx.Optimizer`` unchanged.
-  """
-
-  layouts: tuple[FactorLayout, ...]
-
-  def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Groups a flat per-factor sequence into one tuple per parameter."""
-    return _split(flat, [len(l.factored_axes) for l in self.layouts])
-
-  def split_axes(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Groups a flat per-(merged)-axis sequence into one tuple per parameter."""
-    return _split(flat, [len(l.merged_shape) for l in self.layouts])
-
-  def split_unfactored(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Groups a flat sequence with one entry per axis *without* a factor."""
-    return _split(flat, [len(l.merged_shape) - len(l.factored_axes)
-                         for l in self.layouts])
-
-
-def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
-  groups, start = [], 0
-  for count in counts:
-    groups.append(tuple(flat[start:start + count]))
-    start += count
-  if start != len(flat):
-    raise ValueError(f'expected {start} entries in the state, got {len(flat)}.')
-  return groups
-
-
 class KroneckerFactors(NamedTuple):
-  """One parameter's factors, as the engine's functions take them.
+  """The factors of one unit, or of a stack of units (a leading ``U`` axis).
+
+  The per-unit functions below take one unit; the transforms ``jax.vmap``
+  them over a stack.
 
   Attributes:
-    layout: the parameter's :class:`FactorLayout`.
+    layout: the unit's :class:`FactorLayout` (static).
     stats: ``GG_i``, one ``(d_i, d_i)`` array per factored axis.
     bases: ``Q_i``, one orthonormal ``(d_i, d_i)`` array per factored axis.
   """
 
   layout: FactorLayout
-  stats: tuple[jax.Array, ...]
-  bases: tuple[jax.Array, ...]
-
-
-class EigenbasisState(NamedTuple):
-  """The engine's state for a whole parameter tree.
-
-  The factors of all parameters are kept as two flat tuples (parameters in
-  ``jax.tree.leaves`` order, each parameter's factored axes in increasing
-  order), so that every array of the state is a leaf of its own: containers
-  such as ``flax.nnx.Optimizer`` wrap parameter-shaped leaves, not nested
-  per-parameter structures. :func:`unpack` gives the per-parameter view.
-
-  Attributes:
-    count: int32 scalar, the number of gradients absorbed into the statistics
-      (0 until the first ``update``).
-    plan: the static :class:`EigenbasisPlan`.
-    stats: every ``GG_i``.
-    bases: every ``Q_i``.
-  """
-
-  count: jax.Array
-  plan: EigenbasisPlan
   stats: tuple[jax.Array, ...]
   bases: tuple[jax.Array, ...]
 
@@ -222,96 +170,8 @@ def state_dtype(dtype: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, dtype)
 
 
-def init_eigenbasis(
-    params: Any,
-    *,
-    max_precond_dim: int,
-    merge_dims: bool,
-    precondition_1d: bool,
-    one_sided: bool = False,
-) -> EigenbasisState:
-  """Zero statistics and identity bases for every parameter of a tree.
-
-  ``max_precond_dim`` decides array shapes, so it must be concrete here. It is
-  a tracer only when ``optax.inject_hyperparams`` injected it and ``init`` runs
-  under ``jit``; the error then says how to keep it static.
-  """
-  if isinstance(max_precond_dim, jax.core.Tracer):
-    raise ValueError(
-        'max_precond_dim decides the shapes of the optimizer state and must be '
-        'a concrete integer at init, but it is traced here (optax.'
-        'inject_hyperparams under jit). Pass static_args=("max_precond_dim", '
-        '"precondition_frequency") to optax.inject_hyperparams.')
-  max_precond_dim = int(max_precond_dim)
-  leaves = jax.tree.leaves(params)
-  layouts = tuple(
-      plan_layout(
-          jnp.shape(leaf),
-          max_precond_dim=max_precond_dim,
-          merge_dims=merge_dims,
-          precondition_1d=precondition_1d,
-          one_sided=one_sided,
-      ) for leaf in leaves)
-  stats, bases = [], []
-  for leaf, layout in zip(leaves, layouts):
-    dtype = state_dtype(jnp.result_type(leaf))
-    for n in layout.factor_sizes:
-      stats.append(jnp.zeros((n, n), dtype))
-      bases.append(jnp.eye(n, dtype=dtype))
-  return EigenbasisState(
-      count=jnp.zeros([], jnp.int32),
-      plan=EigenbasisPlan(layouts),
-      stats=tuple(stats),
-      bases=tuple(bases),
-  )
-
-
-def unpack(state: EigenbasisState, num_leaves: int) -> list[KroneckerFactors]:
-  """The per-parameter view of the state, in ``jax.tree.leaves`` order.
-
-  Args:
-    state: the engine's state.
-    num_leaves: the number of leaves of the gradient tree, checked against the
-      tree the state was initialized with.
-
-  Returns:
-    One :class:`KroneckerFactors` per parameter.
-  """
-  layouts = state.plan.layouts
-  if num_leaves != len(layouts):
-    raise ValueError(
-        f'updates have {num_leaves} leaves but the optimizer state was '
-        f'initialized for {len(layouts)} parameters.')
-  return [
-      KroneckerFactors(layout, stats, bases)
-      for layout, stats, bases in zip(
-          layouts, state.plan.split(state.stats), state.plan.split(state.bases))
-  ]
-
-
-def pack(
-    factors: Sequence[KroneckerFactors], count: jax.Array) -> EigenbasisState:
-  """Inverse of :func:`unpack`."""
-  return EigenbasisState(
-      count=count,
-      plan=EigenbasisPlan(tuple(f.layout for f in factors)),
-      stats=tuple(s for f in factors for s in f.stats),
-      bases=tuple(q for f in factors for q in f.bases),
-  )
-
-
 # ------------------------------------------------------------------------------
-# Per-parameter operations.
-
-
-def to_merged(x: jax.Array, layout: FactorLayout) -> jax.Array:
-  """Reshapes a parameter-shaped array to the layout's merged shape."""
-  return x.reshape(layout.merged_shape)
-
-
-def from_merged(x: jax.Array, layout: FactorLayout) -> jax.Array:
-  """Reshapes a merged-shape array back to the parameter's shape."""
-  return x.reshape(layout.shape)
+# Per-unit operations (one slice or block; ``jax.vmap`` them over a stack).
 
 
 def _multiply_along_axis(
@@ -392,25 +252,34 @@ def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
 
 
 def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array]):
-  """Applies ``fn`` to ``(a[k], b[k], ...)`` for every ``k``, batched by size.
+  """Applies ``fn`` to every item of every stack, batched by item shape.
 
-  Arguments whose first array shares shape and dtype are stacked and sent
-  through one batched call (see :func:`_map_stacked`), so the number of
-  linear-algebra primitives is the number of distinct (shape, dtype) pairs,
-  not the number of items.
+  Each argument list holds stacks: arrays whose leading axis counts items
+  (``(U_k, ...)``). Stacks whose first argument shares item shape and dtype
+  are concatenated and sent through one batched call (see
+  :func:`_map_stacked`), so the number of linear-algebra primitives is the
+  number of distinct (item shape, dtype) pairs, not the number of stacks or
+  items.
 
   Returns:
-    A list with ``fn``'s output for each ``k``, in the input order.
+    A list with ``fn``'s stacked output for each stack, in the input order.
   """
   groups: dict[tuple[Any, ...], list[int]] = {}
   for k, first in enumerate(arg_lists[0]):
-    groups.setdefault((first.shape, first.dtype), []).append(k)
+    groups.setdefault((first.shape[1:], first.dtype), []).append(k)
   results: list[Any] = [None] * len(arg_lists[0])
   for members in groups.values():
-    stacked = [jnp.stack([args[k] for k in members]) for args in arg_lists]
-    batched = _map_stacked(fn, stacked)
-    for j, k in enumerate(members):
-      results[k] = jax.tree.map(lambda out, j=j: out[j], batched)
+    joined = [args[members[0]] if len(members) == 1 else
+              jnp.concatenate([args[k] for k in members])
+              for args in arg_lists]
+    batched = _map_stacked(fn, joined)
+    start = 0
+    for k in members:
+      size = arg_lists[0][k].shape[0]
+      results[k] = jax.tree.map(
+          lambda out, start=start, size=size: out[start:start + size],
+          batched)
+      start += size
   return results
 
 
@@ -468,8 +337,13 @@ def _refresh(
 ) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
   """Runs ``basis_fn(GG_i, Q_i) -> (new Q_i, aux)`` on every factor, batched.
 
+  Args:
+    basis_fn: the per-factor refresh.
+    factors: per stack, factors with a leading unit axis.
+
   Returns:
-    The factors with their new bases and, per parameter, the tuple of ``aux``.
+    The factors with their new bases and, per stack, the tuple of stacked
+    ``aux``.
   """
   stats = [s for f in factors for s in f.stats]
   bases = [q for f in factors for q in f.bases]
@@ -489,7 +363,7 @@ def refresh_eigh(
   """Replaces every basis by the eigenvectors of its factor, batched by size.
 
   Returns:
-    The refreshed factors and, per parameter, a tuple with the eigenvalues
+    The refreshed factors and, per stack, a tuple with the eigenvalues
     (descending, matching the basis columns) of each factored axis.
   """
   return _refresh(eigh_basis, factors)
@@ -501,7 +375,7 @@ def refresh_power_qr(
   """Refreshes every basis by power iteration + QR, batched by size.
 
   Returns:
-    The refreshed factors and, per parameter, a tuple with the column order
+    The refreshed factors and, per stack, a tuple with the column order
     applied to each factored axis (see :func:`power_qr_basis`).
   """
   return _refresh(power_qr_basis, factors)
@@ -513,20 +387,21 @@ def refresh_with_eigenvalues(
   """Refreshes every basis and returns eigenvalue estimates in the new bases.
 
   Args:
-    factors: the per-parameter factors.
+    factors: per stack, factors with a leading unit axis.
     method: ``"eigh"`` (eigenvalues from the decomposition) or ``"qr"``
       (power iteration + QR; the estimates are the Rayleigh quotients
       ``diag(Q_new^T GG Q_new)``).
 
   Returns:
-    The refreshed factors and, per parameter, one eigenvalue vector per
+    The refreshed factors and, per stack, one eigenvalue vector per
     factored axis, matching the columns of the new bases.
   """
   if method == 'eigh':
     return refresh_eigh(factors)
   refreshed, _ = refresh_power_qr(factors)
   eigenvalues = [
-      tuple(rayleigh_quotients(s, q) for s, q in zip(f.stats, f.bases))
+      tuple(jax.vmap(rayleigh_quotients)(s, q)
+            for s, q in zip(f.stats, f.bases))
       for f in refreshed
   ]
   return refreshed, eigenvalues

@@ -1,5 +1,6 @@
 """Gradient transformations that run in the eigenbasis of Shampoo's factors."""
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -9,62 +10,52 @@ import optax
 from soap_optax import _checks
 from soap_optax import _engine
 from soap_optax import _factored
+from soap_optax import _stacks
 
 REFRESH_METHODS = ('eigh', 'qr')
 
 
 def _check_eigenbasis_args(
-    precondition_frequency: Any, max_precond_dim: Any) -> None:
+    precondition_frequency: Any, max_precond_dim: Any, block_size: Any
+) -> None:
   _checks.check_int('precondition_frequency', precondition_frequency, 1)
   _checks.check_int('max_precond_dim', max_precond_dim, 0)
+  if block_size is not None:
+    _checks.check_int('block_size', block_size, 1)
 
 
-def _init_eigenbasis(params: Any, **layout_options) -> _engine.EigenbasisState:
-  """Checks the parameters' dtypes and builds the engine's state."""
+def _init_eigenbasis(
+    params: Any, **layout_options) -> _stacks.EigenbasisState:
+  """Checks the parameters' dtypes and builds the engine's stacked state."""
   _checks.check_float_params(params)
-  return _engine.init_eigenbasis(params, **layout_options)
+  return _stacks.init_eigenbasis(params, **layout_options)
 
 
-def _unpack_gradients(updates: Any, eigenbasis: _engine.EigenbasisState):
+def _gather_gradients(updates: Any, eigenbasis: _stacks.EigenbasisState):
   """What every ``update_fn`` starts from.
 
   Returns:
-    ``(grads, treedef, factors, layouts, merged_grads)``: the gradient leaves
-    and their tree structure, the per-parameter :class:`KroneckerFactors` and
-    layouts, and the gradients reshaped to their merged shape in the state's
-    dtype.
+    ``(grads, treedef, factors, stacked_grads)``: the gradient leaves and their
+    tree structure, the per-stack :class:`KroneckerFactors` and the gradients
+    gathered into stacks ``(U, *merged_shape)`` in the state's dtype.
   """
   grads, treedef = jax.tree.flatten(updates)
-  factors = _engine.unpack(eigenbasis, len(grads))
-  layouts = [f.layout for f in factors]
-  merged_grads = [
-      _engine.to_merged(g.astype(_engine.state_dtype(g.dtype)), layout)
-      for g, layout in zip(grads, layouts)
-  ]
-  return grads, treedef, factors, layouts, merged_grads
+  _stacks.check_updates(grads, eigenbasis.plan)
+  return (grads, treedef, _stacks.unpack(eigenbasis),
+          _stacks.gather(grads, eigenbasis.plan))
 
 
-def _outputs(directions, layouts, grads):
-  """Merged-shape directions back to parameter shapes and gradient dtypes."""
-  return [
-      _engine.from_merged(d, layout).astype(g.dtype)
-      for d, layout, g in zip(directions, layouts, grads)
-  ]
+def _outputs(directions, plan, grads, treedef):
+  """Stacked directions back to the gradients' tree, shapes and dtypes."""
+  return treedef.unflatten([
+      d.astype(g.dtype)
+      for d, g in zip(_stacks.scatter(directions, plan), grads)])
 
 
-def _zeros_per_axis(params: Any, plan: _engine.EigenbasisPlan, which: str):
-  """A zero vector for each (merged) axis of each parameter, flat.
-
-  ``which`` is ``"all"`` for every axis or ``"unfactored"`` for the axes
-  without a Kronecker factor.
-  """
-  zeros = []
-  for leaf, layout in zip(jax.tree.leaves(params), plan.layouts):
-    dtype = _engine.state_dtype(jnp.result_type(leaf))
-    for axis, size in enumerate(layout.merged_shape):
-      if which == 'all' or axis not in layout.factored_axes:
-        zeros.append(jnp.zeros((size,), dtype))
-  return tuple(zeros)
+def _accumulate(factors, stacked_grads, beta):
+  """``GG_i <- beta GG_i + (1 - beta) C_i(G)`` for every unit of every stack."""
+  accumulate = jax.vmap(lambda f, g: _engine.accumulate(f, g, beta))
+  return [accumulate(f, g) for f, g in zip(factors, stacked_grads)]
 
 
 def _refresh_if_due(
@@ -77,8 +68,8 @@ def _refresh_if_due(
 
   The first refresh (``count == 0``) is always a full ``eigh``; later ones use
   ``method``. Returns the (possibly) refreshed factors, the eigenvalue
-  estimates of each factored axis in the new bases (zeros when nothing was
-  refreshed) and the boolean ``due``.
+  estimates of each factored axis in the new bases (``(U, d)`` per stack and
+  axis; zeros when nothing was refreshed) and the boolean ``due``.
   """
   due = count % frequency == 0
 
@@ -93,7 +84,7 @@ def _refresh_if_due(
 
   def keep(fs):
     return list(fs), [
-        tuple(jnp.zeros(q.shape[:1], q.dtype) for q in f.bases) for f in fs]
+        tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases) for f in fs]
 
   new_factors, eigenvalues = jax.lax.cond(due, refresh, keep, factors)
   return new_factors, eigenvalues, due
@@ -110,18 +101,22 @@ def _per_axis(layout: _engine.FactorLayout, factored: tuple, unfactored: tuple):
 class ScaleByRotatedAdamState(NamedTuple):
   """State of :func:`scale_by_rotated_adam`.
 
+  Every array is stacked (see :mod:`soap_optax._stacks`): one entry per stack
+  of same-shape units, with a leading unit axis ``U``.
+
   Attributes:
-    mu: first moment, in the rotated basis, shaped like the parameters.
-    nu: second moment in the rotated basis. Shaped like the parameters; with
-      ``factored=True`` instead a flat tuple with one vector per (merged) axis
-      of each parameter (Adafactor's row and column statistics).
+    mu: first moment in the rotated basis, one ``(U, *merged_shape)`` array
+      per stack, in ``mu_dtype``.
+    nu: second moment in the rotated basis, shaped like ``mu``; with
+      ``factored=True`` instead one ``(U, d_k)`` array per (merged) axis of
+      each stack (Adafactor's row and column statistics).
     eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
       Adam step ``t`` once the first call has initialized the preconditioner.
   """
 
-  mu: optax.Updates
-  nu: optax.Updates | tuple[jax.Array, ...]
-  eigenbasis: _engine.EigenbasisState
+  mu: tuple[jax.Array, ...]
+  nu: tuple[jax.Array, ...]
+  eigenbasis: _stacks.EigenbasisState
 
 
 def scale_by_rotated_adam(
@@ -136,11 +131,16 @@ def scale_by_rotated_adam(
     normalize_grads: bool = False,
     one_sided: bool = False,
     factored: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
-  Per parameter, with ``sb = shampoo_beta if shampoo_beta is not None else b2``
-  and the Kronecker factors ``GG_i`` and bases ``Q_i`` of :mod:`._engine`:
+  Per unit (a parameter, or one slice along its batch axes or one block of it:
+  see ``dimension_numbers`` and ``block_size``), with
+  ``sb = shampoo_beta if shampoo_beta is not None else b2`` and the Kronecker
+  factors ``GG_i`` and bases ``Q_i`` of :mod:`._engine`:
 
   * first call (initialization): ``GG_i = (1 - sb) C_i(G)``,
     ``Q_i = eigh(GG_i)``; the update is zero and ``t`` stays 0;
@@ -171,8 +171,16 @@ def scale_by_rotated_adam(
   refresh each ``s_k`` is permuted with its basis, as ``v`` would be. For
   1-D parameters and scalars this is ``v`` itself.
 
-  Axis rules (see :func:`soap_optax._engine.plan_layout`): axes longer than
-  ``max_precond_dim`` are not rotated; 1-D parameters only with
+  Units (see :mod:`soap_optax._stacks`): batch axes named by
+  ``dimension_numbers`` get no factor, and every slice along them is
+  optimized exactly as if it were a parameter of its own; with
+  ``block_size``, every other axis longer than ``block_size`` is cut into
+  blocks, and every block likewise. Units of the same shape, from anywhere in
+  the tree, are stacked and updated by one ``vmap``-ed computation.
+
+  Axis rules, applied to each unit (see
+  :func:`soap_optax._engine.plan_layout`): axes longer than
+  ``max_precond_dim`` are not rotated; 1-D units only with
   ``precondition_1d``; scalars never; ``merge_dims`` merges consecutive axes
   greedily up to ``max_precond_dim`` first; ``one_sided`` rotates only the
   shortest axis.
@@ -199,6 +207,14 @@ def scale_by_rotated_adam(
     normalize_grads: divide each parameter's update by its RMS.
     one_sided: rotate only the shortest axis of each parameter.
     factored: keep Adafactor's factored second moment instead of ``v``.
+    mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``); ``None``
+      keeps the statistics' dtype. The arithmetic is done in the statistics'
+      dtype, as in ``optax.scale_by_adam``.
+    dimension_numbers: ``None``, an :class:`EigenbasisDimensionNumbers` for
+      every parameter, a tree prefix of the parameters with such leaves (or
+      ``None``), or a callable of the parameters returning one.
+    block_size: cut every non-batch axis longer than this into blocks with
+      their own factors (``None``: no blocking, the authors' semantics).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -213,7 +229,8 @@ def scale_by_rotated_adam(
   if shampoo_beta is not None:
     _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim)
+  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
+  mu_dtype = _checks.check_float_dtype('mu_dtype', mu_dtype)
   factor_beta = b2 if shampoo_beta is None else shampoo_beta
 
   def init_fn(params):
@@ -223,100 +240,109 @@ def scale_by_rotated_adam(
         merge_dims=merge_dims,
         precondition_1d=precondition_1d,
         one_sided=one_sided,
+        dimension_numbers=dimension_numbers,
+        block_size=block_size,
     )
-    zeros = lambda p: jnp.zeros(
-        jnp.shape(p), _engine.state_dtype(jnp.result_type(p)))
-    if factored:
-      nu = _zeros_per_axis(params, eigenbasis.plan, 'all')
-    else:
-      nu = jax.tree.map(zeros, params)
+    plan = eigenbasis.plan
+    nu = (_stacks.zeros_per_axis(plan, 'all') if factored
+          else _stacks.zeros_per_stack(plan))
     return ScaleByRotatedAdamState(
-        mu=jax.tree.map(zeros, params), nu=nu, eigenbasis=eigenbasis)
+        mu=_stacks.zeros_per_stack(plan, mu_dtype), nu=nu,
+        eigenbasis=eigenbasis)
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+    grads, treedef, factors, stacked_grads = _gather_gradients(
         updates, state.eigenbasis)
-    mus = treedef.flatten_up_to(state.mu)
-    # Second moments, per parameter, as tuples in the merged shape: (v,) or
-    # (s_0, ..., s_{N-1}) when factored.
+    plan = state.eigenbasis.plan
+    t = state.eigenbasis.count  # t after the increment (count counts init).
+    mus = list(state.mu)
+    # Second moments, per stack: (v,) or (s_0, ..., s_{N-1}) when factored.
     if factored:
-      nus = state.eigenbasis.plan.split_axes(state.nu)
+      nus = plan.split_axes(state.nu)
     else:
-      nus = [(_engine.to_merged(v, layout),)
-             for v, layout in zip(treedef.flatten_up_to(state.nu), layouts)]
-    mus = [_engine.to_merged(m, layout) for m, layout in zip(mus, layouts)]
+      nus = [(v,) for v in state.nu]
 
     def absorb_gradients():
-      return [_engine.accumulate(f, g, factor_beta)
-              for f, g in zip(factors, merged_grads)]
+      return _accumulate(factors, stacked_grads, factor_beta)
 
     def initialize():
       new_factors, _ = _engine.refresh_eigh(absorb_gradients())
-      directions = [jnp.zeros_like(g) for g in merged_grads]
+      directions = [jnp.zeros_like(g) for g in stacked_grads]
       return directions, mus, nus, new_factors
 
+    def unit_step(g, f, mu, nu):
+      """One unit's Adam step in its eigenbasis."""
+      rotated = _engine.rotate(g, f)
+      new_mu = b1 * mu.astype(g.dtype) + (1 - b1) * rotated
+      if factored:
+        nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(
+            nu, _factored.axis_sums_of_squares(rotated)))
+        second_moment = _factored.factored_second_moment(nu)
+      else:
+        nu = (b2 * nu[0] + (1 - b2) * rotated**2,)
+        second_moment = nu[0]
+      scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
+      direction = scale * _engine.unrotate(
+          new_mu / (jnp.sqrt(second_moment) + eps), f)
+      if normalize_grads:
+        direction = direction / (
+            1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
+      return direction, new_mu.astype(mu.dtype), nu
+
+    def carry_first_moment(mu, old, new):
+      """``m`` in the new basis: ``rotate_new(unrotate_old(m))``."""
+      moved = _engine.rotate(
+          _engine.unrotate(mu.astype(old.stats[0].dtype), old), new)
+      return moved.astype(mu.dtype)
+
     def adam_step():
-      t = state.eigenbasis.count  # t after the increment (count counts init).
-      directions, new_mus, new_nus = [], [], []
-      for g, f, mu, nu in zip(merged_grads, factors, mus, nus):
-        rotated = _engine.rotate(g, f)
-        mu = b1 * mu + (1 - b1) * rotated
-        if factored:
-          nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(
-              nu, _factored.axis_sums_of_squares(rotated)))
-          second_moment = _factored.factored_second_moment(nu)
-        else:
-          nu = (b2 * nu[0] + (1 - b2) * rotated**2,)
-          second_moment = nu[0]
-        scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(mu.dtype)
-        direction = scale * _engine.unrotate(
-            mu / (jnp.sqrt(second_moment) + eps), f)
-        if normalize_grads:
-          direction = direction / (
-              1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
-        directions.append(direction)
-        new_mus.append(mu)
-        new_nus.append(nu)
-      new_factors = absorb_gradients()
+      steps = [jax.vmap(unit_step)(g, f, mu, nu)
+               for g, f, mu, nu in zip(stacked_grads, factors, mus, nus)]
+      directions = [d for d, _, _ in steps]
+      operands = (absorb_gradients(), [m for _, m, _ in steps],
+                  [n for _, _, n in steps])
 
       def refresh(operands):
         old_factors, mus, nus = operands
         refreshed, orders = _engine.refresh_power_qr(old_factors)
-        mus = [_engine.rotate(_engine.unrotate(mu, old), new)
-               for mu, old, new in zip(mus, old_factors, refreshed)]
-        nus = [_permute_second_moment(nu, f.layout, order, factored)
-               for nu, f, order in zip(nus, refreshed, orders)]
-        return refreshed, mus, nus
+        new_mus, new_nus = [], []
+        for mu, nu, old, new, order in zip(
+            mus, nus, old_factors, refreshed, orders):
+          if not old.layout.factored_axes:
+            new_mus.append(mu)
+            new_nus.append(nu)
+            continue
+          new_mus.append(jax.vmap(carry_first_moment)(mu, old, new))
+          new_nus.append(jax.vmap(functools.partial(
+              _permute_second_moment, layout=old.layout, factored=factored))(
+                  nu, orders=order))
+        return refreshed, new_mus, new_nus
 
-      operands = (new_factors, new_mus, new_nus)
-      if any(layout.factored_axes for layout in layouts):
+      if any(stack.layout.factored_axes for stack in plan.stacks):
         operands = jax.lax.cond(
             t % precondition_frequency == 0, refresh, lambda x: x, operands)
       new_factors, new_mus, new_nus = operands
       return directions, new_mus, new_nus, new_factors
 
     directions, mus, nus, factors = jax.lax.cond(
-        state.eigenbasis.count == 0, initialize, adam_step)
+        t == 0, initialize, adam_step)
     if factored:
-      nu = tuple(s for per_param in nus for s in per_param)
+      nu = tuple(s for per_stack in nus for s in per_stack)
     else:
-      nu = treedef.unflatten([
-          _engine.from_merged(v[0], layout) for v, layout in zip(nus, layouts)])
+      nu = tuple(v[0] for v in nus)
     new_state = ScaleByRotatedAdamState(
-        mu=treedef.unflatten([
-            _engine.from_merged(m, layout) for m, layout in zip(mus, layouts)]),
-        nu=nu,
-        eigenbasis=_engine.pack(
-            factors, optax.safe_increment(state.eigenbasis.count)),
-    )
-    return treedef.unflatten(_outputs(directions, layouts, grads)), new_state
+        mu=tuple(mus), nu=nu,
+        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(t)))
+    return _outputs(directions, plan, grads, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _permute_second_moment(nu, layout, orders, factored):
-  """Reorders a second moment with its bases' columns (permuted, not rotated).
+def _permute_second_moment(nu, orders, *, layout, factored):
+  """Reorders one unit's second moment with its bases' columns.
+
+  (Permuted, not rotated.)
 
   ``nu`` is ``(v,)``, whose factored axes are permuted, or, when ``factored``,
   the per-axis statistics ``(s_0, ..., s_{N-1})``, of which each factored
@@ -341,12 +367,13 @@ class ScaleByShampooEigenbasisState(NamedTuple):
     eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
       ``eigenbasis.count`` is the number of calls so far.
     diagonals: running ``diag(GG_k)`` for every axis without a Kronecker
-      factor, flat (parameters in leaf order, axes in order).
-    eigenvalues: ``Λ_k`` for every (merged) axis of every parameter, flat,
-      from the last refresh (held fixed between refreshes).
+      factor, ``(U, d_k)`` per stack and axis, flat (stacks in plan order,
+      axes in order).
+    eigenvalues: ``Λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
+      flat, from the last refresh (held fixed between refreshes).
   """
 
-  eigenbasis: _engine.EigenbasisState
+  eigenbasis: _stacks.EigenbasisState
   diagonals: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
 
@@ -361,10 +388,13 @@ def scale_by_shampoo_eigenbasis(
     precondition_1d: bool = False,
     trace_normalize: bool = True,
     refresh: str = 'eigh',
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
 
-  For a (merged) parameter with axes ``k = 0..N-1``, factors
+  For each unit (a parameter, a slice along its batch axes or a block; see
+  :func:`scale_by_rotated_adam`) with (merged) axes ``k = 0..N-1``, factors
   ``GG_k <- β GG_k + (1 - β) C_k(G)``, bases ``Q_k`` and eigenvalue estimates
   ``Λ_k`` from the last refresh:
 
@@ -406,6 +436,10 @@ def scale_by_shampoo_eigenbasis(
     trace_normalize: multiply by ``T^{(N-1) e}`` (see above).
     refresh: ``"eigh"`` or ``"qr"`` (power iteration + QR warm-started from
       the current basis, with ``Λ = diag(Q^T GG Q)``).
+    dimension_numbers: batch axes per parameter (see
+      :func:`scale_by_rotated_adam`).
+    block_size: cut longer axes into blocks (see
+      :func:`scale_by_rotated_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -418,7 +452,7 @@ def scale_by_shampoo_eigenbasis(
   _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('exponent', exponent)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim)
+  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
   _check_refresh(refresh)
 
   def init_fn(params):
@@ -427,52 +461,57 @@ def scale_by_shampoo_eigenbasis(
         max_precond_dim=max_precond_dim,
         merge_dims=merge_dims,
         precondition_1d=precondition_1d,
+        dimension_numbers=dimension_numbers,
+        block_size=block_size,
     )
     return ScaleByShampooEigenbasisState(
         eigenbasis=eigenbasis,
-        diagonals=_zeros_per_axis(params, eigenbasis.plan, 'unfactored'),
-        eigenvalues=_zeros_per_axis(params, eigenbasis.plan, 'all'),
+        diagonals=_stacks.zeros_per_axis(eigenbasis.plan, 'unfactored'),
+        eigenvalues=_stacks.zeros_per_axis(eigenbasis.plan, 'all'),
     )
+
+  def precondition(g, f, values):
+    """One unit: ``G ×_k P_k`` in its eigenbasis, times the trace factor."""
+    rotated = _engine.rotate(g, f)
+    scaled = rotated * _factored.outer_product(
+        [_factored.inverse_power(v + eps, exponent) for v in values])
+    direction = _engine.unrotate(scaled, f)
+    if trace_normalize:
+      total = jnp.maximum(jnp.sum(values[0]), 0.0)
+      direction = direction * total ** ((len(values) - 1) * exponent)
+    return direction
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+    grads, treedef, factors, stacked_grads = _gather_gradients(
         updates, state.eigenbasis)
     plan = state.eigenbasis.plan
     count = state.eigenbasis.count
 
-    factors = [_engine.accumulate(f, g, shampoo_beta)
-               for f, g in zip(factors, merged_grads)]
-    diagonals = plan.split_unfactored(state.diagonals)
+    factors = _accumulate(factors, stacked_grads, shampoo_beta)
     diagonals = [
         tuple(shampoo_beta * d + (1 - shampoo_beta) * new for d, new in zip(
-            diag, _unfactored(_factored.axis_sums_of_squares(g), layout)))
-        for diag, g, layout in zip(diagonals, merged_grads, layouts)]
+            diag, _unfactored(
+                jax.vmap(_factored.axis_sums_of_squares)(g), stack.layout)))
+        for diag, g, stack in zip(
+            plan.split_unfactored(state.diagonals), stacked_grads,
+            plan.stacks)]
     factors, fresh, due = _refresh_if_due(
         factors, count, precondition_frequency, refresh)
     eigenvalues = [
         tuple(jnp.where(due, new, old) for new, old in zip(
-            _per_axis(layout, fresh_k, diag), old_values))
-        for layout, fresh_k, diag, old_values in zip(
-            layouts, fresh, diagonals, plan.split_axes(state.eigenvalues))]
-
-    directions = []
-    for g, f, values in zip(merged_grads, factors, eigenvalues):
-      rotated = _engine.rotate(g, f)
-      scaled = rotated * _factored.outer_product(
-          [_factored.inverse_power(v + eps, exponent) for v in values])
-      direction = _engine.unrotate(scaled, f)
-      if trace_normalize:
-        total = jnp.maximum(jnp.sum(values[0]), 0.0)
-        direction = direction * total ** ((len(values) - 1) * exponent)
-      directions.append(direction)
+            _per_axis(stack.layout, fresh_k, diag), old_values))
+        for stack, fresh_k, diag, old_values in zip(
+            plan.stacks, fresh, diagonals, plan.split_axes(state.eigenvalues))]
+    directions = [jax.vmap(precondition)(g, f, values)
+                  for g, f, values in zip(stacked_grads, factors, eigenvalues)]
 
     new_state = ScaleByShampooEigenbasisState(
-        eigenbasis=_engine.pack(factors, optax.safe_increment(count)),
-        diagonals=tuple(d for per_param in diagonals for d in per_param),
-        eigenvalues=tuple(v for per_param in eigenvalues for v in per_param),
+        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(count)),
+        diagonals=tuple(d for per_stack in diagonals for d in per_stack),
+        eigenvalues=tuple(v for per_stack in eigenvalues for v in per_stack),
     )
-    return treedef.unflatten(_outputs(directions, layouts, grads)), new_state
+    return _outputs(directions, plan, grads, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -490,10 +529,10 @@ class ScaleByAdafactorInEigenbasisState(NamedTuple):
     eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
       ``eigenbasis.count`` is the number of calls so far.
     axis_stats: Adafactor's statistic ``s_k`` for every (merged) axis of every
-      parameter, in the rotated basis, flat.
+      stack, ``(U, d_k)``, in the rotated basis, flat.
   """
 
-  eigenbasis: _engine.EigenbasisState
+  eigenbasis: _stacks.EigenbasisState
   axis_stats: tuple[jax.Array, ...]
 
 
@@ -505,10 +544,14 @@ def scale_by_adafactor_in_eigenbasis(
     merge_dims: bool = False,
     precondition_1d: bool = False,
     refresh: str = 'eigh',
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
 
-  With ``G' = rotate(G)`` in the current bases, per (merged) axis ``k``:
+  Per unit (a parameter, a slice along its batch axes or a block; see
+  :func:`scale_by_rotated_adam`), with ``G' = rotate(G)`` in the current
+  bases, per (merged) axis ``k``:
 
   .. math::
 
@@ -541,6 +584,10 @@ def scale_by_adafactor_in_eigenbasis(
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a factor.
     refresh: ``"eigh"`` or ``"qr"``.
+    dimension_numbers: batch axes per parameter (see
+      :func:`scale_by_rotated_adam`).
+    block_size: cut longer axes into blocks (see
+      :func:`scale_by_rotated_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -552,7 +599,7 @@ def scale_by_adafactor_in_eigenbasis(
   """
   _checks.check_beta('b2', b2)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim)
+  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
   _check_refresh(refresh)
 
   def init_fn(params):
@@ -561,25 +608,25 @@ def scale_by_adafactor_in_eigenbasis(
         max_precond_dim=max_precond_dim,
         merge_dims=merge_dims,
         precondition_1d=precondition_1d,
+        dimension_numbers=dimension_numbers,
+        block_size=block_size,
     )
     return ScaleByAdafactorInEigenbasisState(
         eigenbasis=eigenbasis,
-        axis_stats=_zeros_per_axis(params, eigenbasis.plan, 'all'))
+        axis_stats=_stacks.zeros_per_axis(eigenbasis.plan, 'all'))
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, layouts, merged_grads = _unpack_gradients(
+    grads, treedef, factors, stacked_grads = _gather_gradients(
         updates, state.eigenbasis)
+    plan = state.eigenbasis.plan
     count = state.eigenbasis.count
 
-    factors = [_engine.accumulate(f, g, b2)
-               for f, g in zip(factors, merged_grads)]
+    factors = _accumulate(factors, stacked_grads, b2)
     factors, fresh, due = _refresh_if_due(
         factors, count, precondition_frequency, refresh)
-    directions, all_stats = [], []
-    for g, f, old_stats, fresh_k in zip(
-        merged_grads, factors,
-        state.eigenbasis.plan.split_axes(state.axis_stats), fresh):
+
+    def unit_step(g, f, old_stats, fresh_k):
       # Rotated in the current bases (new ones on a refresh call): the
       # statistic of an unrotated axis does not depend on the other axes'
       # rotation, and the rotated axes' statistics are re-estimated anyway.
@@ -592,13 +639,17 @@ def scale_by_adafactor_in_eigenbasis(
                 for axis, new in zip(f.layout.factored_axes, fresh_k)),
           _unfactored(running, f.layout))
       second_moment = _factored.factored_second_moment(stats)
-      directions.append(_engine.unrotate(
-          rotated * _factored.inverse_power(second_moment + eps, 0.5), f))
-      all_stats.extend(stats)
+      direction = _engine.unrotate(
+          rotated * _factored.inverse_power(second_moment + eps, 0.5), f)
+      return direction, stats
 
+    steps = [jax.vmap(unit_step)(g, f, old_stats, fresh_k)
+             for g, f, old_stats, fresh_k in zip(
+                 stacked_grads, factors, plan.split_axes(state.axis_stats),
+                 fresh)]
     new_state = ScaleByAdafactorInEigenbasisState(
-        eigenbasis=_engine.pack(factors, optax.safe_increment(count)),
-        axis_stats=tuple(all_stats))
-    return treedef.unflatten(_outputs(directions, layouts, grads)), new_state
+        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(count)),
+        axis_stats=tuple(s for _, stats in steps for s in stats))
+    return _outputs([d for d, _ in steps], plan, grads, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from soap_optax import _engine
+from soap_optax import _stacks
 from tests.oracle import soap_numpy
 
 
@@ -157,14 +158,16 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
   params = {
       'a': jnp.zeros((8, 16)), 'b': jnp.zeros((16, 8)), 'c': jnp.zeros((8, 8)),
       'd': jnp.zeros((4, 8, 16)), 'e': jnp.zeros((32,)), 'f': jnp.zeros(()),
+      'g': jnp.zeros((8, 16)),
   }
-  state = _engine.init_eigenbasis(
+  state = _stacks.init_eigenbasis(
       params, max_precond_dim=10000, merge_dims=False, precondition_1d=True)
-  factors = _engine.unpack(state, len(params))
+  factors = _stacks.unpack(state)
   sizes = {n for f in factors for n in f.layout.factor_sizes}
   assert sizes == {4, 8, 16, 32}
-  n_factors = sum(len(f.bases) for f in factors)
-  assert n_factors == 10  # 2 + 2 + 2 + 3 + 1 + 0
+  n_factors = sum(len(f.bases) * f.bases[0].shape[0]
+                  for f in factors if f.bases)
+  assert n_factors == 12  # 2 * 2 (a, g stacked) + 2 + 2 + 3 + 1 + 0
 
   qr_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_power_qr(fs))(factors)
   eigh_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_eigh(fs))(factors)
@@ -174,9 +177,12 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
 
 
 def test_map_by_size_keeps_input_order():
-  mats = [jnp.full((2, 2), 1.0), jnp.full((3, 3), 2.0), jnp.full((2, 2), 3.0)]
-  out = _engine.map_by_size(lambda m: m.sum(), mats)
-  np.testing.assert_allclose([float(o) for o in out], [4.0, 18.0, 12.0])
+  stacks = [jnp.full((1, 2, 2), 1.0), jnp.full((2, 3, 3), 2.0),
+            jnp.full((3, 2, 2), 3.0)]
+  out = _engine.map_by_size(lambda m: m.sum(), stacks)
+  assert [o.shape for o in out] == [(1,), (2,), (3,)]
+  np.testing.assert_allclose(np.concatenate(out),
+                             [4.0, 18.0, 18.0, 12.0, 12.0, 12.0])
 
 
 _TRANSFORMER_SHAPES = """

@@ -1,0 +1,577 @@
+"""Stacks: the engine's unit of work, built from batch axes, blocks and shapes.
+
+A parameter is cut into *units*, each of which the transforms treat exactly as
+if it were a parameter of its own (its own Kronecker factors, bases, moments
+and refresh):
+
+1. **batch axes** (:class:`EigenbasisDimensionNumbers`) get no factor: every
+   slice along them is a separate unit (the layers of a scanned ``[L, d, 4d]``
+   weight, the heads of an ``[L, H, m, n]`` one);
+2. the remaining axes are optionally **grouped** into one matrix,
+   ``reduction_axes x output_axes`` (an attention kernel ``(d, heads,
+   head_dim)`` becomes ``(d, heads * head_dim)``);
+3. with ``block_size``, every remaining axis longer than ``block_size`` is
+   **cut into blocks** of ``block_size`` (the last one may be shorter), and
+   every block of the product of the cuts is a unit (a block-diagonal
+   Kronecker preconditioner, as in Distributed Shampoo).
+
+Units of the same shape and state dtype, from every parameter of the tree, form
+one **stack**: an array ``(U, *merged_shape)``. The state is kept stacked, so
+a step only gathers the gradients into stacks (:func:`gather`) and scatters
+the updates back (:func:`scatter`); the per-unit arithmetic runs once per stack
+under ``jax.vmap``, and the compiled program grows with the number of distinct
+shapes, not with depth.
+
+No padding is needed: an uneven last block is simply a unit of another shape,
+and lands in another stack.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soap_optax import _engine
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenbasisDimensionNumbers:
+  """Which axes of a parameter are batch axes, and how to read it as a matrix.
+
+  Like ``optax.contrib.MuonDimensionNumbers``: a batch axis gets no Kronecker
+  factor, and each slice along the batch axes is optimized exactly as if it
+  were a parameter of its own.
+
+  Attributes:
+    batch_axes: axes whose slices are independent (negative values count from
+      the end), e.g. ``(0,)`` for the layer axis of a scanned ``[L, d, 4d]``
+      weight.
+    reduction_axes: optional; with ``output_axes``, the non-batch axes are
+      grouped into one ``(prod reduction, prod output)`` matrix before
+      factoring (instead of ``merge_dims``). When only one of the two is
+      given, the other is every remaining non-batch axis.
+    output_axes: optional; see ``reduction_axes``.
+  """
+
+  batch_axes: tuple[int, ...] = ()
+  reduction_axes: tuple[int, ...] | None = None
+  output_axes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ('batch_axes', 'reduction_axes', 'output_axes'):
+      value = getattr(self, name)
+      if value is None and name != 'batch_axes':
+        continue
+      if isinstance(value, (int, np.integer)):
+        value = (value,)
+      try:
+        value = tuple(value)
+      except TypeError:
+        raise ValueError(
+            f'EigenbasisDimensionNumbers.{name} must be a tuple of integers, '
+            f'got {value!r}.') from None
+      if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+                 for a in value):
+        raise ValueError(
+            f'EigenbasisDimensionNumbers.{name} must be a tuple of integers, '
+            f'got {value!r}.')
+      object.__setattr__(self, name, tuple(int(a) for a in value))
+
+
+def _is_dimension_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, EigenbasisDimensionNumbers)
+
+
+def resolve_dimension_numbers(
+    dimension_numbers: Any, params: Any
+) -> list[EigenbasisDimensionNumbers | None]:
+  """One entry per leaf of ``params``, from a prefix tree (or a callable).
+
+  Args:
+    dimension_numbers: ``None`` (no batch axes anywhere), one
+      :class:`EigenbasisDimensionNumbers` for every parameter, a tree whose
+      structure is a prefix of ``params`` with such leaves (or ``None``), or a
+      callable of ``params`` returning one of these (like optax's masks).
+    params: the parameter (or gradient) tree.
+
+  Returns:
+    A list in ``jax.tree.leaves(params)`` order.
+  """
+  num_leaves = len(jax.tree.leaves(params))
+  if dimension_numbers is None:
+    return [None] * num_leaves
+  if callable(dimension_numbers) and not isinstance(
+      dimension_numbers, EigenbasisDimensionNumbers):
+    dimension_numbers = dimension_numbers(params)
+  prefix_leaves, prefix_def = jax.tree.flatten(
+      dimension_numbers, is_leaf=_is_dimension_leaf)
+  for leaf in prefix_leaves:
+    if not _is_dimension_leaf(leaf):
+      raise ValueError(
+          'dimension_numbers must hold EigenbasisDimensionNumbers or None at '
+          f'its leaves, got {leaf!r}.')
+  try:
+    subtrees = prefix_def.flatten_up_to(params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        'dimension_numbers must be a tree prefix of the parameters (or a '
+        f'callable returning one): {error}') from None
+  resolved = []
+  for numbers, subtree in zip(prefix_leaves, subtrees):
+    resolved.extend([numbers] * len(jax.tree.leaves(subtree)))
+  return resolved
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int, what: str,
+                    shape: tuple[int, ...]) -> tuple[int, ...]:
+  normalized = []
+  for axis in axes:
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+          f'dimension_numbers: {what} {tuple(axes)} out of range for a '
+          f'parameter of shape {shape}.')
+    normalized.append(axis % ndim)
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(
+        f'dimension_numbers: {what} {tuple(axes)} repeat an axis of a '
+        f'parameter of shape {shape}.')
+  return tuple(normalized)
+
+
+# ------------------------------------------------------------------------------
+# The static plan.
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A same-shape group of units cut from one parameter.
+
+  Attributes:
+    stack: index of the stack the units belong to.
+    offset: index of the first unit in that stack.
+    region: ``(start, stop)`` per grouped axis: the part of the (grouped)
+      parameter these units cover.
+    blocks: number of blocks per grouped axis inside ``region``.
+  """
+
+  stack: int
+  offset: int
+  region: tuple[tuple[int, int], ...]
+  blocks: tuple[int, ...]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ParameterPlacement:
+  """Where the units of one parameter live.
+
+  Attributes:
+    shape: the parameter's shape.
+    permutation: the transpose that puts the batch axes first, then the
+      non-batch axes (reduction axes, then output axes, when grouped).
+    num_batch_axes: how many leading axes of the transposed parameter are
+      batch axes.
+    grouped_shape: the shape of one slice after grouping (``(R, O)`` for a
+      grouped matrix, otherwise the non-batch axes' lengths).
+    pieces: the parameter's units, one :class:`Piece` per unit shape.
+  """
+
+  shape: tuple[int, ...]
+  permutation: tuple[int, ...]
+  num_batch_axes: int
+  grouped_shape: tuple[int, ...]
+  pieces: tuple[Piece, ...]
+
+  @property
+  def num_slices(self) -> int:
+    return math.prod(self.shape[a] for a in
+                     self.permutation[:self.num_batch_axes])
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """Units of one shape and state dtype, from anywhere in the tree.
+
+  Attributes:
+    unit_shape: the shape of one unit (a slice or block).
+    dtype: the dtype of the stack's statistics (the state dtype).
+    size: the number of units ``U``.
+    layout: the engine's :class:`FactorLayout` of one unit.
+  """
+
+  unit_shape: tuple[int, ...]
+  dtype: str
+  size: int
+  layout: _engine.FactorLayout
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class EigenbasisPlan:
+  """Static layout of a parameter tree: placements and stacks.
+
+  Part of the state's tree structure (no arrays), so the compiled ``update``
+  knows it while tracing, and ``jit``, Orbax and ``flax.nnx.Optimizer`` keep it
+  unchanged.
+  """
+
+  placements: tuple[ParameterPlacement, ...]
+  stacks: tuple[Stack, ...]
+
+  @property
+  def layouts(self) -> tuple[_engine.FactorLayout, ...]:
+    """The layout of one unit of each stack."""
+    return tuple(s.layout for s in self.stacks)
+
+  def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat per-factor sequence into one tuple per stack."""
+    return _split(flat, [len(s.layout.factored_axes) for s in self.stacks])
+
+  def split_axes(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat per-(merged)-axis sequence into one tuple per stack."""
+    return _split(flat, [len(s.layout.merged_shape) for s in self.stacks])
+
+  def split_unfactored(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Groups a flat sequence with one entry per axis *without* a factor."""
+    return _split(flat, [
+        len(s.layout.merged_shape) - len(s.layout.factored_axes)
+        for s in self.stacks])
+
+
+def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
+  groups, start = [], 0
+  for count in counts:
+    groups.append(tuple(flat[start:start + count]))
+    start += count
+  if start != len(flat):
+    raise ValueError(f'expected {start} entries in the state, got {len(flat)}.')
+  return groups
+
+
+def _segments(length: int, block_size: int | None):
+  """``(start, stop, blocks, block_length)`` pieces of one axis."""
+  if block_size is None or length <= block_size:
+    return [(0, length, 1, length)]
+  full, rest = divmod(length, block_size)
+  segments = [(0, full * block_size, full, block_size)]
+  if rest:
+    segments.append((full * block_size, length, 1, rest))
+  return segments
+
+
+def _placement_axes(shape, numbers):
+  """The transpose and grouped shape for one parameter (validated)."""
+  ndim = len(shape)
+  if numbers is None:
+    numbers = EigenbasisDimensionNumbers()
+  batch = _normalize_axes(numbers.batch_axes, ndim, 'batch_axes', shape)
+  rest = [a for a in range(ndim) if a not in batch]
+  reduction, output = numbers.reduction_axes, numbers.output_axes
+  if reduction is None and output is None:
+    return batch + tuple(rest), len(batch), tuple(shape[a] for a in rest)
+  given = {}
+  for name, axes in (('reduction_axes', reduction), ('output_axes', output)):
+    if axes is not None:
+      given[name] = _normalize_axes(axes, ndim, name, shape)
+      if set(given[name]) & set(batch):
+        raise ValueError(
+            f'dimension_numbers: {name} {axes} overlap batch_axes '
+            f'{numbers.batch_axes} for a parameter of shape {shape}.')
+  if reduction is None:
+    given['reduction_axes'] = tuple(
+        a for a in rest if a not in given['output_axes'])
+  if output is None:
+    given['output_axes'] = tuple(
+        a for a in rest if a not in given['reduction_axes'])
+  reduction, output = given['reduction_axes'], given['output_axes']
+  if set(reduction) & set(output) or sorted(reduction + output) != rest:
+    raise ValueError(
+        'dimension_numbers: reduction_axes and output_axes must split the '
+        f'non-batch axes {tuple(rest)} of a parameter of shape {shape} '
+        f'between them, got {reduction} and {output}.')
+  grouped = (math.prod(shape[a] for a in reduction),
+             math.prod(shape[a] for a in output))
+  return batch + reduction + output, len(batch), grouped
+
+
+def plan_stacks(
+    shapes: Sequence[tuple[int, ...]],
+    state_dtypes: Sequence[Any],
+    dimension_numbers: Sequence[EigenbasisDimensionNumbers | None],
+    *,
+    block_size: int | None,
+    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout],
+) -> EigenbasisPlan:
+  """Cuts every parameter into units and groups the units into stacks.
+
+  Args:
+    shapes: the parameters' shapes, in leaf order.
+    state_dtypes: the dtype of each parameter's statistics.
+    dimension_numbers: one entry per parameter (see
+      :func:`resolve_dimension_numbers`).
+    block_size: cut longer grouped axes into blocks of this length, or None.
+    unit_layout: the axis rules, applied to one unit's shape.
+
+  Returns:
+    The :class:`EigenbasisPlan`.
+  """
+  stack_index: dict[tuple[Any, ...], int] = {}
+  stack_sizes: list[int] = []
+  stack_keys: list[tuple[Any, ...]] = []
+  placements = []
+  for shape, dtype, numbers in zip(shapes, state_dtypes, dimension_numbers):
+    shape = tuple(int(n) for n in shape)
+    permutation, num_batch, grouped = _placement_axes(shape, numbers)
+    slices = math.prod(shape[a] for a in permutation[:num_batch])
+    pieces = []
+    for combo in _product([_segments(n, block_size) for n in grouped]):
+      unit_shape = tuple(length for _, _, _, length in combo)
+      blocks = tuple(count for _, _, count, _ in combo)
+      key = (unit_shape, jnp.dtype(dtype).name)
+      if key not in stack_index:
+        stack_index[key] = len(stack_sizes)
+        stack_sizes.append(0)
+        stack_keys.append(key)
+      index = stack_index[key]
+      pieces.append(Piece(
+          stack=index, offset=stack_sizes[index],
+          region=tuple((start, stop) for start, stop, _, _ in combo),
+          blocks=blocks))
+      stack_sizes[index] += slices * math.prod(blocks)
+    placements.append(ParameterPlacement(
+        shape, permutation, num_batch, grouped, tuple(pieces)))
+  stacks = tuple(
+      Stack(unit_shape, dtype, size, unit_layout(unit_shape))
+      for (unit_shape, dtype), size in zip(stack_keys, stack_sizes))
+  return EigenbasisPlan(tuple(placements), stacks)
+
+
+def _product(lists):
+  combos = [()]
+  for options in lists:
+    combos = [c + (o,) for c in combos for o in options]
+  return combos
+
+
+def plan_units(leaves: Sequence[Any], dimension_numbers: Any, tree: Any,
+               block_size: int | None) -> EigenbasisPlan:
+  """A plan that only cuts ``leaves`` into units (no Kronecker factors).
+
+  For per-unit reductions outside the engine (grafting norms).
+  """
+  return plan_stacks(
+      [jnp.shape(x) for x in leaves],
+      [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
+      resolve_dimension_numbers(dimension_numbers, tree),
+      block_size=block_size,
+      unit_layout=lambda shape: _engine.FactorLayout(shape, shape or (1,), ()))
+
+
+# ------------------------------------------------------------------------------
+# Gather and scatter.
+
+
+def _to_grouped(x: jax.Array, placement: ParameterPlacement) -> jax.Array:
+  """``(num_slices, *grouped_shape)``: batch axes first, then the matrix."""
+  x = jnp.transpose(x, placement.permutation)
+  return x.reshape((placement.num_slices,) + placement.grouped_shape)
+
+
+def _from_grouped(x: jax.Array, placement: ParameterPlacement) -> jax.Array:
+  transposed = tuple(placement.shape[a] for a in placement.permutation)
+  inverse = tuple(int(i) for i in np.argsort(placement.permutation))
+  return jnp.transpose(x.reshape(transposed), inverse)
+
+
+def _blocks_to_units(region: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+  """``(S, k_0 b_0, k_1 b_1, ...)`` to ``(S k_0 k_1 ..., b_0, b_1, ...)``."""
+  if all(k == 1 for k in blocks):
+    return region
+  n = len(blocks)
+  lengths = tuple(region.shape[1 + i] // k for i, k in enumerate(blocks))
+  split = region.reshape(
+      (region.shape[0],) + tuple(v for k, b in zip(blocks, lengths)
+                                 for v in (k, b)))
+  order = (0,) + tuple(1 + 2 * i for i in range(n)) + tuple(
+      2 + 2 * i for i in range(n))
+  return split.transpose(order).reshape((-1,) + lengths)
+
+
+def _units_to_blocks(units: jax.Array, slices: int,
+                     blocks: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`_blocks_to_units`."""
+  if all(k == 1 for k in blocks):
+    return units
+  n = len(blocks)
+  lengths = units.shape[1:]
+  split = units.reshape((slices,) + blocks + lengths)
+  order = (0,) + tuple(v for i in range(n) for v in (1 + i, 1 + n + i))
+  return split.transpose(order).reshape(
+      (slices,) + tuple(k * b for k, b in zip(blocks, lengths)))
+
+
+def gather(leaves: Sequence[jax.Array], plan: EigenbasisPlan) -> list[jax.Array]:
+  """Parameter-shaped arrays to stacks ``(U, *merged_shape)`` in state dtype."""
+  parts: list[list[jax.Array]] = [[] for _ in plan.stacks]
+  for x, placement in zip(leaves, plan.placements):
+    dtype = plan.stacks[placement.pieces[0].stack].dtype
+    grouped = _to_grouped(jnp.asarray(x).astype(dtype), placement)
+    for piece in placement.pieces:
+      region = grouped[(slice(None),) + tuple(
+          slice(start, stop) for start, stop in piece.region)]
+      parts[piece.stack].append(_blocks_to_units(region, piece.blocks))
+  stacked = []
+  for stack, members in zip(plan.stacks, parts):
+    joined = members[0] if len(members) == 1 else jnp.concatenate(members)
+    stacked.append(joined.reshape((stack.size,) + stack.layout.merged_shape))
+  return stacked
+
+
+def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan
+            ) -> list[jax.Array]:
+  """Inverse of :func:`gather`: stacks back to parameter-shaped arrays."""
+  leaves = []
+  for placement in plan.placements:
+    regions = {}
+    for piece in placement.pieces:
+      stack = plan.stacks[piece.stack]
+      count = placement.num_slices * math.prod(piece.blocks)
+      units = stacked[piece.stack][piece.offset:piece.offset + count]
+      units = units.reshape((count,) + stack.unit_shape)
+      regions[piece.region] = _units_to_blocks(
+          units, placement.num_slices, piece.blocks)
+    leaves.append(_from_grouped(_assemble(regions, 0, ()), placement))
+  return leaves
+
+
+def _assemble(regions: dict[Any, jax.Array], axis: int, prefix: tuple):
+  """Concatenates a grid of regions (keyed by their spans) along each axis."""
+  if axis == len(next(iter(regions))):
+    return regions[prefix]
+  spans = sorted({key[axis] for key in regions if key[:axis] == prefix})
+  parts = [_assemble(regions, axis + 1, prefix + (span,)) for span in spans]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis + 1)
+
+
+# ------------------------------------------------------------------------------
+# The stacked state of the engine.
+
+
+class EigenbasisState(NamedTuple):
+  """The engine's state for a whole parameter tree, kept stacked.
+
+  Attributes:
+    count: int32 scalar, the number of gradients absorbed into the statistics
+      (0 until the first ``update``).
+    plan: the static :class:`EigenbasisPlan`.
+    stats: ``GG_i`` of every stack's factored axes, each ``(U, d_i, d_i)``
+      (stacks in plan order, axes in increasing order).
+    bases: ``Q_i``, shaped like ``stats``.
+  """
+
+  count: jax.Array
+  plan: EigenbasisPlan
+  stats: tuple[jax.Array, ...]
+  bases: tuple[jax.Array, ...]
+
+
+def init_eigenbasis(
+    params: Any,
+    *,
+    max_precond_dim: int,
+    merge_dims: bool,
+    precondition_1d: bool,
+    one_sided: bool = False,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+) -> EigenbasisState:
+  """Zero statistics and identity bases for every stack of a tree.
+
+  ``max_precond_dim`` (and ``block_size``) decide array shapes, so they must be
+  concrete here. They are tracers only when ``optax.inject_hyperparams``
+  injected them and ``init`` runs under ``jit``; the error then says how to
+  keep them static.
+  """
+  for name, value in (('max_precond_dim', max_precond_dim),
+                      ('block_size', block_size)):
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError(
+          f'{name} decides the shapes of the optimizer state and must be a '
+          'concrete integer at init, but it is traced here (optax.'
+          'inject_hyperparams under jit). Pass static_args=("max_precond_dim",'
+          ' "precondition_frequency", "block_size") to '
+          'optax.inject_hyperparams.')
+  leaves = jax.tree.leaves(params)
+  plan = plan_stacks(
+      [jnp.shape(x) for x in leaves],
+      [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
+      resolve_dimension_numbers(dimension_numbers, params),
+      block_size=None if block_size is None else int(block_size),
+      unit_layout=lambda shape: _engine.plan_layout(
+          shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
+          precondition_1d=precondition_1d, one_sided=one_sided))
+  stats, bases = [], []
+  for stack in plan.stacks:
+    for n in stack.layout.factor_sizes:
+      stats.append(jnp.zeros((stack.size, n, n), stack.dtype))
+      bases.append(jnp.broadcast_to(
+          jnp.eye(n, dtype=stack.dtype), (stack.size, n, n)))
+  return EigenbasisState(
+      count=jnp.zeros([], jnp.int32), plan=plan, stats=tuple(stats),
+      bases=tuple(bases))
+
+
+def check_updates(leaves: Sequence[Any], plan: EigenbasisPlan) -> None:
+  """Raises when a gradient tree does not match the initialized one."""
+  if len(leaves) != len(plan.placements):
+    raise ValueError(
+        f'updates have {len(leaves)} leaves but the optimizer state was '
+        f'initialized for {len(plan.placements)} parameters.')
+  for i, (x, placement) in enumerate(zip(leaves, plan.placements)):
+    if tuple(jnp.shape(x)) != placement.shape:
+      raise ValueError(
+          f'update leaf {i} has shape {tuple(jnp.shape(x))} but the optimizer '
+          f'state was initialized for shape {placement.shape}.')
+
+
+def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
+  """The per-stack factors (arrays with a leading unit axis)."""
+  plan = state.plan
+  return [
+      _engine.KroneckerFactors(stack.layout, stats, bases)
+      for stack, stats, bases in zip(
+          plan.stacks, plan.split(state.stats), plan.split(state.bases))
+  ]
+
+
+def pack(plan: EigenbasisPlan, factors: Sequence[_engine.KroneckerFactors],
+         count: jax.Array) -> EigenbasisState:
+  """Inverse of :func:`unpack`."""
+  return EigenbasisState(
+      count=count, plan=plan,
+      stats=tuple(s for f in factors for s in f.stats),
+      bases=tuple(q for f in factors for q in f.bases))
+
+
+def zeros_per_stack(plan: EigenbasisPlan, dtype: Any = None) -> tuple:
+  """A zero ``(U, *merged_shape)`` array per stack."""
+  return tuple(jnp.zeros((s.size,) + s.layout.merged_shape, dtype or s.dtype)
+               for s in plan.stacks)
+
+
+def zeros_per_axis(plan: EigenbasisPlan, which: str) -> tuple:
+  """A zero ``(U, d)`` array for each (merged) axis of each stack, flat.
+
+  ``which`` is ``"all"`` for every axis or ``"unfactored"`` for the axes
+  without a Kronecker factor.
+  """
+  return tuple(
+      jnp.zeros((s.size, size), s.dtype)
+      for s in plan.stacks
+      for axis, size in enumerate(s.layout.merged_shape)
+      if which == 'all' or axis not in s.layout.factored_axes)
