@@ -394,7 +394,9 @@ def run_refresh_section(jax, quick: bool):
     bases = [q for _, q in factors]
     for method, fn in (('eigh', _engine.eigh_basis),
                        ('qr', _engine.power_qr_basis)):
-      together = jax.jit(lambda s, q, fn=fn: _engine.map_by_size(fn, s, q))
+      # map_by_size takes stacks: here, 8 stacks of one factor each.
+      together = jax.jit(lambda s, q, fn=fn: _engine.map_by_size(
+          fn, [a[None] for a in s], [b[None] for b in q]))
       apart = jax.jit(
           lambda s, q, fn=fn: [fn(a, b) for a, b in zip(s, q)])
       together_s = median(time_calls(jax, together, (stats, bases), repeats,

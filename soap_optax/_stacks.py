@@ -85,43 +85,63 @@ def _is_dimension_leaf(x: Any) -> bool:
   return x is None or isinstance(x, EigenbasisDimensionNumbers)
 
 
+def _key_path(path: Sequence[Any]) -> tuple[Any, ...]:
+  """A key path with the container types dropped (dict, State, dataclass)."""
+  names = []
+  for key in path:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        names.append(getattr(key, attribute))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
 def resolve_dimension_numbers(
     dimension_numbers: Any, params: Any
 ) -> list[EigenbasisDimensionNumbers | None]:
   """One entry per leaf of ``params``, from a prefix tree (or a callable).
 
+  Entries are matched by key path, so a tree built from ``flax.nnx.State``
+  (or from boxed Linen parameters) also serves the pure-array dictionaries
+  that ``nnx.Optimizer`` and ``nn.unbox`` give the optimizer.
+
   Args:
     dimension_numbers: ``None`` (no batch axes anywhere), one
       :class:`EigenbasisDimensionNumbers` for every parameter, a tree whose
-      structure is a prefix of ``params`` with such leaves (or ``None``), or a
-      callable of ``params`` returning one of these (like optax's masks).
+      key paths are prefixes of the parameters' with such leaves (or
+      ``None``), or a callable of ``params`` returning one of these (like
+      optax's masks).
     params: the parameter (or gradient) tree.
 
   Returns:
     A list in ``jax.tree.leaves(params)`` order.
   """
-  num_leaves = len(jax.tree.leaves(params))
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   if dimension_numbers is None:
-    return [None] * num_leaves
+    return [None] * len(leaves)
   if callable(dimension_numbers) and not isinstance(
       dimension_numbers, EigenbasisDimensionNumbers):
     dimension_numbers = dimension_numbers(params)
-  prefix_leaves, prefix_def = jax.tree.flatten(
-      dimension_numbers, is_leaf=_is_dimension_leaf)
-  for leaf in prefix_leaves:
-    if not _is_dimension_leaf(leaf):
+  table = {}
+  for path, numbers in jax.tree_util.tree_flatten_with_path(
+      dimension_numbers, is_leaf=_is_dimension_leaf)[0]:
+    if not _is_dimension_leaf(numbers):
       raise ValueError(
           'dimension_numbers must hold EigenbasisDimensionNumbers or None at '
-          f'its leaves, got {leaf!r}.')
-  try:
-    subtrees = prefix_def.flatten_up_to(params)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-        'dimension_numbers must be a tree prefix of the parameters (or a '
-        f'callable returning one): {error}') from None
+          f'its leaves, got {numbers!r} at {jax.tree_util.keystr(path)}.')
+    table[_key_path(path)] = numbers
   resolved = []
-  for numbers, subtree in zip(prefix_leaves, subtrees):
-    resolved.extend([numbers] * len(jax.tree.leaves(subtree)))
+  for path, _ in leaves:
+    key = _key_path(path)
+    prefixes = [key[:k] for k in range(len(key) + 1) if key[:k] in table]
+    if not prefixes:
+      raise ValueError(
+          'dimension_numbers must be a tree prefix of the parameters (or a '
+          'callable returning one), but it has no entry for the parameter at '
+          f'{jax.tree_util.keystr(path)}.')
+    resolved.append(table[prefixes[-1]])
   return resolved
 
 
@@ -399,7 +419,8 @@ def _blocks_to_units(region: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
                                  for v in (k, b)))
   order = (0,) + tuple(1 + 2 * i for i in range(n)) + tuple(
       2 + 2 * i for i in range(n))
-  return split.transpose(order).reshape((-1,) + lengths)
+  return split.transpose(order).reshape(
+      (region.shape[0] * math.prod(blocks),) + lengths)
 
 
 def _units_to_blocks(units: jax.Array, slices: int,

@@ -1,0 +1,411 @@
+"""Tests of soap_optax._stacks: batch axes, blocks, grouping, one update per shape.
+
+The reference for "a slice (or block) is optimized exactly as if the transform
+ran on it alone" is literally that: a separate optimizer state per slice or
+block, driven with the slice's gradients, in float64.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import soap_optax
+from soap_optax import _stacks
+from tests.oracle import soap_numpy
+from tests.test_engine import count_primitives
+
+Dims = soap_optax.EigenbasisDimensionNumbers
+
+# Every transform and alias, with settings that refresh often (eigh at the
+# first call, then every 2 calls) and no weight decay (so that a zero gradient
+# must give a zero update).
+FACTORIES = {
+    'soap': lambda **kw: soap_optax.soap(
+        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2, **kw),
+    'factorized_soap': lambda **kw: soap_optax.factorized_soap(
+        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2, **kw),
+    'one_sided_soap': lambda **kw: soap_optax.soap(
+        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2,
+        one_sided=True, **kw),
+    'shampoo': lambda **kw: soap_optax.shampoo(
+        0.1, weight_decay=0.0, precondition_frequency=2,
+        eps=1e-6, **kw),
+    # eps well above round-off (here and for Shampoo): a block's factor is
+    # rank-deficient after one gradient, and with eps ~ 0 the rotated
+    # gradient's round-off in the null space is divided by the factor's
+    # round-off there, which a batched and an unbatched product round
+    # differently (measured: 2e-8 relative at eps=1e-20, 4e-10 for Shampoo at
+    # eps=1e-12). Shampoo refreshes with eigh: QR of GG Q on a rank-deficient
+    # factor orthonormalizes round-off in the null-space columns.
+    'adafactor_in_eigenbasis': lambda **kw: (
+        soap_optax.scale_by_adafactor_in_eigenbasis(
+            precondition_frequency=2, eps=1e-6, **kw)),
+}
+NUM_CALLS = 7  # refreshes at calls 0 (eigh), 2, 4 and 6.
+
+
+def _relative_error(got, expected):
+  scale = max(float(np.max(np.abs(expected))), 1e-300)
+  return float(np.max(np.abs(np.asarray(got) - expected))) / scale
+
+
+def _independent_updates(factory, pieces_per_call):
+  """Updates of one separate optimizer per piece, driven piece by piece.
+
+  Args:
+    factory: builds the optimizer (no dimension numbers, no blocks).
+    pieces_per_call: per call, a list of the pieces' gradients.
+
+  Returns:
+    Per call, the list of the pieces' updates.
+  """
+  tx = factory()
+  update = jax.jit(tx.update)
+  states = [tx.init({'w': jnp.asarray(g)}) for g in pieces_per_call[0]]
+  outputs = []
+  for pieces in pieces_per_call:
+    call = []
+    for k, g in enumerate(pieces):
+      params = {'w': jnp.zeros_like(jnp.asarray(g))}
+      out, states[k] = update({'w': jnp.asarray(g)}, states[k], params)
+      call.append(np.asarray(out['w']))
+    outputs.append(call)
+  return outputs
+
+
+def _stacked_updates(factory, grads_per_call, **kwargs):
+  tx = factory(**kwargs)
+  update = jax.jit(tx.update)
+  params = {'w': jnp.zeros(grads_per_call[0].shape)}
+  state = tx.init(params)
+  outputs = []
+  for g in grads_per_call:
+    out, state = update({'w': jnp.asarray(g)}, state, params)
+    outputs.append(np.asarray(out['w']))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  return outputs
+
+
+def _gradients(shape, zero_slice, seed):
+  rng = np.random.default_rng(seed)
+  grads = [rng.normal(size=shape) for _ in range(NUM_CALLS)]
+  for g in grads:
+    g[zero_slice] = 0.0
+  return grads
+
+
+@pytest.mark.parametrize('name', sorted(FACTORIES))
+@pytest.mark.parametrize('shape, batch_axes, zero_slice', [
+    ((3, 6, 6), (0,), (1,)),              # [L, m, n], layer 1 has no gradient.
+    ((2, 3, 4, 4), (0, 1), (1, 0)),       # [L, H, m, n], head (1, 0).
+    ((6, 3, 6), (-2,), (slice(None), 2)),  # a middle, negative batch axis.
+])
+def test_batch_axes_equal_independent_runs_per_slice(
+    x64, name, shape, batch_axes, zero_slice):
+  del x64
+  factory = FACTORIES[name]
+  grads = _gradients(shape, zero_slice, seed=0)
+  stacked = _stacked_updates(
+      factory, grads, dimension_numbers=Dims(batch_axes=batch_axes))
+
+  batch = tuple(a % len(shape) for a in batch_axes)
+  moved = [np.moveaxis(g, batch, range(len(batch))) for g in grads]
+  slice_shape = moved[0].shape[len(batch):]
+  pieces = [list(m.reshape((-1,) + slice_shape)) for m in moved]
+  expected = _independent_updates(factory, pieces)
+
+  zero_index = np.ravel_multi_index(
+      tuple(0 if isinstance(i, slice) else i for i in np.index_exp[zero_slice]),
+      tuple(shape[a] for a in batch)) if len(batch) > 1 else (
+          [i for i in np.index_exp[zero_slice] if not isinstance(i, slice)][0])
+  for call, (got, want) in enumerate(zip(stacked, expected)):
+    got_pieces = np.moveaxis(got, batch, range(len(batch))).reshape(
+        (-1,) + slice_shape)
+    want = np.stack(want)
+    assert _relative_error(got_pieces, want) < 1e-12, call
+    np.testing.assert_array_equal(got_pieces[zero_index], 0.0)
+    if call > 0:
+      assert np.max(np.abs(want)) > 0
+
+
+def _blocks(x, block_size):
+  """The blocks of a matrix, row-major over the block grid, in NumPy."""
+  rows = range(0, x.shape[0], block_size)
+  cols = range(0, x.shape[1], block_size)
+  return [x[r:r + block_size, c:c + block_size] for r in rows for c in cols]
+
+
+@pytest.mark.parametrize('name', sorted(FACTORIES))
+def test_blocks_equal_independent_runs_per_block(x64, name):
+  del x64
+  factory = FACTORIES[name]
+  grads = _gradients((300, 70), (slice(0, 0),), seed=1)
+  stacked = _stacked_updates(factory, grads, block_size=64)
+  expected = _independent_updates(factory, [_blocks(g, 64) for g in grads])
+  for call, (got, want) in enumerate(zip(stacked, expected)):
+    got_blocks = _blocks(got, 64)
+    assert len(got_blocks) == 10
+    for k, (a, b) in enumerate(zip(got_blocks, want)):
+      assert _relative_error(a, b) < 1e-12, (call, k)
+
+
+def _bases_by_corner(state, shape):
+  """The library's bases of each unit, keyed by the unit's first element.
+
+  Found by gathering an array of element indices with the state's own plan.
+  """
+  plan = state.eigenbasis.plan
+  index = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+  stacked = _stacks.gather([jnp.asarray(index)], plan)
+  by_corner = {}
+  for units, bases in zip(stacked, plan.split(state.eigenbasis.bases)):
+    for u in range(units.shape[0]):
+      corner = np.unravel_index(int(np.asarray(units[u]).ravel()[0]), shape)
+      by_corner[tuple(int(i) for i in corner)] = [np.asarray(q[u])
+                                                  for q in bases]
+  return by_corner
+
+
+def test_blocked_rotated_adam_matches_numpy_oracle_per_block(x64):
+  """Blocks of batch slices against the float64 NumPy SOAP oracle."""
+  del x64
+  shape, block = (2, 10, 7), 4   # 2 layers, rows cut 4+4+2, columns 4+3.
+  tx = soap_optax.scale_by_rotated_adam(
+      b1=0.9, b2=0.95, eps=1e-8, precondition_frequency=3, block_size=block,
+      dimension_numbers=Dims(batch_axes=(0,)))
+  state = tx.init({'w': jnp.zeros(shape)})
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(2)
+  oracles = {}
+  for call in range(10):
+    g = rng.normal(size=shape)
+    out, state = update({'w': jnp.asarray(g)}, state)
+    out = np.asarray(out['w'])
+    if call == 0:
+      np.testing.assert_array_equal(out, 0.0)
+      # One gradient leaves most block factors rank-deficient, so their first
+      # eigenbasis is not unique: the oracle starts from the library's.
+      first_bases = _bases_by_corner(state, shape)
+    for layer in range(shape[0]):
+      for r in range(0, shape[1], block):
+        for c in range(0, shape[2], block):
+          gb = g[layer, r:r + block, c:c + block]
+          key = (layer, r, c)
+          if key not in oracles:
+            oracles[key] = soap_numpy.SoapReference(
+                gb.shape, b1=0.9, b2=0.95, shampoo_beta=None, eps=1e-8,
+                frequency=3, max_dim=10000, merge_dims=False,
+                precondition_1d=False, initial_bases=first_bases[key])
+          expected = oracles[key].step(gb)
+          if call > 0:
+            got = out[layer, r:r + block, c:c + block]
+            assert _relative_error(got, expected) < 1e-9, (call, key)
+  assert len(oracles) == 12
+
+
+def test_long_axis_blocks_hold_exactly_the_state_of_their_blocks():
+  blocked = jax.eval_shape(
+      soap_optax.soap(block_size=1024).init, {'w': jnp.zeros((8192, 64))})
+  one_block = jax.eval_shape(
+      soap_optax.soap().init, {'w': jnp.zeros((1024, 64))})
+  assert soap_optax.state_size(blocked) == 8 * soap_optax.state_size(
+      one_block)
+  stats = blocked[0].eigenbasis.stats
+  assert sorted(s.shape for s in stats) == [(8, 64, 64), (8, 1024, 1024)]
+
+
+def test_max_precond_dim_keeps_its_meaning_for_axes_that_are_not_cut():
+  state = soap_optax.soap(block_size=64, max_precond_dim=32).init(
+      {'w': jnp.zeros((128, 48))})
+  stack, = state[0].eigenbasis.plan.stacks
+  assert stack.unit_shape == (64, 48) and stack.size == 2
+  assert stack.layout.factored_axes == ()   # 64 and 48 both exceed 32.
+
+
+def test_reduction_and_output_axes_equal_the_reshaped_matrix(x64):
+  del x64
+  d, heads, head_dim = 6, 2, 3
+  grads = _gradients((d, heads, head_dim), (slice(0, 0),), seed=3)
+  for name, factory in FACTORIES.items():
+    grouped = _stacked_updates(
+        factory, grads,
+        dimension_numbers=Dims(reduction_axes=(0,), output_axes=(1, 2)))
+    as_matrix = _stacked_updates(
+        factory, [g.reshape(d, heads * head_dim) for g in grads])
+    for got, want in zip(grouped, as_matrix):
+      assert _relative_error(got.reshape(d, -1), want) < 1e-12, name
+
+
+def test_a_conv_kernel_groups_spatial_and_input_axes(x64):
+  del x64
+  grads = _gradients((3, 3, 2, 4), (slice(0, 0),), seed=4)
+  factory = FACTORIES['soap']
+  grouped = _stacked_updates(
+      factory, grads, dimension_numbers=Dims(output_axes=(3,)))
+  as_matrix = _stacked_updates(factory, [g.reshape(18, 4) for g in grads])
+  for got, want in zip(grouped, as_matrix):
+    assert _relative_error(got.reshape(18, 4), want) < 1e-12
+
+
+@pytest.mark.parametrize('shape, numbers, block_size', [
+    ((300, 70), None, 64),
+    ((4, 9, 5), Dims(batch_axes=(1,)), 3),
+    ((5, 2, 3, 7), Dims(batch_axes=(0,), reduction_axes=(2, 1)), 4),
+    ((), None, 2),
+    ((3,), Dims(batch_axes=(0,)), None),
+    ((0, 4), None, 2),
+])
+def test_gather_then_scatter_is_the_identity(shape, numbers, block_size):
+  x = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+  plan = _stacks.plan_units([x], numbers, [x], block_size)
+  stacked = _stacks.gather([jnp.asarray(x)], plan)
+  assert sum(int(np.prod(s.shape)) for s in stacked) == x.size
+  np.testing.assert_array_equal(
+      np.asarray(_stacks.scatter(stacked, plan)[0]), x)
+
+
+def test_gathered_blocks_are_the_numpy_blocks():
+  x = np.random.default_rng(5).normal(size=(300, 70)).astype(np.float32)
+  plan = _stacks.plan_units([x], None, [x], 64)
+  stacked = _stacks.gather([jnp.asarray(x)], plan)
+  got = sorted((np.asarray(u) for s in stacked for u in s),
+               key=lambda u: (u.shape, u[0, 0]))
+  want = sorted(_blocks(x, 64), key=lambda u: (u.shape, u[0, 0]))
+  assert len(got) == len(want) == 10
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_same_shape_units_from_different_parameters_share_one_stack():
+  params = {'a': jnp.zeros((4, 8, 8)), 'b': jnp.zeros((8, 8)),
+            'c': jnp.zeros((8, 16)), 'd': jnp.zeros((8, 8), jnp.bfloat16)}
+  state = soap_optax.scale_by_rotated_adam(
+      dimension_numbers={'a': Dims(batch_axes=(0,)), 'b': None, 'c': None,
+                         'd': None}).init(params)
+  stacks = state.eigenbasis.plan.stacks
+  assert [(s.unit_shape, s.size) for s in stacks] == [((8, 8), 6),
+                                                       ((8, 16), 1)]
+  assert [m.shape for m in state.mu] == [(6, 8, 8), (1, 8, 16)]
+
+
+def _layered_params(num_layers):
+  layer = {'attn': jnp.zeros((16, 16)), 'up': jnp.zeros((16, 64)),
+           'down': jnp.zeros((64, 16)), 'norm': jnp.zeros((16,)),
+           'bias': jnp.zeros((64,))}
+  params = {f'layer_{i:02d}': dict(layer) for i in range(num_layers)}
+  params['embed'] = jnp.zeros((100, 16))
+  return params
+
+
+@pytest.mark.parametrize('name', sorted(FACTORIES))
+def test_the_program_does_not_grow_with_depth(name):
+  counts = []
+  for num_layers in (2, 24):
+    params = _layered_params(num_layers)
+    tx = FACTORIES[name]()
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(lambda g, s, p, tx=tx: tx.update(g, s, p))(
+        params, state, params).jaxpr
+    counts.append({p: count_primitives(jaxpr, p)
+                   for p in ('dot_general', 'eigh', 'qr')})
+  assert counts[0] == counts[1], counts
+  assert counts[0]['dot_general'] > 0
+
+
+def test_mu_dtype_keeps_the_first_moment_in_bfloat16():
+  params = {'w': jnp.ones((3, 8, 8)), 'b': jnp.ones((8,))}
+  for alias in (soap_optax.soap, soap_optax.factorized_soap):
+    tx = alias(1e-2, mu_dtype=jnp.bfloat16, precondition_frequency=2,
+               dimension_numbers={'w': Dims(batch_axes=(0,)), 'b': None})
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    p = params
+    for i in range(5):
+      grads = jax.tree.map(
+          lambda x, i=i: jax.random.normal(jax.random.PRNGKey(i), x.shape), p)
+      updates, state = update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    inner = state[0]
+    assert all(m.dtype == jnp.bfloat16 for m in inner.mu)
+    for leaf in jax.tree.leaves((inner.nu, inner.eigenbasis.stats,
+                                 inner.eigenbasis.bases)):
+      assert leaf.dtype == jnp.float32
+    for leaf in jax.tree.leaves((updates, p)):
+      assert leaf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_mu_dtype_changes_only_the_rounding_of_the_first_moment():
+  rng = np.random.default_rng(6)
+  params = {'w': jnp.zeros((8, 8))}
+  full, half = (soap_optax.scale_by_rotated_adam(
+      b1=0.9, precondition_frequency=2, mu_dtype=d) for d in (None, 'bfloat16'))
+  s_full, s_half = full.init(params), half.init(params)
+  for _ in range(6):
+    g = {'w': jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}
+    u_full, s_full = full.update(g, s_full)
+    u_half, s_half = half.update(g, s_half)
+  # bfloat16 keeps 8 bits of mantissa: the first moments agree to ~2^-8.
+  assert _relative_error(np.asarray(s_half.mu[0], np.float32),
+                         np.asarray(s_full.mu[0])) < 2e-2
+  assert _relative_error(u_half['w'], np.asarray(u_full['w'])) < 5e-2
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(block_size=0), 'block_size'),
+    (dict(block_size=2.5), 'block_size'),
+    (dict(mu_dtype=jnp.int32), 'mu_dtype'),
+    (dict(mu_dtype='not a dtype'), 'mu_dtype'),
+])
+def test_bad_layout_arguments_raise_at_construction(kwargs, match):
+  for factory in (soap_optax.soap, soap_optax.factorized_soap,
+                  soap_optax.scale_by_rotated_adam):
+    with pytest.raises(ValueError, match=match):
+      factory(**kwargs)
+  if 'block_size' in kwargs:
+    for factory in (soap_optax.shampoo,
+                    soap_optax.scale_by_shampoo_eigenbasis,
+                    soap_optax.scale_by_adafactor_in_eigenbasis):
+      with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize('numbers, match', [
+    (Dims(batch_axes=(3,)), 'batch_axes'),
+    (Dims(batch_axes=(0, -3)), 'batch_axes'),
+    (Dims(batch_axes=(0,), reduction_axes=(0,)), 'reduction_axes'),
+    (Dims(reduction_axes=(1,), output_axes=(1, 2)), 'reduction_axes'),
+    (Dims(reduction_axes=(0,), output_axes=(1,)), 'reduction_axes'),
+    ({'v': None}, 'prefix'),
+    ({'w': 'layers'}, 'EigenbasisDimensionNumbers'),
+])
+def test_bad_dimension_numbers_raise_at_init(numbers, match):
+  tx = soap_optax.soap(dimension_numbers=numbers)
+  with pytest.raises(ValueError, match=match):
+    tx.init({'w': jnp.zeros((2, 3, 4))})
+
+
+def test_dimension_numbers_are_hashable_and_normalize_lists():
+  a = Dims(batch_axes=[0], output_axes=[2])
+  assert a == Dims(batch_axes=(0,), output_axes=(2,))
+  assert hash(a) == hash(Dims(batch_axes=(0,), output_axes=(2,)))
+  with pytest.raises(ValueError, match='batch_axes'):
+    Dims(batch_axes=('layers',))
+
+
+def test_dimension_numbers_may_be_a_callable_of_the_params():
+  params = {'w': jnp.zeros((3, 4, 4)), 'b': jnp.zeros((4,))}
+  tx = soap_optax.soap(dimension_numbers=lambda p: jax.tree.map(
+      lambda x: Dims(batch_axes=(0,)) if x.ndim == 3 else None, p))
+  stacks = tx.init(params)[0].eigenbasis.plan.stacks
+  assert {(s.unit_shape, s.size) for s in stacks} == {((4, 4), 3), ((4,), 1)}
+
+
+def test_update_with_another_shape_raises():
+  tx = soap_optax.scale_by_rotated_adam()
+  state = tx.init({'w': jnp.zeros((6, 4))})
+  with pytest.raises(ValueError, match='shape'):
+    tx.update({'w': jnp.zeros((4, 6))}, state)
