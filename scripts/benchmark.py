@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Any, Callable
 
-SECTIONS = ('step', 'refresh', 'compile', 'memory', 'train_step')
+SECTIONS = ('step', 'refresh', 'compile', 'memory', 'train_step', 'versus_torch')
 OPTIMIZERS = ('adamw', 'soap', 'shampoo', 'factorized_soap', 'soap_one_sided')
 FULL_SHAPES = ((256, 1024), (512, 512), (1024, 1024), (1024, 4096))
 QUICK_SHAPES = ((32, 64),)
@@ -76,7 +76,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       '20 with --quick)')
   parser.add_argument('--out', default=None,
                       help='output folder (default runs/benchmark-<time>)')
+  parser.add_argument('--torch-soap-file', default=None,
+                      help='versus_torch: a copy of the SOAP authors\' '
+                      'PyTorch soap.py (class SOAP) to time as well; it is '
+                      'not shipped here')
   args = parser.parse_args(argv)
+  if args.torch_soap_file and not os.path.isfile(args.torch_soap_file):
+    raise UsageError(f'--torch-soap-file: no such file: '
+                     f'{args.torch_soap_file}')
   args.sections = comma_list('--sections', args.sections, SECTIONS)
   if args.steps is None:
     args.steps = 20 if args.quick else 60
@@ -188,22 +195,44 @@ def transformer_shapes(d: int, layers: int, vocab: int, seq: int):
   return shapes
 
 
+def scanned_transformer_shapes(d: int, layers: int, vocab: int, seq: int):
+  """:func:`transformer_shapes` with the layers stacked: ``h/...`` leaves get a
+  leading ``layers`` axis, as ``nnx.scan``/``nn.scan`` keep them."""
+  shapes = {k: s for k, s in transformer_shapes(d, 0, vocab, seq).items()}
+  for name, shape in transformer_shapes(d, 1, vocab, seq).items():
+    if name.startswith('h0/'):
+      shapes['h/' + name[3:]] = (layers,) + shape
+  return shapes
+
+
+def layer_axis_numbers(params):
+  """``dimension_numbers`` for :func:`scanned_transformer_shapes`."""
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  return {name: soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
+          if name.startswith('h/') else None for name in params}
+
+
 def make_optimizer(name: str, frequency: int = FREQUENCY,
-                   learning_rate: float = 1e-3):
+                   learning_rate: float = 1e-3, **layout):
   """Each optimizer with its library defaults (shampoo: eigh refresh, Adam
-  grafting, momentum)."""
+  grafting, momentum). ``layout`` (``dimension_numbers``, ``block_size``,
+  ``mu_dtype``) goes to the eigenbasis optimizers."""
   import optax  # pylint: disable=g-import-not-at-top
   import soap_optax  # pylint: disable=g-import-not-at-top
+  if name == 'adamw':
+    return optax.adamw(learning_rate, mu_dtype=layout.get('mu_dtype'))
+  if name == 'shampoo':
+    layout.pop('mu_dtype', None)
   factories = {
-      'adamw': lambda: optax.adamw(learning_rate),
       'soap': lambda: soap_optax.soap(
-          learning_rate, precondition_frequency=frequency),
+          learning_rate, precondition_frequency=frequency, **layout),
       'shampoo': lambda: soap_optax.shampoo(
-          learning_rate, precondition_frequency=frequency),
+          learning_rate, precondition_frequency=frequency, **layout),
       'factorized_soap': lambda: soap_optax.factorized_soap(
-          learning_rate, precondition_frequency=frequency),
+          learning_rate, precondition_frequency=frequency, **layout),
       'soap_one_sided': lambda: soap_optax.soap(
-          learning_rate, precondition_frequency=frequency, one_sided=True),
+          learning_rate, precondition_frequency=frequency, one_sided=True,
+          **layout),
   }
   return factories[name]()
 
@@ -431,35 +460,45 @@ def refresh_tables(section) -> str:
 
 def run_compile_section(jax, quick: bool):
   """Trace+lower and compile seconds of ``jit(update)``, on abstract shapes
-  (no arrays are allocated and no refresh runs)."""
+  (no arrays are allocated and no refresh runs), for layers kept as separate
+  parameters and for scanned (stacked) layers with a batch axis."""
   d = 32 if quick else 256
   rows = []
-  for layers in ((1, 2) if quick else (1, 24)):
-    shapes = transformer_shapes(d, layers, 256, 256)
-    params = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32)
-              for k, s in shapes.items()}
-    for name in QUICK_COMPILE_OPTIMIZERS if quick else OPTIMIZERS:
-      print(f'  compile: {layers} layers {name}', flush=True)
-      tx = make_optimizer(name)
-      state = jax.eval_shape(tx.init, params)
-      tick = time.perf_counter()
-      lowered = jax.jit(tx.update).lower(params, state, params)
-      lower_s = time.perf_counter() - tick
-      tick = time.perf_counter()
-      lowered.compile()
-      compile_s = time.perf_counter() - tick
-      rows.append(dict(layers=layers, d_model=d, num_leaves=len(shapes),
-                       optimizer=name, lower_s=lower_s, compile_s=compile_s))
+  for layers in ((1, 2) if quick else (1, 12, 24)):
+    for layout in ('separate', 'scanned'):
+      shapes = (transformer_shapes if layout == 'separate' else
+                scanned_transformer_shapes)(d, layers, 256, 256)
+      params = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32)
+                for k, s in shapes.items()}
+      numbers = layer_axis_numbers if layout == 'scanned' else None
+      for name in QUICK_COMPILE_OPTIMIZERS if quick else OPTIMIZERS:
+        print(f'  compile: {layers} layers ({layout}) {name}', flush=True)
+        tx = make_optimizer(name, **(
+            {} if name == 'adamw' else dict(dimension_numbers=numbers)))
+        state = jax.eval_shape(tx.init, params)
+        tick = time.perf_counter()
+        lowered = jax.jit(tx.update).lower(params, state, params)
+        lower_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        lowered.compile()
+        compile_s = time.perf_counter() - tick
+        rows.append(dict(layers=layers, layout=layout, d_model=d,
+                         num_leaves=len(shapes), optimizer=name,
+                         lower_s=lower_s, compile_s=compile_s))
   return dict(rows=rows)
 
 
 def compile_table(section) -> str:
-  lines = ['| layers (leaves) | optimizer | trace+lower s | compile s | total s |',
-           '| --- | --- | --- | --- | --- |']
+  lines = ['| layers (leaves) | layout | optimizer | trace+lower s | compile s | '
+           'total s | × 1 layer |', '| --- | --- | --- | --- | --- | --- | --- |']
+  first = {}
   for r in section['rows']:
-    lines.append(f'| {r["layers"]} ({r["num_leaves"]}) | {r["optimizer"]} | '
-                 f'{r["lower_s"]:.2f} | {r["compile_s"]:.2f} | '
-                 f'{r["lower_s"] + r["compile_s"]:.2f} |')
+    total = r['lower_s'] + r['compile_s']
+    first.setdefault((r['layout'], r['optimizer']), total)
+    lines.append(f'| {r["layers"]} ({r["num_leaves"]}) | {r["layout"]} | '
+                 f'{r["optimizer"]} | {r["lower_s"]:.2f} | '
+                 f'{r["compile_s"]:.2f} | {total:.2f} | '
+                 f'{total / first[(r["layout"], r["optimizer"])]:.2f} |')
   return '\n'.join(lines)
 
 
@@ -486,11 +525,60 @@ def formula_numbers(name: str, shape) -> int:
     return factors + 2 * size
   if name == 'factorized_soap':
     return factors + size + sum(axes)
+  if name == 'factorized_soap_one_sided':
+    one_sided = sum(2 * d * d for d in rotated_axes(shape, one_sided=True))
+    return one_sided + size + sum(axes)
   if name == 'shampoo':
     unrotated = len(axes) - len(rotated)
     diagonals = sum(axes) - sum(rotated) if unrotated else 0
     return factors + diagonals + sum(axes) + 3 * size
   raise ValueError(name)
+
+
+def block_shapes(shape, block_size):
+  """The shapes of the blocks of a parameter cut every ``block_size``."""
+  per_axis = [[min(block_size, n - start) for start in range(0, n, block_size)]
+              or [0] for n in shape]
+  blocks = [()]
+  for lengths in per_axis:
+    blocks = [b + (n,) for b in blocks for n in lengths]
+  return blocks
+
+
+# GPT-2 small's layout variants: (label, optimizer, layout keywords, formula).
+MEMORY_VARIANTS = (
+    ('adamw', 'adamw', {}, 'adamw'),
+    ('soap', 'soap', {}, 'soap'),
+    ('soap block_size=1024', 'soap', dict(block_size=1024), 'soap'),
+    ('soap mu_dtype=bfloat16', 'soap', dict(mu_dtype='bfloat16'), 'soap'),
+    ('soap one-sided', 'soap_one_sided', {}, 'soap_one_sided'),
+    ('soap one-sided, block_size=1024', 'soap_one_sided',
+     dict(block_size=1024), 'soap_one_sided'),
+    ('factorized_soap one-sided', 'factorized_soap', dict(one_sided=True),
+     'factorized_soap_one_sided'),
+)
+
+
+def run_memory_variants(jax, shapes):
+  """State bytes of layout variants, numbers checked against the formulas
+  (applied block by block for ``block_size``)."""
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  params = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32)
+            for k, s in shapes.items()}
+  rows, adamw_bytes = [], None
+  for label, name, layout, formula_name in MEMORY_VARIANTS:
+    state = jax.eval_shape(make_optimizer(name, **layout).init, params)
+    block = layout.get('block_size')
+    formula = sum(formula_numbers(formula_name, b)
+                  for shape in shapes.values()
+                  for b in (block_shapes(shape, block) if block else [shape]))
+    nbytes = soap_optax.state_nbytes(state)
+    adamw_bytes = adamw_bytes or nbytes
+    rows.append(dict(variant=label, state_numbers=soap_optax.state_size(state),
+                     formula_numbers=formula,
+                     exact=soap_optax.state_size(state) == formula,
+                     state_bytes=nbytes, over_adamw=nbytes / adamw_bytes))
+  return rows
 
 
 def run_memory_section(jax, quick: bool):
@@ -517,7 +605,8 @@ def run_memory_section(jax, quick: bool):
                        state_numbers=measured, formula_numbers=formula,
                        exact=measured == formula, state_bytes=nbytes,
                        over_adamw=nbytes / adamw_bytes))
-  return dict(rows=rows)
+  variants = run_memory_variants(jax, sets['gpt2-small'])
+  return dict(rows=rows, variants=variants)
 
 
 def memory_table(section) -> str:
@@ -528,6 +617,168 @@ def memory_table(section) -> str:
         f'| {r["params"]} | {r["optimizer"]} | {r["state_bytes"] / 2**20:.2f} | '
         f'{r["over_adamw"]:.2f} | {r["state_numbers"]:,} | '
         f'{r["formula_numbers"]:,} | {"yes" if r["exact"] else "**NO**"} |')
+  lines += ['', 'GPT-2 small (124 M parameters), layout variants:', '',
+            '| variant | state MiB | × AdamW | state numbers | formula | exact |',
+            '| --- | --- | --- | --- | --- | --- |']
+  for r in section['variants']:
+    lines.append(
+        f'| {r["variant"]} | {r["state_bytes"] / 2**20:.1f} | '
+        f'{r["over_adamw"]:.2f} | {r["state_numbers"]:,} | '
+        f'{r["formula_numbers"]:,} | {"yes" if r["exact"] else "**NO**"} |')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------
+# Section 4b: side by side with PyTorch implementations of SOAP.
+
+# The transformer-like set of the layouts issue: an embedding, attention and
+# MLP matrices of one layer, two vectors.
+VERSUS_TORCH_SHAPES = {
+    'embedding': (2048, 256), 'q': (256, 256), 'k': (256, 256),
+    'v': (256, 256), 'o': (256, 256), 'up': (256, 1024), 'down': (1024, 256),
+    'scale': (256,), 'bias': (256,)}
+VERSUS_TORCH_JAX = (
+    ('soap_optax', {}),
+    ('soap_optax block_size=1024', dict(block_size=1024)),
+    ('soap_optax block_size=512', dict(block_size=512)),
+)
+
+
+def window_stats(seconds, window: int = FREQUENCY):
+  """Mean step, median step, and the median over windows of ``window`` steps
+  of each window's slowest step (the refresh spike, whichever step of the
+  window an implementation refreshes on)."""
+  windows = [seconds[i:i + window]
+             for i in range(0, len(seconds) - window + 1, window)]
+  return dict(mean_s=sum(seconds) / len(seconds), median_s=median(seconds),
+              spike_s=median([max(w) for w in windows]),
+              spike_over_median=median([max(w) for w in windows]) /
+              median(seconds))
+
+
+def time_jax_soap(jax, shapes, steps, layout):
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = make_optimizer('soap', learning_rate=3e-3, **layout)
+  params = random_tree(jax, shapes, 0)
+  grads = [random_tree(jax, shapes, 10 + i, scale=1e-2) for i in range(4)]
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for k in range(FREQUENCY):  # compile, initialize, one refresh: warm-up.
+    params, state = jax.block_until_ready(step(params, state, grads[k % 4]))
+  seconds = []
+  for k in range(steps):
+    tick = time.perf_counter()
+    params, state = jax.block_until_ready(step(params, state, grads[k % 4]))
+    seconds.append(time.perf_counter() - tick)
+  return seconds
+
+
+def torch_optimizers(soap_file):
+  """``name -> factory(params)`` for the PyTorch SOAPs that are installed,
+  with the settings of ``soap_optax.soap`` (frequency 10, max_precond_dim
+  10000, no merge_dims, betas 0.95/0.95, eps 1e-8, weight decay 0.01)."""
+  factories = {}
+  settings = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, eps=1e-8,
+                  precondition_frequency=FREQUENCY)
+  try:
+    import pytorch_optimizer  # pylint: disable=g-import-not-at-top
+    factories['pytorch-optimizer SOAP'] = lambda p: pytorch_optimizer.SOAP(
+        p, max_precondition_dim=MAX_PRECOND_DIM, **settings)
+  except ImportError:
+    pass
+  try:
+    import heavyball  # pylint: disable=g-import-not-at-top
+    factories['HeavyBall SOAP (torch.compile)'] = lambda p: heavyball.SOAP(
+        p, max_precond_dim=MAX_PRECOND_DIM, merge_dims=False,
+        use_precond_schedule=False, **settings)
+  except ImportError:
+    pass
+  if soap_file:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location('authors_soap', soap_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    factories['authors\' SOAP (PyTorch, eager)'] = lambda p: module.SOAP(
+        p, max_precond_dim=MAX_PRECOND_DIM, **settings)
+  return factories
+
+
+def time_torch_soap(factory, shapes, steps):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes.values()]
+  grads = [[1e-2 * torch.randn(*s) for s in shapes.values()] for _ in range(4)]
+  optimizer = factory(params)
+
+  def step(k):
+    for p, g in zip(params, grads[k % 4]):
+      p.grad = g.clone()
+    optimizer.step()
+
+  for k in range(2 * FREQUENCY):  # compile (HeavyBall), first refreshes.
+    step(k)
+  seconds = []
+  for k in range(steps):
+    tick = time.perf_counter()
+    step(k)
+    seconds.append(time.perf_counter() - tick)
+  return seconds
+
+
+def run_versus_torch_section(jax, args, quick: bool):
+  """soap_optax against the PyTorch SOAPs that are installed (the optional
+  ``torch-bench`` extra: torch, pytorch-optimizer, heavyball), float32, on the
+  CPU, the same shapes and settings; ``--quick`` times soap_optax alone on a
+  small set."""
+  shapes = ({'embedding': (256, 32), 'w': (32, 32), 'up': (32, 128),
+             'bias': (32,)} if quick else VERSUS_TORCH_SHAPES)
+  steps = 2 * FREQUENCY if quick else 4 * FREQUENCY
+  rows = []
+  for label, layout in VERSUS_TORCH_JAX[:1] if quick else VERSUS_TORCH_JAX:
+    print(f'  versus_torch: {label}', flush=True)
+    rows.append(dict(implementation=label, **window_stats(
+        time_jax_soap(jax, shapes, steps, layout))))
+  if not quick:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(os.cpu_count() or 1)
+      torch_version = torch.__version__
+    except ImportError:
+      torch_version = None
+    if torch_version:
+      for label, factory in torch_optimizers(args.torch_soap_file).items():
+        print(f'  versus_torch: {label}', flush=True)
+        try:
+          rows.append(dict(implementation=label, **window_stats(
+              time_torch_soap(factory, shapes, steps))))
+        except Exception as error:  # pylint: disable=broad-except
+          rows.append(dict(implementation=label, error=repr(error)[:200]))
+  base = rows[0]['mean_s']
+  for r in rows:
+    if 'mean_s' in r:
+      r['mean_over_soap_optax'] = r['mean_s'] / base
+  return dict(rows=rows, shapes={k: list(v) for k, v in shapes.items()},
+              torch=None if quick else torch_version)
+
+
+def versus_torch_table(section) -> str:
+  lines = [f'PyTorch: {section["torch"] or "not installed"}.', '',
+           '| implementation | mean step ms | median step ms | refresh spike ms '
+           '| spike / median | mean / soap_optax |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for r in section['rows']:
+    if 'error' in r:
+      lines.append(f'| {r["implementation"]} | failed: {r["error"]} | | | | |')
+      continue
+    lines.append(
+        f'| {r["implementation"]} | {1e3 * r["mean_s"]:.1f} | '
+        f'{1e3 * r["median_s"]:.1f} | {1e3 * r["spike_s"]:.1f} | '
+        f'{r["spike_over_median"]:.2f} | {r["mean_over_soap_optax"]:.2f} |')
   return '\n'.join(lines)
 
 
@@ -765,7 +1016,9 @@ TABLES = {'step': ('Optimizer step against the machine', step_table),
           'refresh': ('Refresh cost', refresh_tables),
           'compile': ('Compile time of the jitted update', compile_table),
           'memory': ('Optimizer-state memory', memory_table),
-          'train_step': ('Whole training step', train_step_table)}
+          'train_step': ('Whole training step', train_step_table),
+          'versus_torch': ('Side by side with PyTorch SOAPs',
+                           versus_torch_table)}
 
 
 def main(argv: list[str]) -> int:
@@ -783,6 +1036,7 @@ def main(argv: list[str]) -> int:
       'compile': lambda: run_compile_section(jax, args.quick),
       'memory': lambda: run_memory_section(jax, args.quick),
       'train_step': lambda: run_train_step_section(jax, args, args.quick),
+      'versus_torch': lambda: run_versus_torch_section(jax, args, args.quick),
   }
   results: dict[str, Any] = dict(machine=info, quick=args.quick)
   started = time.perf_counter()
