@@ -639,8 +639,13 @@ VERSUS_TORCH_SHAPES = {
     'scale': (256,), 'bias': (256,)}
 VERSUS_TORCH_JAX = (
     ('soap_optax', {}),
+    ('soap_optax staggered_refresh', dict(staggered_refresh=True)),
     ('soap_optax block_size=1024', dict(block_size=1024)),
+    ('soap_optax block_size=1024, staggered', dict(
+        block_size=1024, staggered_refresh=True)),
     ('soap_optax block_size=512', dict(block_size=512)),
+    ('soap_optax block_size=512, staggered', dict(
+        block_size=512, staggered_refresh=True)),
 )
 
 

@@ -62,6 +62,7 @@ def soap(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -98,6 +99,9 @@ def soap(
       or ``None`` leaves; each slice along them is optimized on its own.
     block_size: cut every non-batch axis longer than this into blocks with
       their own factors and moments (``None``: no blocking).
+    staggered_refresh: spread the eigenbasis refreshes evenly over the
+      ``precondition_frequency`` steps (each unit still refreshes every
+      ``precondition_frequency`` steps) to flatten the refresh spike.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -113,7 +117,8 @@ def soap(
       max_precond_dim=max_precond_dim, merge_dims=merge_dims,
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
-      dimension_numbers=dimension_numbers, block_size=block_size)
+      dimension_numbers=dimension_numbers, block_size=block_size,
+      staggered_refresh=staggered_refresh)
 
 
 def factorized_soap(
@@ -133,6 +138,7 @@ def factorized_soap(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   """SOAP with Adafactor's factored second moment: the memory-saving variant.
 
@@ -144,8 +150,8 @@ def factorized_soap(
   ``2m^2 + 2n^2 + mn + m + n`` numbers, or ``2 min(m, n)^2 + mn + m + n`` with
   ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
 
-  Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``
-    and ``block_size`` included).
+  Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
+    ``block_size`` and ``staggered_refresh`` included).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -161,7 +167,8 @@ def factorized_soap(
       max_precond_dim=max_precond_dim, merge_dims=merge_dims,
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
-      dimension_numbers=dimension_numbers, block_size=block_size, factored=True)
+      dimension_numbers=dimension_numbers, block_size=block_size,
+      staggered_refresh=staggered_refresh, factored=True)
 
 
 class GraftingState(NamedTuple):
@@ -247,6 +254,7 @@ def shampoo(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
 
@@ -287,6 +295,8 @@ def shampoo(
       grafting norms are taken per slice too.
     block_size: cut longer axes into blocks (see :func:`soap`); the grafting
       norms are taken per block too.
+    staggered_refresh: spread the refreshes over the
+      ``precondition_frequency`` steps (see :func:`soap`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -309,6 +319,7 @@ def shampoo(
       refresh=refresh,
       dimension_numbers=dimension_numbers,
       block_size=block_size,
+      staggered_refresh=staggered_refresh,
   )
   if grafting == 'adam':
     preconditioner = scale_by_grafting(

@@ -242,6 +242,13 @@ class EigenbasisPlan:
 
   placements: tuple[ParameterPlacement, ...]
   stacks: tuple[Stack, ...]
+  refresh_phases: tuple[tuple[int, ...], ...] | None = None
+  refresh_frequency: int | None = None
+
+  def units_due(self, residue: int) -> list[np.ndarray]:
+    """Per stack, the units whose refresh phase is ``residue`` (staggered)."""
+    return [np.array([u for u, phase in enumerate(phases) if phase == residue],
+                     np.int32) for phases in self.refresh_phases]
 
   @property
   def layouts(self) -> tuple[_engine.FactorLayout, ...]:
@@ -261,6 +268,42 @@ class EigenbasisPlan:
     return _split(flat, [
         len(s.layout.merged_shape) - len(s.layout.factored_axes)
         for s in self.stacks])
+
+
+def assign_refresh_phases(stacks: Sequence[Stack], frequency: int
+                          ) -> tuple[tuple[int, ...], ...]:
+  """Spreads the units' refreshes evenly over ``frequency`` steps.
+
+  A unit's refresh costs about ``sum(d_i^3)`` over its factors. Units are
+  taken from the most to the least expensive (ties in stack, then unit order)
+  and each is given the phase (a step residue modulo ``frequency``) whose
+  load is smallest so far: the longest-processing-time rule, within 4/3 of
+  the best possible largest load.
+  """
+  loads = [0] * frequency
+  phases = [[0] * stack.size for stack in stacks]
+  units = [(sum(d**3 for d in stack.layout.factor_sizes), s, u)
+           for s, stack in enumerate(stacks) if stack.layout.factored_axes
+           for u in range(stack.size)]
+  for cost, s, u in sorted(units, key=lambda item: -item[0]):
+    phase = min(range(frequency), key=lambda r: loads[r])
+    phases[s][u] = phase
+    loads[phase] += cost
+  return tuple(tuple(p) for p in phases)
+
+
+def take_units(tree: Any, units: np.ndarray | None) -> Any:
+  """The given units (leading axis) of every array of ``tree``; all if None."""
+  if units is None:
+    return tree
+  return jax.tree.map(lambda x: x[units], tree)
+
+
+def put_units(full: Any, part: Any, units: np.ndarray | None) -> Any:
+  """``full`` with the given units replaced by ``part``; ``part`` if None."""
+  if units is None:
+    return part
+  return jax.tree.map(lambda x, y: x.at[units].set(y), full, part)
 
 
 def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -510,8 +553,12 @@ def init_eigenbasis(
     one_sided: bool = False,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh_frequency: int | None = None,
 ) -> EigenbasisState:
   """Zero statistics and identity bases for every stack of a tree.
+
+  With ``staggered_refresh_frequency``, each unit is also given a refresh
+  phase (:func:`assign_refresh_phases`).
 
   ``max_precond_dim`` (and ``block_size``) decide array shapes, so they must be
   concrete here. They are tracers only when ``optax.inject_hyperparams``
@@ -519,7 +566,8 @@ def init_eigenbasis(
   keep them static.
   """
   for name, value in (('max_precond_dim', max_precond_dim),
-                      ('block_size', block_size)):
+                      ('block_size', block_size),
+                      ('precondition_frequency', staggered_refresh_frequency)):
     if isinstance(value, jax.core.Tracer):
       raise ValueError(
           f'{name} decides the shapes of the optimizer state and must be a '
@@ -536,6 +584,11 @@ def init_eigenbasis(
       unit_layout=lambda shape: _engine.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided))
+  if staggered_refresh_frequency is not None:
+    frequency = int(staggered_refresh_frequency)
+    plan = dataclasses.replace(
+        plan, refresh_phases=assign_refresh_phases(plan.stacks, frequency),
+        refresh_frequency=frequency)
   stats, bases = [], []
   for stack in plan.stacks:
     for n in stack.layout.factor_sizes:

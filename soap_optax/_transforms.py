@@ -58,36 +58,81 @@ def _accumulate(factors, stacked_grads, beta):
   return [accumulate(f, g) for f, g in zip(factors, stacked_grads)]
 
 
+def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
+  """``refresh(operands, units)`` on the steps the plan refreshes, else ``keep``.
+
+  Without staggering every unit refreshes when ``step % frequency == 0``
+  (``units`` is None for every stack: all of them). With staggering
+  (``plan.refresh_phases``), the units whose phase is ``step % frequency``
+  refresh, one static subset per residue, selected by ``lax.switch``.
+  """
+  if plan.refresh_phases is None:
+    every_unit = [None] * len(plan.stacks)
+    return jax.lax.cond(step % frequency == 0,
+                        lambda x: refresh(x, every_unit), keep, operands)
+  branches = []
+  for residue in range(plan.refresh_frequency):
+    units = plan.units_due(residue)
+    branches.append(keep if not any(len(u) for u in units) else
+                    functools.partial(lambda x, units: refresh(x, units),
+                                      units=units))
+  return jax.lax.switch(step % plan.refresh_frequency, branches, operands)
+
+
+def _refreshed_stacks(factors, units):
+  """The stacks with factors and units to refresh, and those units' factors."""
+  active = [s for s, (f, u) in enumerate(zip(factors, units))
+            if f.layout.factored_axes and (u is None or len(u))]
+  return active, [_stacks.take_units(factors[s], units[s]) for s in active]
+
+
 def _refresh_if_due(
     factors: list[_engine.KroneckerFactors],
     count: jax.Array,
     frequency: Any,
     method: str,
+    plan: _stacks.EigenbasisPlan,
 ):
-  """Refreshes every basis when ``count % frequency == 0``.
+  """Refreshes the bases that are due at call ``count``.
 
-  The first refresh (``count == 0``) is always a full ``eigh``; later ones use
-  ``method``. Returns the (possibly) refreshed factors, the eigenvalue
-  estimates of each factored axis in the new bases (``(U, d)`` per stack and
-  axis; zeros when nothing was refreshed) and the boolean ``due``.
+  Due: every unit on the first call (always a full ``eigh``) and when
+  ``count % frequency == 0``, or, with staggering, the units whose phase is
+  ``count % frequency``; later refreshes use ``method``. Returns the factors,
+  the eigenvalue estimates of each factored axis in the new bases (``(U, d)``
+  per stack and axis; zeros for units not refreshed) and, per stack, a
+  ``(U,)`` boolean mask of the refreshed units.
   """
-  due = count % frequency == 0
-
-  def refresh(fs):
-    if method == 'eigh':
-      return _engine.refresh_with_eigenvalues(fs, 'eigh')
-    return jax.lax.cond(
-        count == 0,
-        lambda x: _engine.refresh_with_eigenvalues(x, 'eigh'),
-        lambda x: _engine.refresh_with_eigenvalues(x, method),
-        fs)
-
   def keep(fs):
-    return list(fs), [
-        tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases) for f in fs]
+    return (list(fs),
+            [tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases)
+             for f in fs],
+            [jnp.zeros((stack.size,), bool) for stack in plan.stacks])
 
-  new_factors, eigenvalues = jax.lax.cond(due, refresh, keep, factors)
-  return new_factors, eigenvalues, due
+  def refresh(fs, units, method):
+    fs = list(fs)
+    out, values, masks = keep(fs)
+    active, selected = _refreshed_stacks(fs, units)
+    refreshed, eigenvalues = _engine.refresh_with_eigenvalues(selected, method)
+    for s, new, fresh in zip(active, refreshed, eigenvalues):
+      out[s] = _stacks.put_units(fs[s], new, units[s])
+      values[s] = tuple(_stacks.put_units(zero, v, units[s])
+                        for zero, v in zip(values[s], fresh))
+      masks[s] = _stacks.put_units(masks[s], jnp.ones_like(
+          _stacks.take_units(masks[s], units[s])), units[s])
+    return out, values, masks
+
+  def scheduled(fs, method):
+    return _on_refresh_schedule(
+        plan, count, frequency,
+        functools.partial(refresh, method=method), keep, fs)
+
+  if method == 'eigh' and plan.refresh_phases is None:
+    return scheduled(factors, 'eigh')  # the first call is a refresh call.
+  return jax.lax.cond(
+      count == 0,
+      lambda fs: refresh(fs, [None] * len(plan.stacks), 'eigh'),
+      lambda fs: scheduled(fs, method),
+      factors)
 
 
 def _per_axis(layout: _engine.FactorLayout, factored: tuple, unfactored: tuple):
@@ -134,6 +179,7 @@ def scale_by_rotated_adam(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -215,6 +261,13 @@ def scale_by_rotated_adam(
       ``None``), or a callable of the parameters returning one.
     block_size: cut every non-batch axis longer than this into blocks with
       their own factors (``None``: no blocking, the authors' semantics).
+    staggered_refresh: spread the refreshes over the ``precondition_frequency``
+      steps instead of refreshing every unit on the same step: each unit is
+      still refreshed every ``precondition_frequency`` steps, on the step
+      residue (its phase) given to it at ``init`` so that every step does
+      about the same share of the decomposition work (largest units first,
+      each onto the least-loaded residue). Units of phase 0 refresh exactly
+      as without it. ``precondition_frequency`` must then be static.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -242,6 +295,8 @@ def scale_by_rotated_adam(
         one_sided=one_sided,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
+        staggered_refresh_frequency=(
+            precondition_frequency if staggered_refresh else None),
     )
     plan = eigenbasis.plan
     nu = (_stacks.zeros_per_axis(plan, 'all') if factored
@@ -303,25 +358,26 @@ def scale_by_rotated_adam(
       operands = (absorb_gradients(), [m for _, m, _ in steps],
                   [n for _, _, n in steps])
 
-      def refresh(operands):
+      def refresh(operands, units):
         old_factors, mus, nus = operands
-        refreshed, orders = _engine.refresh_power_qr(old_factors)
-        new_mus, new_nus = [], []
-        for mu, nu, old, new, order in zip(
-            mus, nus, old_factors, refreshed, orders):
-          if not old.layout.factored_axes:
-            new_mus.append(mu)
-            new_nus.append(nu)
-            continue
-          new_mus.append(jax.vmap(carry_first_moment)(mu, old, new))
-          new_nus.append(jax.vmap(functools.partial(
-              _permute_second_moment, layout=old.layout, factored=factored))(
-                  nu, orders=order))
-        return refreshed, new_mus, new_nus
+        new_factors, new_mus, new_nus = list(old_factors), list(mus), list(nus)
+        active, selected = _refreshed_stacks(old_factors, units)
+        refreshed, orders = _engine.refresh_power_qr(selected)
+        for s, old, new, order in zip(active, selected, refreshed, orders):
+          mu = _stacks.take_units(mus[s], units[s])
+          nu = _stacks.take_units(nus[s], units[s])
+          new_mus[s] = _stacks.put_units(
+              mus[s], jax.vmap(carry_first_moment)(mu, old, new), units[s])
+          new_nus[s] = _stacks.put_units(
+              nus[s], jax.vmap(functools.partial(
+                  _permute_second_moment, layout=old.layout,
+                  factored=factored))(nu, orders=order), units[s])
+          new_factors[s] = _stacks.put_units(old_factors[s], new, units[s])
+        return new_factors, new_mus, new_nus
 
       if any(stack.layout.factored_axes for stack in plan.stacks):
-        operands = jax.lax.cond(
-            t % precondition_frequency == 0, refresh, lambda x: x, operands)
+        operands = _on_refresh_schedule(
+            plan, t, precondition_frequency, refresh, lambda x: x, operands)
       new_factors, new_mus, new_nus = operands
       return directions, new_mus, new_nus, new_factors
 
@@ -390,6 +446,7 @@ def scale_by_shampoo_eigenbasis(
     refresh: str = 'eigh',
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
 
@@ -440,6 +497,9 @@ def scale_by_shampoo_eigenbasis(
       :func:`scale_by_rotated_adam`).
     block_size: cut longer axes into blocks (see
       :func:`scale_by_rotated_adam`).
+    staggered_refresh: spread the refreshes over the
+      ``precondition_frequency`` calls (see :func:`scale_by_rotated_adam`);
+      the first call still refreshes every unit.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -463,6 +523,8 @@ def scale_by_shampoo_eigenbasis(
         precondition_1d=precondition_1d,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
+        staggered_refresh_frequency=(
+            precondition_frequency if staggered_refresh else None),
     )
     return ScaleByShampooEigenbasisState(
         eigenbasis=eigenbasis,
@@ -497,12 +559,13 @@ def scale_by_shampoo_eigenbasis(
             plan.split_unfactored(state.diagonals), stacked_grads,
             plan.stacks)]
     factors, fresh, due = _refresh_if_due(
-        factors, count, precondition_frequency, refresh)
+        factors, count, precondition_frequency, refresh, plan)
     eigenvalues = [
-        tuple(jnp.where(due, new, old) for new, old in zip(
+        tuple(jnp.where(due_units[:, None], new, old) for new, old in zip(
             _per_axis(stack.layout, fresh_k, diag), old_values))
-        for stack, fresh_k, diag, old_values in zip(
-            plan.stacks, fresh, diagonals, plan.split_axes(state.eigenvalues))]
+        for stack, fresh_k, diag, old_values, due_units in zip(
+            plan.stacks, fresh, diagonals, plan.split_axes(state.eigenvalues),
+            due)]
     directions = [jax.vmap(precondition)(g, f, values)
                   for g, f, values in zip(stacked_grads, factors, eigenvalues)]
 
@@ -546,6 +609,7 @@ def scale_by_adafactor_in_eigenbasis(
     refresh: str = 'eigh',
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    staggered_refresh: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
 
@@ -588,6 +652,9 @@ def scale_by_adafactor_in_eigenbasis(
       :func:`scale_by_rotated_adam`).
     block_size: cut longer axes into blocks (see
       :func:`scale_by_rotated_adam`).
+    staggered_refresh: spread the refreshes over the
+      ``precondition_frequency`` calls (see :func:`scale_by_rotated_adam`);
+      the first call still refreshes every unit.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -610,6 +677,8 @@ def scale_by_adafactor_in_eigenbasis(
         precondition_1d=precondition_1d,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
+        staggered_refresh_frequency=(
+            precondition_frequency if staggered_refresh else None),
     )
     return ScaleByAdafactorInEigenbasisState(
         eigenbasis=eigenbasis,
@@ -624,9 +693,9 @@ def scale_by_adafactor_in_eigenbasis(
 
     factors = _accumulate(factors, stacked_grads, b2)
     factors, fresh, due = _refresh_if_due(
-        factors, count, precondition_frequency, refresh)
+        factors, count, precondition_frequency, refresh, plan)
 
-    def unit_step(g, f, old_stats, fresh_k):
+    def unit_step(g, f, old_stats, fresh_k, due):
       # Rotated in the current bases (new ones on a refresh call): the
       # statistic of an unrotated axis does not depend on the other axes'
       # rotation, and the rotated axes' statistics are re-estimated anyway.
@@ -643,10 +712,10 @@ def scale_by_adafactor_in_eigenbasis(
           rotated * _factored.inverse_power(second_moment + eps, 0.5), f)
       return direction, stats
 
-    steps = [jax.vmap(unit_step)(g, f, old_stats, fresh_k)
-             for g, f, old_stats, fresh_k in zip(
+    steps = [jax.vmap(unit_step)(g, f, old_stats, fresh_k, due_units)
+             for g, f, old_stats, fresh_k, due_units in zip(
                  stacked_grads, factors, plan.split_axes(state.axis_stats),
-                 fresh)]
+                 fresh, due)]
     new_state = ScaleByAdafactorInEigenbasisState(
         eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(count)),
         axis_stats=tuple(s for _, stats in steps for s in stats))

@@ -409,3 +409,122 @@ def test_update_with_another_shape_raises():
   state = tx.init({'w': jnp.zeros((6, 4))})
   with pytest.raises(ValueError, match='shape'):
     tx.update({'w': jnp.zeros((4, 6))}, state)
+
+
+# ------------------------------------------------------------------------------
+# Staggered refresh.
+
+from tests.oracle import shampoo_numpy  # pylint: disable=g-import-not-at-top
+
+STAGGER_PARAMS = {'a': (4, 6, 6), 'b': (7, 7), 'c': (5,)}
+STAGGER_DIMS = {'a': Dims(batch_axes=(0,)), 'b': None, 'c': None}
+
+
+def _unit_phases(state):
+  """``{(leaf name, slice): phase}`` from the state's plan."""
+  plan = state.eigenbasis.plan
+  phases = {}
+  for name, placement in zip(sorted(STAGGER_PARAMS), plan.placements):
+    piece, = placement.pieces
+    for k in range(placement.num_slices):
+      phases[name, k] = plan.refresh_phases[piece.stack][piece.offset + k]
+  return phases
+
+
+def _slices(tree):
+  return {(name, k): np.asarray(x).reshape(
+      (-1,) + STAGGER_PARAMS[name][-2:] if name == 'a' else (1,) + x.shape)[k]
+          for name, x in tree.items()
+          for k in range(4 if name == 'a' else 1)}
+
+
+@pytest.mark.parametrize('kind', ['rotated_adam', 'shampoo', 'adafactor'])
+def test_staggered_refresh_matches_oracles_with_each_units_phase(x64, kind):
+  del x64
+  frequency = 3
+  common = dict(precondition_frequency=frequency, staggered_refresh=True,
+                dimension_numbers=STAGGER_DIMS)
+  if kind == 'rotated_adam':
+    tx = soap_optax.scale_by_rotated_adam(b1=0.9, b2=0.95, **common)
+    make_oracle = lambda shape, phase: soap_numpy.SoapReference(
+        shape, b1=0.9, b2=0.95, shampoo_beta=None, eps=1e-8,
+        frequency=frequency, max_dim=10000, merge_dims=False,
+        precondition_1d=False, phase=phase)
+  elif kind == 'shampoo':
+    tx = soap_optax.scale_by_shampoo_eigenbasis(
+        shampoo_beta=0.8, eps=1e-6, refresh='qr', **common)
+    make_oracle = lambda shape, phase: shampoo_numpy.ShampooReference(
+        shape, beta=0.8, exponent=0.5, eps=1e-6, frequency=frequency,
+        trace_normalize=True, refresh='qr', phase=phase)
+  else:
+    tx = soap_optax.scale_by_adafactor_in_eigenbasis(
+        b2=0.85, eps=1e-12, refresh='qr', **common)
+    make_oracle = lambda shape, phase: (
+        shampoo_numpy.AdafactorInEigenbasisReference(
+            shape, b2=0.85, eps=1e-12, frequency=frequency, refresh='qr',
+            phase=phase))
+  params = {k: jnp.zeros(s) for k, s in STAGGER_PARAMS.items()}
+  state = tx.init(params)
+  phases = _unit_phases(state)
+  assert sorted(set(phases.values())) == [0, 1, 2]  # really staggered.
+  matrices = {key: phase for key, phase in phases.items() if key[0] != 'c'}
+  oracles = {key: make_oracle((6, 6) if key[0] == 'a' else (7, 7), phase)
+             for key, phase in matrices.items()}
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(7)
+  for call in range(10):
+    grads = {k: rng.normal(size=s) for k, s in STAGGER_PARAMS.items()}
+    out, state = update(jax.tree.map(jnp.asarray, grads), state)
+    got, given = _slices(out), _slices(grads)
+    for key, oracle in oracles.items():
+      expected = oracle.step(given[key])
+      if kind == 'rotated_adam' and call == 0:
+        continue
+      assert _relative_error(got[key], expected) < 1e-9, (call, key)
+
+
+def test_refresh_phases_balance_the_decomposition_work():
+  layout = lambda n: soap_optax._engine.plan_layout(  # pylint: disable=protected-access
+      (n, n), max_precond_dim=10000, merge_dims=False, precondition_1d=False)
+  stacks = [_stacks.Stack((8, 8), 'float32', 10, layout(8)),
+            _stacks.Stack((16, 16), 'float32', 1, layout(16)),
+            _stacks.Stack((4,), 'float32', 3,
+                          _engine_layout_without_factors((4,)))]
+  phases = _stacks.assign_refresh_phases(stacks, 5)
+  assert phases[2] == (0, 0, 0)  # nothing to decompose.
+  loads = [0] * 5
+  for stack, stack_phases in zip(stacks, phases):
+    for phase in stack_phases:
+      loads[phase] += sum(d**3 for d in stack.layout.factor_sizes)
+  # The 16x16 unit (8192) alone on one residue, the ten 8x8 units (1024
+  # each) spread over the four others: loads 8192, 3072, 3072, 2048, 2048.
+  assert sorted(loads) == [2048, 2048, 3072, 3072, 8192]
+  assert sorted(phases[0]).count(phases[1][0]) == 0
+
+
+def _engine_layout_without_factors(shape):
+  return soap_optax._engine.FactorLayout(shape, shape, ())  # pylint: disable=protected-access
+
+
+def test_staggered_refresh_compiles_once_and_refreshes_each_unit_per_period():
+  params = {'w': jnp.zeros((6, 8, 8))}
+  tx = soap_optax.scale_by_rotated_adam(
+      precondition_frequency=3, staggered_refresh=True,
+      dimension_numbers=Dims(batch_axes=(0,)))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(8)
+  changed = []
+  for _ in range(10):
+    before = [np.asarray(q) for q in state.eigenbasis.bases]
+    _, state = update({'w': jnp.asarray(rng.normal(size=(6, 8, 8)),
+                                        jnp.float32)}, state)
+    after = [np.asarray(q) for q in state.eigenbasis.bases]
+    changed.append(sorted({int(u) for b, a in zip(before, after)
+                           for u in np.nonzero(np.any(b != a, axis=(1, 2)))[0]}))
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  assert changed[0] == list(range(6))           # the first call: every unit.
+  for start in (1, 4, 7):                        # then each once per period.
+    period = sorted(u for c in changed[start:start + 3] for u in c)
+    assert period == list(range(6)), changed
+  assert all(len(c) == 2 for c in changed[1:])  # two units per step.

@@ -35,10 +35,12 @@ class ShampooReference:
   """
 
   def __init__(self, shape, *, beta, exponent, eps, frequency,
-               trace_normalize, refresh='eigh'):
+               trace_normalize, refresh='eigh', phase=0):
     """With ``refresh="qr"`` the preconditioner after the first call is
-    ``Q diag(diag(Q^T GG Q) + eps)^-e Q^T`` with ``Q`` from :func:`power_qr`."""
-    self.refresh = refresh
+    ``Q diag(diag(Q^T GG Q) + eps)^-e Q^T`` with ``Q`` from :func:`power_qr`.
+    ``phase``: besides the first call, refresh on calls
+    ``c % frequency == phase``."""
+    self.refresh, self.phase = refresh, phase
     self.Q = None
     self.shape = tuple(shape)
     self.beta, self.exponent, self.eps = beta, exponent, eps
@@ -53,7 +55,7 @@ class ShampooReference:
     for k in range(g.ndim):
       gk = unfold(g, k)
       self.GG[k] = self.beta * self.GG[k] + (1 - self.beta) * gk @ gk.T
-    if self.calls % self.frequency == 0:
+    if self.calls == 0 or self.calls % self.frequency == self.phase:
       if self.refresh == 'eigh' or self.calls == 0:
         self.P = [_inverse_root(m, self.eps, self.exponent) for m in self.GG]
         self.Q = [np.linalg.eigh(m)[1] for m in self.GG]
@@ -82,8 +84,8 @@ class AdafactorInEigenbasisReference:
   ``unrotate(G' / sqrt(prod_k s_k / sum(s_0)^(N-1) + eps))``.
   """
 
-  def __init__(self, shape, *, b2, eps, frequency, refresh='eigh'):
-    self.refresh = refresh
+  def __init__(self, shape, *, b2, eps, frequency, refresh='eigh', phase=0):
+    self.refresh, self.phase = refresh, phase
     self.shape = tuple(shape)
     self.b2, self.eps, self.frequency = b2, eps, frequency
     self.GG = [np.zeros((d, d)) for d in self.shape]
@@ -97,7 +99,7 @@ class AdafactorInEigenbasisReference:
     for k in range(n):
       gk = unfold(g, k)
       self.GG[k] = self.b2 * self.GG[k] + (1 - self.b2) * gk @ gk.T
-    refresh = self.calls % self.frequency == 0
+    refresh = self.calls == 0 or self.calls % self.frequency == self.phase
     if refresh and (self.refresh == 'eigh' or self.calls == 0):
       self.Q = [np.linalg.eigh(m)[1] for m in self.GG]
     elif refresh:

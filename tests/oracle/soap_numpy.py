@@ -48,9 +48,11 @@ class SoapReference:
 
   def __init__(self, shape, *, b1, b2, shampoo_beta, eps, frequency,
                max_dim, merge_dims, precondition_1d, normalize_grads=False,
-               initial_bases=None, one_sided=False, factored=False):
+               initial_bases=None, one_sided=False, factored=False, phase=0):
     """``factored``: ``v`` is rebuilt from per-axis sums (Adafactor);
-    ``one_sided``: only the shortest factored axis keeps its factor."""
+    ``one_sided``: only the shortest factored axis keeps its factor;
+    ``phase``: refresh on Adam steps ``t % frequency == phase``."""
+    self.phase = phase
     self.shape = tuple(shape)
     self.b1, self.b2, self.eps = b1, b2, eps
     self.sb = b2 if shampoo_beta is None else shampoo_beta
@@ -126,7 +128,7 @@ class SoapReference:
     if self.normalize_grads:
       u = u / (1e-30 + np.sqrt(np.mean(u**2)))
     self._update_statistics(g)
-    if self.t % self.frequency == 0:
+    if self.t % self.frequency == self.phase:
       m_param_space = self.unrotate(self.m)
       for a in self.axes:
         q = self.Q[a]
