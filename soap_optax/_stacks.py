@@ -245,10 +245,16 @@ class EigenbasisPlan:
   refresh_phases: tuple[tuple[int, ...], ...] | None = None
   refresh_frequency: int | None = None
 
-  def units_due(self, residue: int) -> list[np.ndarray]:
-    """Per stack, the units whose refresh phase is ``residue`` (staggered)."""
-    return [np.array([u for u, phase in enumerate(phases) if phase == residue],
-                     np.int32) for phases in self.refresh_phases]
+  def units_due(self, residue: int) -> list[slice]:
+    """Per stack, the units whose refresh phase is ``residue`` (staggered).
+
+    A stack's phases are sorted, so they are one contiguous run of units.
+    """
+    runs = []
+    for phases in self.refresh_phases:
+      due = [u for u, phase in enumerate(phases) if phase == residue]
+      runs.append(slice(due[0], due[-1] + 1) if due else slice(0, 0))
+    return runs
 
   @property
   def layouts(self) -> tuple[_engine.FactorLayout, ...]:
@@ -278,7 +284,9 @@ def assign_refresh_phases(stacks: Sequence[Stack], frequency: int
   taken from the most to the least expensive (ties in stack, then unit order)
   and each is given the phase (a step residue modulo ``frequency``) whose
   load is smallest so far: the longest-processing-time rule, within 4/3 of
-  the best possible largest load.
+  the best possible largest load. Within a stack the phases are then sorted
+  (the stack's units are interchangeable in cost), so that the units of one
+  phase are a contiguous run: a static slice, not a gather.
   """
   loads = [0] * frequency
   phases = [[0] * stack.size for stack in stacks]
@@ -289,21 +297,23 @@ def assign_refresh_phases(stacks: Sequence[Stack], frequency: int
     phase = min(range(frequency), key=lambda r: loads[r])
     phases[s][u] = phase
     loads[phase] += cost
-  return tuple(tuple(p) for p in phases)
+  return tuple(tuple(sorted(p)) for p in phases)
 
 
-def take_units(tree: Any, units: np.ndarray | None) -> Any:
-  """The given units (leading axis) of every array of ``tree``; all if None."""
+def take_units(tree: Any, units: slice | None) -> Any:
+  """A run of units (leading axis) of every array of ``tree``; all if None."""
   if units is None:
     return tree
   return jax.tree.map(lambda x: x[units], tree)
 
 
-def put_units(full: Any, part: Any, units: np.ndarray | None) -> Any:
-  """``full`` with the given units replaced by ``part``; ``part`` if None."""
+def put_units(full: Any, part: Any, units: slice | None) -> Any:
+  """``full`` with a run of units replaced by ``part``; ``part`` if None."""
   if units is None:
     return part
-  return jax.tree.map(lambda x, y: x.at[units].set(y), full, part)
+  return jax.tree.map(
+      lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, units.start, 0),
+      full, part)
 
 
 def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:

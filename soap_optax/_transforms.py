@@ -73,7 +73,7 @@ def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
   branches = []
   for residue in range(plan.refresh_frequency):
     units = plan.units_due(residue)
-    branches.append(keep if not any(len(u) for u in units) else
+    branches.append(keep if all(u.start == u.stop for u in units) else
                     functools.partial(lambda x, units: refresh(x, units),
                                       units=units))
   return jax.lax.switch(step % plan.refresh_frequency, branches, operands)
@@ -82,7 +82,7 @@ def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
 def _refreshed_stacks(factors, units):
   """The stacks with factors and units to refresh, and those units' factors."""
   active = [s for s, (f, u) in enumerate(zip(factors, units))
-            if f.layout.factored_axes and (u is None or len(u))]
+            if f.layout.factored_axes and (u is None or u.stop > u.start)]
   return active, [_stacks.take_units(factors[s], units[s]) for s in active]
 
 
