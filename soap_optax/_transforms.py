@@ -117,8 +117,12 @@ def _refresh_if_due(
       out[s] = _stacks.put_units(fs[s], new, units[s])
       values[s] = tuple(_stacks.put_units(zero, v, units[s])
                         for zero, v in zip(values[s], fresh))
-      masks[s] = _stacks.put_units(masks[s], jnp.ones_like(
-          _stacks.take_units(masks[s], units[s])), units[s])
+    # Every due unit, with or without a factor: a unit without one takes its
+    # eigenvalues from its running diagonals on the same schedule.
+    for s, due in enumerate(units):
+      if due is None or due.stop > due.start:
+        masks[s] = _stacks.put_units(masks[s], jnp.ones_like(
+            _stacks.take_units(masks[s], due)), due)
     return out, values, masks
 
   def scheduled(fs, method):
@@ -250,7 +254,7 @@ def scale_by_rotated_adam(
     max_precond_dim: axes longer than this keep the identity basis (>= 0).
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a factor too.
-    normalize_grads: divide each parameter's update by its RMS.
+    normalize_grads: divide each unit's update by its RMS.
     one_sided: rotate only the shortest axis of each parameter.
     factored: keep Adafactor's factored second moment instead of ``v``.
     mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``); ``None``

@@ -103,6 +103,8 @@ def _gradients(shape, zero_slice, seed):
     ((3, 6, 6), (0,), (1,)),              # [L, m, n], layer 1 has no gradient.
     ((2, 3, 4, 4), (0, 1), (1, 0)),       # [L, H, m, n], head (1, 0).
     ((6, 3, 6), (-2,), (slice(None), 2)),  # a middle, negative batch axis.
+    ((3, 5), (0,), (1,)),                 # slices without a factor: vectors,
+    ((4,), (0,), (2,)),                   # and scalars.
 ])
 def test_batch_axes_equal_independent_runs_per_slice(
     x64, name, shape, batch_axes, zero_slice):
@@ -465,6 +467,9 @@ def test_staggered_refresh_matches_oracles_with_each_units_phase(x64, kind):
             phase=phase))
   params = {k: jnp.zeros(s) for k, s in STAGGER_PARAMS.items()}
   state = tx.init(params)
+  # Units without a factor ('c') have phase 0: exactly as without staggering.
+  unstaggered = _unstaggered(kind, frequency)
+  plain_state = unstaggered.init(params)
   phases = _unit_phases(state)
   assert sorted(set(phases.values())) == [0, 1, 2]  # really staggered.
   matrices = {key: phase for key, phase in phases.items() if key[0] != 'c'}
@@ -475,12 +480,32 @@ def test_staggered_refresh_matches_oracles_with_each_units_phase(x64, kind):
   for call in range(10):
     grads = {k: rng.normal(size=s) for k, s in STAGGER_PARAMS.items()}
     out, state = update(jax.tree.map(jnp.asarray, grads), state)
+    plain_out, plain_state = unstaggered.update(
+        jax.tree.map(jnp.asarray, grads), plain_state)
+    assert _relative_error(out['c'], np.asarray(plain_out['c'])) < 1e-12
+    if call > 0 or kind != 'rotated_adam':
+      assert float(jnp.max(jnp.abs(out['c']))) > 0
     got, given = _slices(out), _slices(grads)
     for key, oracle in oracles.items():
       expected = oracle.step(given[key])
       if kind == 'rotated_adam' and call == 0:
         continue
       assert _relative_error(got[key], expected) < 1e-9, (call, key)
+
+
+def _unstaggered(kind, frequency):
+  """The transforms of the staggered test, without staggering."""
+  common = dict(precondition_frequency=frequency,
+                dimension_numbers=STAGGER_DIMS)
+  if kind == 'rotated_adam':
+    tx = soap_optax.scale_by_rotated_adam(b1=0.9, b2=0.95, **common)
+  elif kind == 'shampoo':
+    tx = soap_optax.scale_by_shampoo_eigenbasis(
+        shampoo_beta=0.8, eps=1e-6, refresh='qr', **common)
+  else:
+    tx = soap_optax.scale_by_adafactor_in_eigenbasis(
+        b2=0.85, eps=1e-12, refresh='qr', **common)
+  return tx
 
 
 def test_refresh_phases_balance_the_decomposition_work():
