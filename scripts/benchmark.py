@@ -16,13 +16,20 @@ Every number is measured in the same run, on the same machine, so the ratios
 * ``refresh``: one factor's ``eigh`` refresh against the power-iteration + QR
   refresh per size, and 8 same-size factors batched (one call, as the engine
   does) against one call per factor.
-* ``compile``: trace+lower and XLA compile time of the jitted ``update`` for a
-  1-layer and a 24-layer transformer parameter set.
+* ``compile``: trace+lower and XLA compile time of the jitted ``update`` for
+  1, 12 and 24 transformer layers, kept as separate parameters and as scanned
+  stacks (a leading layer axis named in ``dimension_numbers``).
 * ``memory``: optimizer-state bytes of every variant against closed-form
-  formulas written here and against AdamW.
+  formulas written here and against AdamW, and GPT-2 small's layout variants
+  (``block_size``, ``mu_dtype``, one-sided).
 * ``train_step``: a whole training step (GPT-style model, forward + backward +
   update) with AdamW and with SOAP at frequency 10; GPT-2-small shapes and
   262,144 tokens per step on a GPU, a small model on a CPU.
+* ``versus_torch``: soap_optax (default, ``block_size``,
+  ``staggered_refresh``) side by side with the PyTorch SOAPs that are
+  installed (the optional ``torch-bench`` extra: pytorch-optimizer,
+  HeavyBall; ``--torch-soap-file`` for the authors' ``soap.py``) on the
+  layouts issue's transformer-like set: mean step, median step, refresh spike.
 
 Examples::
 
