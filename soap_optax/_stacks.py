@@ -256,11 +256,6 @@ class EigenbasisPlan:
       runs.append(slice(due[0], due[-1] + 1) if due else slice(0, 0))
     return runs
 
-  @property
-  def layouts(self) -> tuple[_engine.FactorLayout, ...]:
-    """The layout of one unit of each stack."""
-    return tuple(s.layout for s in self.stacks)
-
   def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Groups a flat per-factor sequence into one tuple per stack."""
     return _split(flat, [len(s.layout.factored_axes) for s in self.stacks])
@@ -431,18 +426,27 @@ def _product(lists):
   return combos
 
 
-def plan_units(leaves: Sequence[Any], dimension_numbers: Any, tree: Any,
-               block_size: int | None) -> EigenbasisPlan:
-  """A plan that only cuts ``leaves`` into units (no Kronecker factors).
+def _no_factors(shape: tuple[int, ...]) -> _engine.FactorLayout:
+  return _engine.FactorLayout(shape, shape or (1,), ())
 
-  For per-unit reductions outside the engine (grafting norms).
+
+def plan_units(
+    leaves: Sequence[Any], dimension_numbers: Any, tree: Any,
+    block_size: int | None,
+    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout] = (
+        _no_factors),
+) -> EigenbasisPlan:
+  """:func:`plan_stacks` for the leaves of ``tree``.
+
+  With the default ``unit_layout`` the plan only cuts ``leaves`` into units
+  (no Kronecker factors), for per-unit reductions outside the engine
+  (grafting norms).
   """
   return plan_stacks(
       [jnp.shape(x) for x in leaves],
       [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
       resolve_dimension_numbers(dimension_numbers, tree),
-      block_size=block_size,
-      unit_layout=lambda shape: _engine.FactorLayout(shape, shape or (1,), ()))
+      block_size=block_size, unit_layout=unit_layout)
 
 
 # ------------------------------------------------------------------------------
@@ -585,12 +589,9 @@ def init_eigenbasis(
           'inject_hyperparams under jit). Pass static_args=("max_precond_dim",'
           ' "precondition_frequency", "block_size") to '
           'optax.inject_hyperparams.')
-  leaves = jax.tree.leaves(params)
-  plan = plan_stacks(
-      [jnp.shape(x) for x in leaves],
-      [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
-      resolve_dimension_numbers(dimension_numbers, params),
-      block_size=None if block_size is None else int(block_size),
+  plan = plan_units(
+      jax.tree.leaves(params), dimension_numbers, params,
+      None if block_size is None else int(block_size),
       unit_layout=lambda shape: _engine.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided))

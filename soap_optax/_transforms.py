@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from soap_optax import _checks
@@ -25,10 +26,14 @@ def _check_eigenbasis_args(
 
 
 def _init_eigenbasis(
-    params: Any, **layout_options) -> _stacks.EigenbasisState:
+    params: Any, *, staggered_refresh: bool, precondition_frequency: Any,
+    **layout_options) -> _stacks.EigenbasisState:
   """Checks the parameters' dtypes and builds the engine's stacked state."""
   _checks.check_float_params(params)
-  return _stacks.init_eigenbasis(params, **layout_options)
+  return _stacks.init_eigenbasis(
+      params, staggered_refresh_frequency=(
+          precondition_frequency if staggered_refresh else None),
+      **layout_options)
 
 
 def _gather_gradients(updates: Any, eigenbasis: _stacks.EigenbasisState):
@@ -74,8 +79,7 @@ def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
   for residue in range(plan.refresh_frequency):
     units = plan.units_due(residue)
     branches.append(keep if all(u.start == u.stop for u in units) else
-                    functools.partial(lambda x, units: refresh(x, units),
-                                      units=units))
+                    functools.partial(refresh, units=units))
   return jax.lax.switch(step % plan.refresh_frequency, branches, operands)
 
 
@@ -119,10 +123,10 @@ def _refresh_if_due(
                         for zero, v in zip(values[s], fresh))
     # Every due unit, with or without a factor: a unit without one takes its
     # eigenvalues from its running diagonals on the same schedule.
-    for s, due in enumerate(units):
-      if due is None or due.stop > due.start:
-        masks[s] = _stacks.put_units(masks[s], jnp.ones_like(
-            _stacks.take_units(masks[s], due)), due)
+    for s, (stack, due) in enumerate(zip(plan.stacks, units)):
+      mask = np.zeros((stack.size,), bool)
+      mask[slice(None) if due is None else due] = True
+      masks[s] = jnp.asarray(mask)
     return out, values, masks
 
   def scheduled(fs, method):
@@ -299,8 +303,8 @@ def scale_by_rotated_adam(
         one_sided=one_sided,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
-        staggered_refresh_frequency=(
-            precondition_frequency if staggered_refresh else None),
+        staggered_refresh=staggered_refresh,
+        precondition_frequency=precondition_frequency,
     )
     plan = eigenbasis.plan
     nu = (_stacks.zeros_per_axis(plan, 'all') if factored
@@ -527,8 +531,8 @@ def scale_by_shampoo_eigenbasis(
         precondition_1d=precondition_1d,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
-        staggered_refresh_frequency=(
-            precondition_frequency if staggered_refresh else None),
+        staggered_refresh=staggered_refresh,
+        precondition_frequency=precondition_frequency,
     )
     return ScaleByShampooEigenbasisState(
         eigenbasis=eigenbasis,
@@ -681,8 +685,8 @@ def scale_by_adafactor_in_eigenbasis(
         precondition_1d=precondition_1d,
         dimension_numbers=dimension_numbers,
         block_size=block_size,
-        staggered_refresh_frequency=(
-            precondition_frequency if staggered_refresh else None),
+        staggered_refresh=staggered_refresh,
+        precondition_frequency=precondition_frequency,
     )
     return ScaleByAdafactorInEigenbasisState(
         eigenbasis=eigenbasis,
