@@ -356,6 +356,7 @@ def run_step_section(jax, args, quick: bool):
         row.update(flops=flops, flops_per_s=flops / timing['regular_s'],
                    percent_of_matmul=100 * flops / timing['regular_s'] / rate)
       rows.append(row)
+      print('  row ' + json.dumps(row), flush=True)
   return dict(rows=rows, frequency=FREQUENCY)
 
 
@@ -420,6 +421,7 @@ def run_refresh_section(jax, quick: bool):
     single.append(dict(n=n, eigh_s=eigh_s, qr_s=qr_s, qr_over_eigh=qr_s / eigh_s,
                        eigh_flops_per_s=9 * n**3 / eigh_s,
                        qr_flops_per_s=(14 / 3) * n**3 / qr_s))
+    print('  row ' + json.dumps(single[-1]), flush=True)
 
   batched = []
   count = 8
@@ -441,6 +443,7 @@ def run_refresh_section(jax, quick: bool):
       batched.append(dict(n=n, count=count, method=method,
                           batched_s=together_s, per_factor_s=apart_s,
                           batched_over_per_factor=together_s / apart_s))
+      print('  row ' + json.dumps(batched[-1]), flush=True)
   return dict(single=single, batched=batched,
               batch_mode='lax.map' if jax.default_backend() == 'cpu' else 'vmap')
 
@@ -889,6 +892,7 @@ def run_train_step_section(jax, args, quick: bool):
     tick = time.perf_counter()
     params, state, loss = jax.block_until_ready(step(params, state, batch))
     first_s = time.perf_counter() - tick
+    print(f'  first call (compile + run) {first_s:.1f} s', flush=True)
     regular, refresh = [], []
     for k in range(1, steps + 1):
       tick = time.perf_counter()
@@ -896,6 +900,7 @@ def run_train_step_section(jax, args, quick: bool):
       seconds = time.perf_counter() - tick
       (refresh if name != 'adamw' and k % FREQUENCY == 0 else regular).append(
           seconds)
+      print(f'  step {k}: {1e3 * seconds:.1f} ms', flush=True)
     rows.append(dict(optimizer=name, regular_s=median(regular),
                      regular_n=len(regular),
                      refresh_s=median(refresh) if refresh else None,
