@@ -523,7 +523,8 @@ def formula_numbers(name: str, shape) -> int:
   (``2 numel``); SOAP adds ``GG_i`` and ``Q_i`` (``2 d_i^2``) per rotated
   axis; factorized SOAP keeps m plus one vector per axis; Shampoo keeps
   ``GG_i``, ``Q_i`` per rotated axis, ``diag(GG)`` per other axis, eigenvalues
-  per axis, the Adam graft's m and v and the momentum (``3 numel``).
+  and Rayleigh quotients per axis, the Adam graft's v and the momentum
+  (``2 numel``).
   """
   size = numel(shape)
   axes = shape if shape else (1,)
@@ -541,7 +542,7 @@ def formula_numbers(name: str, shape) -> int:
   if name == 'shampoo':
     unrotated = len(axes) - len(rotated)
     diagonals = sum(axes) - sum(rotated) if unrotated else 0
-    return factors + diagonals + sum(axes) + 3 * size
+    return factors + diagonals + 2 * sum(axes) + 2 * size
   raise ValueError(name)
 
 

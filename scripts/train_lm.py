@@ -30,7 +30,9 @@ import sysconfig
 import time
 from typing import Any, Callable
 
-OPTIMIZERS = ('soap', 'adamw', 'shampoo', 'factorized_soap')
+OPTIMIZERS = ('soap', 'adamw', 'shampoo', 'factorized_soap',
+              # For the numerics comparisons (BENCHMARKS.md section 7):
+              'soap_no_floor', 'shampoo_ungrafted')
 
 # Learning rates used when none is given: 3e-3, SOAP's default, for every
 # optimizer. Not tuned for this model; --lr-grid sweeps a grid instead.
@@ -39,6 +41,8 @@ DEFAULT_LEARNING_RATES = {
     'soap': 3e-3,
     'shampoo': 3e-3,
     'factorized_soap': 3e-3,
+    'soap_no_floor': 3e-3,
+    'shampoo_ungrafted': 3e-3,
 }
 
 
@@ -273,6 +277,12 @@ def build(config: Config):
             learning_rate, weight_decay=wd, precondition_frequency=freq),
         'shampoo': lambda: soap_optax.shampoo(
             learning_rate, weight_decay=wd, precondition_frequency=freq),
+        'soap_no_floor': lambda: soap_optax.soap(
+            learning_rate, weight_decay=wd, precondition_frequency=freq,
+            rounding_floor=False),
+        'shampoo_ungrafted': lambda: soap_optax.shampoo(
+            learning_rate, weight_decay=wd, precondition_frequency=freq,
+            grafting='none'),
     }
     return factories[name]()
 

@@ -1,7 +1,9 @@
 """soap_optax: Shampoo-family optimizers as composable optax transformations."""
 
 from soap_optax._aliases import factorized_soap
+from soap_optax._aliases import AdamGraftState
 from soap_optax._aliases import GraftingState
+from soap_optax._aliases import scale_by_adam_graft
 from soap_optax._aliases import scale_by_grafting
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap

@@ -11,12 +11,16 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
+from soap_optax import _engine
 from soap_optax import _stacks
 from soap_optax import _transforms
 
 
-def _is_after_first_call(step: jax.Array) -> jax.Array:
-  return step > 0
+class DecayAfterFirstCallState(NamedTuple):
+  """State of the aliases' weight decay: the calls seen, the decay's state."""
+
+  count: jax.Array
+  decay: optax.OptState
 
 
 def _decayed_weights_after_first_call(
@@ -25,10 +29,51 @@ def _decayed_weights_after_first_call(
 
   The first call of the eigenbasis transforms only initializes the
   preconditioner and returns a zero update; weight decay must not move the
-  parameters on that call either.
+  parameters on that call either. Both outcomes are computed and selected
+  with ``where`` (not ``cond``), so the updates' dtype is whatever
+  ``add_decayed_weights`` gives (the promotion of the updates' and the
+  parameters' dtypes, as in ``optax.adamw``) on every call.
   """
-  return optax.transforms.conditionally_transform(
-      optax.add_decayed_weights(weight_decay, mask), _is_after_first_call)
+  decay = optax.add_decayed_weights(weight_decay, mask)
+
+  def init_fn(params):
+    return DecayAfterFirstCallState(
+        count=jnp.zeros([], jnp.int32), decay=decay.init(params))
+
+  def update_fn(updates, state, params=None):
+    decayed, decay_state = decay.update(updates, state.decay, params)
+    after_first = state.count > 0
+    updates = jax.tree.map(
+        lambda new, old: jnp.where(after_first, new, old.astype(new.dtype)),
+        decayed, updates)
+    return updates, DecayAfterFirstCallState(
+        count=optax.safe_increment(state.count), decay=decay_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _in_state_dtype(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` with its state kept in float32 or wider.
+
+  ``inner`` (an optax transform whose state is shaped like the parameters)
+  is initialized on, and fed, float32 copies of float16/bfloat16 parameters
+  and updates (float64 stays float64); its updates are returned in the
+  incoming updates' dtypes.
+  """
+  def widen(tree):
+    return jax.tree.map(
+        lambda x: x.astype(_engine.state_dtype(x.dtype)), tree)
+
+  def init_fn(params):
+    return inner.init(widen(params))
+
+  def update_fn(updates, state, params=None):
+    new, state = inner.update(
+        widen(updates), state, None if params is None else widen(params))
+    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _rotated_adam_chain(
@@ -63,6 +108,7 @@ def soap(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -102,6 +148,10 @@ def soap(
     staggered_refresh: spread the eigenbasis refreshes evenly over the
       ``precondition_frequency`` steps (each unit still refreshes every
       ``precondition_frequency`` steps) to flatten the refresh spike.
+    rounding_floor: keep rotated coordinates that hold only float rounding
+      noise from being normalized up to full-size updates (see
+      :func:`soap_optax.scale_by_rotated_adam`); ``False`` reproduces the
+      reference implementation's float32 behaviour.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -118,7 +168,7 @@ def soap(
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh)
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
 
 
 def factorized_soap(
@@ -139,6 +189,7 @@ def factorized_soap(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
 ) -> optax.GradientTransformation:
   """SOAP with Adafactor's factored second moment: the memory-saving variant.
 
@@ -151,7 +202,7 @@ def factorized_soap(
   ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
 
   Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
-    ``block_size`` and ``staggered_refresh`` included).
+    ``block_size``, ``staggered_refresh`` and ``rounding_floor`` included).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -168,7 +219,8 @@ def factorized_soap(
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh, factored=True)
+      staggered_refresh=staggered_refresh, factored=True,
+      rounding_floor=rounding_floor)
 
 
 class GraftingState(NamedTuple):
@@ -235,6 +287,53 @@ def scale_by_grafting(
 GRAFTING = ('adam', 'none')
 
 
+class AdamGraftState(NamedTuple):
+  """State of :func:`scale_by_adam_graft`."""
+
+  count: jax.Array
+  nu: optax.Updates
+
+
+def scale_by_adam_graft(
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+) -> optax.GradientTransformation:
+  """Adam without momentum, the magnitude of Shampoo's Adam grafting.
+
+  ``v <- b2 v + (1 - b2) g^2``, ``U = g / (sqrt(v / (1 - b2^t)) + eps)``:
+  ``optax.scale_by_adam(b1=0, b2=b2, eps=eps)``, except that ``v`` is kept
+  in float32 or wider, and that an element whose ``g^2`` is not finite (a
+  non-finite gradient, or a spike whose square overflows) leaves its ``v``
+  unchanged and gets a zero update, so one bad step never poisons the
+  statistics.
+  """
+  def init_fn(params):
+    return AdamGraftState(
+        count=jnp.zeros([], jnp.int32),
+        nu=jax.tree.map(lambda p: jnp.zeros(
+            jnp.shape(p), _engine.state_dtype(jnp.result_type(p))), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    correction = 1 - jnp.asarray(b2, jnp.float32)**count
+
+    def second_moment(g, nu):
+      square = jnp.square(g.astype(nu.dtype))
+      return jnp.where(jnp.isfinite(square), b2 * nu + (1 - b2) * square, nu)
+
+    def direction(g, nu):
+      g = g.astype(nu.dtype)
+      u = g / (jnp.sqrt(nu / correction.astype(nu.dtype)) + eps)
+      return jnp.where(jnp.isfinite(jnp.square(g)), u, 0.0)
+
+    nu = jax.tree.map(second_moment, updates, state.nu)
+    return (jax.tree.map(direction, updates, nu),
+            AdamGraftState(count=count, nu=nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def shampoo(
     learning_rate: optax.ScalarOrSchedule = 3e-3,
     b1: jax.typing.ArrayLike = 0.9,
@@ -255,6 +354,8 @@ def shampoo(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    rayleigh_floor: bool = True,
 ) -> optax.GradientTransformation:
   """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
 
@@ -266,8 +367,8 @@ def shampoo(
 
   where ``P_k`` is :func:`soap_optax.scale_by_shampoo_eigenbasis` and, with
   ``grafting="adam"``, ``graft`` rescales each parameter's Shampoo update to
-  the norm of the ``optax.scale_by_adam(b1=0, b2=graft_b2, eps=graft_eps)``
-  update of the same gradient (the magnitude of Adam, the direction of
+  the norm of the :func:`scale_by_adam_graft` update (Adam without momentum,
+  ``b2=graft_b2``, ``eps=graft_eps``) of the same gradient (the magnitude of Adam, the direction of
   Shampoo, as in DistributedShampoo); ``grafting="none"`` leaves it as is.
   The momentum ``M`` is an exponential moving average of the preconditioned
   updates (no bias correction).
@@ -297,6 +398,12 @@ def shampoo(
       norms are taken per block too.
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` steps (see :func:`soap`).
+    rounding_floor: the rounding-noise floor on the eigenvalues (see
+      :func:`soap_optax.scale_by_shampoo_eigenbasis`).
+    rayleigh_floor: never precondition with an eigenvalue below its current
+      Rayleigh quotient (see :func:`soap_optax.scale_by_shampoo_eigenbasis`);
+      this is what keeps ``grafting="none"`` from exploding between the
+      first refreshes. ``False``: classic Shampoo.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -307,6 +414,8 @@ def shampoo(
   """
   _checks.check_choice('grafting', grafting, GRAFTING)
   _checks.check_beta('b1', b1)
+  _checks.check_beta('graft_b2', graft_b2)
+  _checks.check_nonnegative('graft_eps', graft_eps)
   preconditioner = _transforms.scale_by_shampoo_eigenbasis(
       shampoo_beta=shampoo_beta,
       exponent=exponent,
@@ -320,15 +429,18 @@ def shampoo(
       dimension_numbers=dimension_numbers,
       block_size=block_size,
       staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor,
+      rayleigh_floor=rayleigh_floor,
   )
   if grafting == 'adam':
-    preconditioner = scale_by_grafting(
-        preconditioner,
-        optax.scale_by_adam(b1=0.0, b2=graft_b2, eps=graft_eps),
-        dimension_numbers=dimension_numbers, block_size=block_size)
+    # Grafted in the statistics' dtype: Shampoo's direction may exceed the
+    # range of a float16 gradient before it is rescaled.
+    preconditioner = _in_state_dtype(scale_by_grafting(
+        preconditioner, scale_by_adam_graft(b2=graft_b2, eps=graft_eps),
+        dimension_numbers=dimension_numbers, block_size=block_size))
   return optax.chain(
       preconditioner,
-      optax.ema(b1, debias=False),
+      _in_state_dtype(optax.ema(b1, debias=False)),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )

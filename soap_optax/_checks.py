@@ -13,28 +13,46 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete_float(value: Any) -> float | None:
-  """Returns ``value`` as a Python float, or None when it is traced."""
+def _concrete_float(name: str, value: Any, accepted: str) -> float | None:
+  """Returns ``value`` as a Python float, or None when it is traced.
+
+  Raises a ValueError naming ``name`` and the ``accepted`` values when
+  ``value`` is not a real scalar (``None``, a string, an array...).
+  """
   if isinstance(value, jax.core.Tracer):
     return None
-  array = np.asarray(value)
-  if array.shape != ():
-    raise ValueError(f'expected a scalar, got an array of shape {array.shape}')
+  try:
+    array = np.asarray(value)
+    ok = (array.shape == () and not isinstance(value, (bool, np.bool_))
+          and (np.issubdtype(array.dtype, np.floating)
+               or np.issubdtype(array.dtype, np.integer)))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f'{name} must be {accepted}, got {value!r}.')
   return float(array)
 
 
 def check_beta(name: str, value: Any) -> None:
   """Checks that a decay rate lies in [0, 1)."""
-  x = _concrete_float(value)
+  accepted = 'a number in [0, 1)'
+  x = _concrete_float(name, value, accepted)
   if x is not None and not 0.0 <= x < 1.0:
-    raise ValueError(f'{name} must be in [0, 1), got {value!r}.')
+    raise ValueError(f'{name} must be {accepted}, got {value!r}.')
 
 
 def check_nonnegative(name: str, value: Any) -> None:
   """Checks that a scalar is finite and >= 0."""
-  x = _concrete_float(value)
+  accepted = 'a finite number >= 0'
+  x = _concrete_float(name, value, accepted)
   if x is not None and not (np.isfinite(x) and x >= 0.0):
-    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
+    raise ValueError(f'{name} must be {accepted}, got {value!r}.')
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Checks that a switch is ``True`` or ``False`` (not ``"no"``, not 0)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be True or False, got {value!r}.')
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

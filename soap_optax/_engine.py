@@ -137,8 +137,9 @@ def plan_layout(
   * otherwise the shape is first merged with :func:`merge_axes` when
     ``merge_dims``, and every (merged) axis of length ``<= max_precond_dim``
     gets a factor;
-  * with ``one_sided``, only the shortest factored axis keeps its factor (the
-    first one on ties).
+  * with ``one_sided``, only the shortest factored axis longer than 1 keeps
+    its factor (the first one on ties); a length-1 axis's factor is the
+    scalar 1, so picking it would leave plain Adam.
 
   Args:
     shape: the parameter's shape.
@@ -161,7 +162,8 @@ def plan_layout(
   merged = merge_axes(shape, max_precond_dim) if merge_dims else shape
   factored = tuple(i for i, n in enumerate(merged) if n <= max_precond_dim)
   if one_sided and len(factored) > 1:
-    factored = (min(factored, key=lambda i: merged[i]),)
+    longer = [i for i in factored if merged[i] > 1] or list(factored)
+    factored = (min(longer, key=lambda i: merged[i]),)
   return FactorLayout(shape, merged, factored)
 
 
@@ -232,6 +234,71 @@ def accumulate(
   return factors._replace(stats=new_stats)
 
 
+# Rotated coordinates that hold only the rotation's rounding error: below this
+# many machine epsilons of the energy they could have leaked from, a rotated
+# coordinate is treated as noise (see :func:`rounding_floor_squared`).
+ROUNDING_FLOOR_ULPS = 1000.0
+
+
+def rounding_floor_squared(
+    second_moment: jax.Array, layout: FactorLayout) -> jax.Array:
+  r"""The squared rounding-noise floor of one unit's rotated second moment.
+
+  Rotating along a factored axis ``a`` (a product with ``Q_a^T``, computed in
+  floating point) leaves in every output coordinate an error of the order of
+  ``ε ||fibre_a||``: machine epsilon of the dtype times the norm of the fibre
+  along ``a`` through that coordinate, which the rotation preserves. Where the
+  true rotated value is (near) zero, e.g. outside the span of a rank-deficient
+  gradient, that error is all there is, and Adam's ``m / sqrt(v)`` would
+  normalize it to a full-size update. Measured on float32 rank-1 to rank-8
+  gradients, the error reaches about ``1.3 ε ||G||_F`` in the coordinates next
+  to the gradient's span and is about ``0.2 ε ||G||_F sqrt(sum_a 1/d_a)``
+  (root mean square) elsewhere. The floor is
+
+  .. math::
+
+    f^2(x) = (κ ε)^2 \sum_{a \in factored} \big(F_a(x) + \bar F_a\big),
+    \qquad F_a(x) = \sum_{y \in fibre_a(x)} V_y
+
+  with ``V`` the second moment (its sum over a fibre is the running fibre
+  energy), ``\bar F_a`` the mean of ``F_a`` over the unit and
+  ``κ = ROUNDING_FLOOR_ULPS``; the transforms divide by ``sqrt(V + f^2)``
+  instead of ``sqrt(V)``. In float32 ``κ ε ≈ 1.2e-4``: a coordinate is
+  damped only where its energy is below about ``1e-8`` of the energy of the
+  fibres through it. In float64 ``κ ε ≈ 2.2e-13`` and the floor is far below
+  any ``eps``. A unit without factored axes is never rotated and has no floor.
+
+  Returns:
+    ``f^2``, broadcastable against ``second_moment`` (0 without factors).
+  """
+  if not layout.factored_axes:
+    return jnp.zeros((), second_moment.dtype)
+  scale = (ROUNDING_FLOOR_ULPS * jnp.finfo(second_moment.dtype).eps)**2
+  energy = jnp.zeros((), second_moment.dtype)
+  for axis in layout.factored_axes:
+    fibre = jnp.sum(second_moment, axis=axis, keepdims=True)
+    energy = energy + fibre + jnp.mean(fibre)
+  return scale * energy
+
+
+def with_separable_rounding_floor(
+    per_axis: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """``s_k + (κ ε)^2 sum(s_k)`` for each axis's statistic (or eigenvalues).
+
+  The separable form of :func:`rounding_floor_squared`, for second moments
+  built as products of per-axis statistics (Shampoo's ``Λ_L ⊗ Λ_R / T``,
+  Adafactor's ``r c^T / sum(r)``): the product of the floored statistics is
+  the product plus about ``(κ ε)^2 (Λ_L ⊗ tr Λ_R + tr Λ_L ⊗ Λ_R) / T``, the
+  fibre energies of :func:`rounding_floor_squared`. Non-positive statistics
+  (round-off of a null direction) stay non-positive where the floor is below
+  them in magnitude, so Shampoo and Adafactor zero the same coordinates and
+  their identity holds with the floor on.
+  """
+  return tuple(
+      s + (ROUNDING_FLOOR_ULPS * jnp.finfo(s.dtype).eps)**2 * jnp.sum(s)
+      for s in per_axis)
+
+
 # ------------------------------------------------------------------------------
 # Batched refresh.
 
@@ -292,6 +359,16 @@ def rayleigh_quotients(stat: jax.Array, basis: jax.Array) -> jax.Array:
   return jnp.einsum('ij,ij->j', basis, stat @ basis, precision=HIGHEST)
 
 
+def _eigh_basis_checked(stat, old_basis):
+  """:func:`eigh_basis` and whether the decomposition was finite."""
+  eigenvalues, basis = jnp.linalg.eigh(stat)
+  eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
+  ok = _all_finite(basis) & _all_finite(eigenvalues)
+  old_values = rayleigh_quotients(stat, old_basis)
+  return (jnp.where(ok, basis, old_basis),
+          jnp.where(ok, eigenvalues, old_values), ok)
+
+
 def eigh_basis(
     stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvectors and eigenvalues (descending) of one factor.
@@ -300,12 +377,20 @@ def eigh_basis(
     ``(new_basis, eigenvalues)``. When the decomposition is not finite,
     ``old_basis`` and its Rayleigh quotients ``diag(Q^T GG Q)`` are returned.
   """
-  eigenvalues, basis = jnp.linalg.eigh(stat)
-  eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
-  ok = _all_finite(basis) & _all_finite(eigenvalues)
-  old_values = rayleigh_quotients(stat, old_basis)
-  return (jnp.where(ok, basis, old_basis),
-          jnp.where(ok, eigenvalues, old_values))
+  return _eigh_basis_checked(stat, old_basis)[:2]
+
+
+def _power_qr_basis_checked(stat, old_basis):
+  """:func:`power_qr_basis` and whether the new basis was finite."""
+  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
+  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
+  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
+  order = jnp.argsort(estimates, descending=True, stable=True)
+  new_basis, _ = jnp.linalg.qr(power[:, order])
+  ok = _all_finite(new_basis)
+  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
+  return (jnp.where(ok, new_basis, old_basis),
+          jnp.where(ok, order, identity_order), ok)
 
 
 def power_qr_basis(
@@ -320,31 +405,32 @@ def power_qr_basis(
     per column of the old basis (e.g. the rotated second moment). When the new
     basis is not finite, ``(old_basis, arange)`` is returned.
   """
-  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
-  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
-  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
-  order = jnp.argsort(estimates, descending=True, stable=True)
-  new_basis, _ = jnp.linalg.qr(power[:, order])
-  ok = _all_finite(new_basis)
-  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
-  return (jnp.where(ok, new_basis, old_basis),
-          jnp.where(ok, order, identity_order))
+  return _power_qr_basis_checked(stat, old_basis)[:2]
+
+
+class Refreshed(NamedTuple):
+  """What a batched refresh returns.
+
+  Attributes:
+    factors: per stack, the factors with their new bases.
+    extras: per stack, a tuple with one array per factored axis (eigenvalues
+      or column orders, see the refresh functions).
+    failures: int32 scalar, the number of factors whose new basis was not
+      finite and which kept their old one.
+  """
+
+  factors: list[KroneckerFactors]
+  extras: list[tuple[jax.Array, ...]]
+  failures: jax.Array
 
 
 def _refresh(
-    basis_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    basis_fn: Callable[[jax.Array, jax.Array],
+                       tuple[jax.Array, jax.Array, jax.Array]],
     factors: Sequence[KroneckerFactors],
-) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
-  """Runs ``basis_fn(GG_i, Q_i) -> (new Q_i, aux)`` on every factor, batched.
-
-  Args:
-    basis_fn: the per-factor refresh.
-    factors: per stack, factors with a leading unit axis.
-
-  Returns:
-    The factors with their new bases and, per stack, the tuple of stacked
-    ``aux``.
-  """
+) -> Refreshed:
+  """Runs ``basis_fn(GG_i, Q_i) -> (new Q_i, aux, ok)`` on every factor,
+  batched by size (see :func:`map_by_size`)."""
   stats = [s for f in factors for s in f.stats]
   bases = [q for f in factors for q in f.bases]
   outputs = map_by_size(basis_fn, stats, bases) if stats else []
@@ -352,38 +438,35 @@ def _refresh(
   for f in factors:
     mine = outputs[start:start + len(f.bases)]
     start += len(f.bases)
-    new_factors.append(f._replace(bases=tuple(q for q, _ in mine)))
-    extras.append(tuple(aux for _, aux in mine))
-  return new_factors, extras
+    new_factors.append(f._replace(bases=tuple(q for q, _, _ in mine)))
+    extras.append(tuple(aux for _, aux, _ in mine))
+  failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
+                 jnp.zeros([], jnp.int32))
+  return Refreshed(new_factors, extras, failures)
 
 
-def refresh_eigh(
-    factors: Sequence[KroneckerFactors],
-) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
+def refresh_eigh(factors: Sequence[KroneckerFactors]) -> Refreshed:
   """Replaces every basis by the eigenvectors of its factor, batched by size.
 
   Returns:
-    The refreshed factors and, per stack, a tuple with the eigenvalues
-    (descending, matching the basis columns) of each factored axis.
+    A :class:`Refreshed` whose extras are the eigenvalues (descending,
+    matching the basis columns) of each factored axis.
   """
-  return _refresh(eigh_basis, factors)
+  return _refresh(_eigh_basis_checked, factors)
 
 
-def refresh_power_qr(
-    factors: Sequence[KroneckerFactors],
-) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
+def refresh_power_qr(factors: Sequence[KroneckerFactors]) -> Refreshed:
   """Refreshes every basis by power iteration + QR, batched by size.
 
   Returns:
-    The refreshed factors and, per stack, a tuple with the column order
-    applied to each factored axis (see :func:`power_qr_basis`).
+    A :class:`Refreshed` whose extras are the column order applied to each
+    factored axis (see :func:`power_qr_basis`).
   """
-  return _refresh(power_qr_basis, factors)
+  return _refresh(_power_qr_basis_checked, factors)
 
 
 def refresh_with_eigenvalues(
-    factors: Sequence[KroneckerFactors], method: str,
-) -> tuple[list[KroneckerFactors], list[tuple[jax.Array, ...]]]:
+    factors: Sequence[KroneckerFactors], method: str) -> Refreshed:
   """Refreshes every basis and returns eigenvalue estimates in the new bases.
 
   Args:
@@ -393,15 +476,15 @@ def refresh_with_eigenvalues(
       ``diag(Q_new^T GG Q_new)``).
 
   Returns:
-    The refreshed factors and, per stack, one eigenvalue vector per
-    factored axis, matching the columns of the new bases.
+    A :class:`Refreshed` whose extras are one eigenvalue vector per factored
+    axis, matching the columns of the new bases.
   """
   if method == 'eigh':
     return refresh_eigh(factors)
-  refreshed, _ = refresh_power_qr(factors)
+  refreshed = refresh_power_qr(factors)
   eigenvalues = [
       tuple(jax.vmap(rayleigh_quotients)(s, q)
             for s, q in zip(f.stats, f.bases))
-      for f in refreshed
+      for f in refreshed.factors
   ]
-  return refreshed, eigenvalues
+  return refreshed._replace(extras=eigenvalues)

@@ -46,11 +46,14 @@ def outer_product(vectors: Sequence[jax.Array]) -> jax.Array:
 def factored_second_moment(stats: Sequence[jax.Array]) -> jax.Array:
   """Adafactor's ``(s_0 ⊗ ... ⊗ s_{N-1}) / T^{N-1}``, ``T = sum(s_0)``.
 
-  Where ``T`` is zero (no gradient seen yet) the result is zero.
+  Where ``T`` is zero (no gradient seen yet) the result is zero. Computed as
+  ``((s_0 / T) ⊗ ... ⊗ (s_{N-1} / T)) T``, so that no intermediate product
+  exceeds ``T`` (the plain product of N statistics can overflow where the
+  result does not).
   """
   total = jnp.sum(stats[0])
   safe_total = jnp.where(total > 0, total, 1.0)
-  return outer_product(stats) / safe_total ** (len(stats) - 1)
+  return outer_product([s / safe_total for s in stats]) * safe_total
 
 
 def inverse_power(x: jax.Array, exponent: jax.typing.ArrayLike) -> jax.Array:

@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from soap_optax import _engine
 
@@ -244,6 +245,7 @@ class EigenbasisPlan:
   stacks: tuple[Stack, ...]
   refresh_phases: tuple[tuple[int, ...], ...] | None = None
   refresh_frequency: int | None = None
+  leaf_paths: tuple[str, ...] | None = None
 
   def units_due(self, residue: int) -> list[slice]:
     """Per stack, the units whose refresh phase is ``residue`` (staggered).
@@ -550,12 +552,21 @@ class EigenbasisState(NamedTuple):
     stats: ``GG_i`` of every stack's factored axes, each ``(U, d_i, d_i)``
       (stacks in plan order, axes in increasing order).
     bases: ``Q_i``, shaped like ``stats``.
+    skipped: int32 scalar, the number of unit updates skipped because the
+      unit's gradient was not finite or its squared norm overflowed the
+      statistics' dtype (the unit's state was left unchanged and its update
+      was zero).
+    failed_refreshes: int32 scalar, the number of factor refreshes whose
+      result was not finite (the factor kept its old basis). A count that
+      keeps growing means a basis that has gone stale.
   """
 
   count: jax.Array
   plan: EigenbasisPlan
   stats: tuple[jax.Array, ...]
   bases: tuple[jax.Array, ...]
+  skipped: jax.Array
+  failed_refreshes: jax.Array
 
 
 def init_eigenbasis(
@@ -595,6 +606,7 @@ def init_eigenbasis(
       unit_layout=lambda shape: _engine.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided))
+  plan = dataclasses.replace(plan, leaf_paths=_leaf_paths(params))
   if staggered_refresh_frequency is not None:
     frequency = int(staggered_refresh_frequency)
     plan = dataclasses.replace(
@@ -608,20 +620,42 @@ def init_eigenbasis(
           jnp.eye(n, dtype=stack.dtype), (stack.size, n, n)))
   return EigenbasisState(
       count=jnp.zeros([], jnp.int32), plan=plan, stats=tuple(stats),
-      bases=tuple(bases))
+      bases=tuple(bases), skipped=jnp.zeros([], jnp.int32),
+      failed_refreshes=jnp.zeros([], jnp.int32))
 
 
-def check_updates(leaves: Sequence[Any], plan: EigenbasisPlan) -> None:
-  """Raises when a gradient tree does not match the initialized one."""
+def _leaf_paths(tree: Any) -> tuple[str, ...]:
+  """Each leaf's key path, without the ``.value`` of boxes (Flax variables,
+  ``nn.Partitioned``), which parameters carry and gradients may not."""
+  paths = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path = tuple(k for k in path if not (
+        isinstance(k, jax.tree_util.GetAttrKey) and k.name == 'value'))
+    paths.append(jax.tree_util.keystr(path))
+  return tuple(paths)
+
+
+def check_updates(updates: Any, plan: EigenbasisPlan) -> None:
+  """Raises a ValueError when a gradient tree does not match the initialized
+  one: another number of leaves, a leaf at another key path (renamed keys, a
+  list for a dict), or another shape."""
+  leaves = jax.tree.leaves(updates)
   if len(leaves) != len(plan.placements):
     raise ValueError(
         f'updates have {len(leaves)} leaves but the optimizer state was '
         f'initialized for {len(plan.placements)} parameters.')
-  for i, (x, placement) in enumerate(zip(leaves, plan.placements)):
+  for i, (where, x, placement) in enumerate(
+      zip(_leaf_paths(updates), leaves, plan.placements)):
+    if plan.leaf_paths is not None and where != plan.leaf_paths[i]:
+      raise ValueError(
+          f'updates do not have the structure of the parameters the optimizer '
+          f'state was initialized with: leaf {i} is at {where or "the root"} '
+          f'but the state expects {plan.leaf_paths[i] or "the root"}.')
     if tuple(jnp.shape(x)) != placement.shape:
       raise ValueError(
-          f'update leaf {i} has shape {tuple(jnp.shape(x))} but the optimizer '
-          f'state was initialized for shape {placement.shape}.')
+          f'the update at {where or "the root"} has shape '
+          f'{tuple(jnp.shape(x))} but the optimizer state was initialized for '
+          f'shape {placement.shape}.')
 
 
 def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
@@ -634,13 +668,20 @@ def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
   ]
 
 
-def pack(plan: EigenbasisPlan, factors: Sequence[_engine.KroneckerFactors],
-         count: jax.Array) -> EigenbasisState:
-  """Inverse of :func:`unpack`."""
+def pack(state: EigenbasisState,
+         factors: Sequence[_engine.KroneckerFactors], *,
+         skipped: jax.Array, failed_refreshes: jax.Array) -> EigenbasisState:
+  """Inverse of :func:`unpack`: ``state`` one call later.
+
+  ``count`` is incremented; ``skipped`` and ``failed_refreshes`` are this
+  call's numbers, added to the state's.
+  """
   return EigenbasisState(
-      count=count, plan=plan,
+      count=optax.safe_increment(state.count), plan=state.plan,
       stats=tuple(s for f in factors for s in f.stats),
-      bases=tuple(q for f in factors for q in f.bases))
+      bases=tuple(q for f in factors for q in f.bases),
+      skipped=state.skipped + skipped,
+      failed_refreshes=state.failed_refreshes + failed_refreshes)
 
 
 def zeros_per_stack(plan: EigenbasisPlan, dtype: Any = None) -> tuple:

@@ -17,12 +17,15 @@ REFRESH_METHODS = ('eigh', 'qr')
 
 
 def _check_eigenbasis_args(
-    precondition_frequency: Any, max_precond_dim: Any, block_size: Any
-) -> None:
+    precondition_frequency: Any, max_precond_dim: Any, block_size: Any,
+    **switches: Any) -> None:
+  """The arguments every transform shares; ``switches`` must be booleans."""
   _checks.check_int('precondition_frequency', precondition_frequency, 1)
   _checks.check_int('max_precond_dim', max_precond_dim, 0)
   if block_size is not None:
     _checks.check_int('block_size', block_size, 1)
+  for name, value in switches.items():
+    _checks.check_bool(name, value)
 
 
 def _init_eigenbasis(
@@ -39,15 +42,45 @@ def _init_eigenbasis(
 def _gather_gradients(updates: Any, eigenbasis: _stacks.EigenbasisState):
   """What every ``update_fn`` starts from.
 
+  Non-finite gradients (the policy shared by every transform): a unit whose
+  gradient has a non-finite entry, or whose squared norm ``sum(G**2)``
+  overflows the statistics' dtype, is *rejected*. Its gradient is replaced by
+  zeros here (so nothing non-finite reaches the arithmetic), the transforms
+  keep its state unchanged (:func:`_keep_rejected`), its update is zero and
+  ``EigenbasisState.skipped`` counts it. Every statistic of an accepted unit
+  is a running average of quantities bounded by ``sum(G**2)`` (the entries of
+  ``G G^T``, squared rotated coordinates, their sums), so a finite gradient
+  can never make the state non-finite. ``optax.apply_if_finite`` still works
+  on top, and skips the whole step instead.
+
   Returns:
-    ``(grads, treedef, factors, stacked_grads)``: the gradient leaves and their
-    tree structure, the per-stack :class:`KroneckerFactors` and the gradients
-    gathered into stacks ``(U, *merged_shape)`` in the state's dtype.
+    ``(grads, treedef, factors, stacked_grads, accepted)``: the gradient
+    leaves and their tree structure, the per-stack :class:`KroneckerFactors`,
+    the gradients gathered into stacks ``(U, *merged_shape)`` in the state's
+    dtype, and per stack a ``(U,)`` boolean mask of the accepted units.
   """
+  _stacks.check_updates(updates, eigenbasis.plan)
   grads, treedef = jax.tree.flatten(updates)
-  _stacks.check_updates(grads, eigenbasis.plan)
-  return (grads, treedef, _stacks.unpack(eigenbasis),
-          _stacks.gather(grads, eigenbasis.plan))
+  stacked = _stacks.gather(grads, eigenbasis.plan)
+  accepted = [
+      jnp.isfinite(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
+      for g in stacked]
+  stacked = [_keep_rejected(ok, g, jnp.zeros_like(g))
+             for ok, g in zip(accepted, stacked)]
+  return (grads, treedef, _stacks.unpack(eigenbasis), stacked, accepted)
+
+
+def _keep_rejected(accepted: jax.Array, new: Any, old: Any) -> Any:
+  """Per unit of a stack: ``new`` where accepted, else ``old`` (any tree of
+  ``(U, ...)`` arrays)."""
+  def select(n, o):
+    return jnp.where(accepted.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(select, new, old)
+
+
+def _count_rejected(accepted: list[jax.Array]) -> jax.Array:
+  return sum((jnp.sum(~ok, dtype=jnp.int32) for ok in accepted),
+             jnp.zeros([], jnp.int32))
 
 
 def _outputs(directions, plan, grads, treedef):
@@ -103,21 +136,23 @@ def _refresh_if_due(
   ``count % frequency == 0``, or, with staggering, the units whose phase is
   ``count % frequency``; later refreshes use ``method``. Returns the factors,
   the eigenvalue estimates of each factored axis in the new bases (``(U, d)``
-  per stack and axis; zeros for units not refreshed) and, per stack, a
-  ``(U,)`` boolean mask of the refreshed units.
+  per stack and axis; zeros for units not refreshed), per stack a ``(U,)``
+  boolean mask of the refreshed units, and the number of failed factor
+  refreshes.
   """
   def keep(fs):
     return (list(fs),
             [tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases)
              for f in fs],
-            [jnp.zeros((stack.size,), bool) for stack in plan.stacks])
+            [jnp.zeros((stack.size,), bool) for stack in plan.stacks],
+            jnp.zeros([], jnp.int32))
 
   def refresh(fs, units, method):
     fs = list(fs)
-    out, values, masks = keep(fs)
+    out, values, masks, _ = keep(fs)
     active, selected = _refreshed_stacks(fs, units)
-    refreshed, eigenvalues = _engine.refresh_with_eigenvalues(selected, method)
-    for s, new, fresh in zip(active, refreshed, eigenvalues):
+    refreshed = _engine.refresh_with_eigenvalues(selected, method)
+    for s, new, fresh in zip(active, refreshed.factors, refreshed.extras):
       out[s] = _stacks.put_units(fs[s], new, units[s])
       values[s] = tuple(_stacks.put_units(zero, v, units[s])
                         for zero, v in zip(values[s], fresh))
@@ -127,7 +162,7 @@ def _refresh_if_due(
       mask = np.zeros((stack.size,), bool)
       mask[slice(None) if due is None else due] = True
       masks[s] = jnp.asarray(mask)
-    return out, values, masks
+    return out, values, masks, refreshed.failures
 
   def scheduled(fs, method):
     return _on_refresh_schedule(
@@ -188,6 +223,7 @@ def scale_by_rotated_adam(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -205,10 +241,13 @@ def scale_by_rotated_adam(
       t &\leftarrow t + 1 \\
       m &\leftarrow b_1 m + (1 - b_1) G', \qquad
       v \leftarrow b_2 v + (1 - b_2) G'^2 \\
-      U &= \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\,
-           unrotate\Big(\frac{m}{\sqrt{v} + \epsilon}\Big)
+      D &= unrotate\Big(\frac{m}{\sqrt{v + f^2} + \epsilon}\Big), \qquad
+      U = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\, D
 
-    then, if ``normalize_grads``, ``U <- U / (1e-30 + rms(U))``; then
+    where, if ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
+    authors' order: normalized, then bias-corrected), and ``f^2`` is the
+    rounding-noise floor of :func:`soap_optax._engine.rounding_floor_squared`
+    (``rounding_floor=True``; 0 otherwise); then
     ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
     the basis it is preconditioned in); and when ``t % precondition_frequency
     == 0`` every basis is refreshed by power iteration + QR (columns sorted by
@@ -276,6 +315,13 @@ def scale_by_rotated_adam(
       about the same share of the decomposition work (largest units first,
       each onto the least-loaded residue). Units of phase 0 refresh exactly
       as without it. ``precondition_frequency`` must then be static.
+    rounding_floor: divide by ``sqrt(v + f^2)``, where ``f`` is the level of
+      the rotation's own rounding error (about ``1.2e-4`` of the energy of the
+      fibres through a coordinate in float32, ``2.2e-13`` in float64), so that
+      rotated coordinates holding nothing but rounding noise, e.g. outside
+      the span of a rank-deficient gradient, are not normalized up to
+      full-size updates. ``False`` reproduces the reference's float32
+      behaviour.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -290,7 +336,11 @@ def scale_by_rotated_adam(
   if shampoo_beta is not None:
     _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
+  _check_eigenbasis_args(
+      precondition_frequency, max_precond_dim, block_size,
+      merge_dims=merge_dims, precondition_1d=precondition_1d,
+      normalize_grads=normalize_grads, one_sided=one_sided, factored=factored,
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
   mu_dtype = _checks.check_float_dtype('mu_dtype', mu_dtype)
   factor_beta = b2 if shampoo_beta is None else shampoo_beta
 
@@ -315,24 +365,25 @@ def scale_by_rotated_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, stacked_grads = _gather_gradients(
+    grads, treedef, factors, stacked_grads, accepted = _gather_gradients(
         updates, state.eigenbasis)
     plan = state.eigenbasis.plan
     t = state.eigenbasis.count  # t after the increment (count counts init).
-    mus = list(state.mu)
     # Second moments, per stack: (v,) or (s_0, ..., s_{N-1}) when factored.
     if factored:
       nus = plan.split_axes(state.nu)
     else:
       nus = [(v,) for v in state.nu]
-
-    def absorb_gradients():
-      return _accumulate(factors, stacked_grads, factor_beta)
+    absorbed = [
+        _keep_rejected(ok, new, old) for ok, new, old in zip(
+            accepted, _accumulate(factors, stacked_grads, factor_beta),
+            factors)]
 
     def initialize():
-      new_factors, _ = _engine.refresh_eigh(absorb_gradients())
+      refreshed = _engine.refresh_eigh(absorbed)
       directions = [jnp.zeros_like(g) for g in stacked_grads]
-      return directions, mus, nus, new_factors
+      return (directions, list(state.mu), nus, refreshed.factors,
+              refreshed.failures)
 
     def unit_step(g, f, mu, nu):
       """One unit's Adam step in its eigenbasis."""
@@ -345,13 +396,16 @@ def scale_by_rotated_adam(
       else:
         nu = (b2 * nu[0] + (1 - b2) * rotated**2,)
         second_moment = nu[0]
-      scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
-      direction = scale * _engine.unrotate(
+      if rounding_floor:
+        second_moment = second_moment + _engine.rounding_floor_squared(
+            second_moment, f.layout)
+      direction = _engine.unrotate(
           new_mu / (jnp.sqrt(second_moment) + eps), f)
-      if normalize_grads:
+      if normalize_grads:  # Normalized first, bias-corrected after.
         direction = direction / (
             1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
-      return direction, new_mu.astype(mu.dtype), nu
+      scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
+      return scale * direction, new_mu.astype(mu.dtype), nu
 
     def carry_first_moment(mu, old, new):
       """``m`` in the new basis: ``rotate_new(unrotate_old(m))``."""
@@ -361,17 +415,24 @@ def scale_by_rotated_adam(
 
     def adam_step():
       steps = [jax.vmap(unit_step)(g, f, mu, nu)
-               for g, f, mu, nu in zip(stacked_grads, factors, mus, nus)]
-      directions = [d for d, _, _ in steps]
-      operands = (absorb_gradients(), [m for _, m, _ in steps],
-                  [n for _, _, n in steps])
+               for g, f, mu, nu in zip(stacked_grads, factors, state.mu, nus)]
+      directions = [_keep_rejected(ok, d, jnp.zeros_like(d))
+                    for ok, (d, _, _) in zip(accepted, steps)]
+      operands = (
+          absorbed,
+          [_keep_rejected(ok, m, old)
+           for ok, (_, m, _), old in zip(accepted, steps, state.mu)],
+          [_keep_rejected(ok, n, old)
+           for ok, (_, _, n), old in zip(accepted, steps, nus)],
+          jnp.zeros([], jnp.int32))
 
       def refresh(operands, units):
-        old_factors, mus, nus = operands
+        old_factors, mus, nus, _ = operands
         new_factors, new_mus, new_nus = list(old_factors), list(mus), list(nus)
         active, selected = _refreshed_stacks(old_factors, units)
-        refreshed, orders = _engine.refresh_power_qr(selected)
-        for s, old, new, order in zip(active, selected, refreshed, orders):
+        refreshed = _engine.refresh_power_qr(selected)
+        for s, old, new, order in zip(active, selected, refreshed.factors,
+                                      refreshed.extras):
           mu = _stacks.take_units(mus[s], units[s])
           nu = _stacks.take_units(nus[s], units[s])
           new_mus[s] = _stacks.put_units(
@@ -381,15 +442,15 @@ def scale_by_rotated_adam(
                   _permute_second_moment, layout=old.layout,
                   factored=factored))(nu, orders=order), units[s])
           new_factors[s] = _stacks.put_units(old_factors[s], new, units[s])
-        return new_factors, new_mus, new_nus
+        return new_factors, new_mus, new_nus, refreshed.failures
 
       if any(stack.layout.factored_axes for stack in plan.stacks):
         operands = _on_refresh_schedule(
             plan, t, precondition_frequency, refresh, lambda x: x, operands)
-      new_factors, new_mus, new_nus = operands
-      return directions, new_mus, new_nus, new_factors
+      new_factors, new_mus, new_nus, failures = operands
+      return directions, new_mus, new_nus, new_factors, failures
 
-    directions, mus, nus, factors = jax.lax.cond(
+    directions, mus, nus, factors, failures = jax.lax.cond(
         t == 0, initialize, adam_step)
     if factored:
       nu = tuple(s for per_stack in nus for s in per_stack)
@@ -397,7 +458,9 @@ def scale_by_rotated_adam(
       nu = tuple(v[0] for v in nus)
     new_state = ScaleByRotatedAdamState(
         mu=tuple(mus), nu=nu,
-        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(t)))
+        eigenbasis=_stacks.pack(
+            state.eigenbasis, factors, skipped=_count_rejected(accepted),
+            failed_refreshes=failures))
     return _outputs(directions, plan, grads, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -435,11 +498,15 @@ class ScaleByShampooEigenbasisState(NamedTuple):
       axes in order).
     eigenvalues: ``Λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
       flat, from the last refresh (held fixed between refreshes).
+    rayleigh_quotients: ``diag(Q_k^T GG_k Q_k)`` with the current factors and
+      bases, shaped like ``eigenvalues`` (equal to them on a refresh call,
+      updated every call from the rotated gradient).
   """
 
   eigenbasis: _stacks.EigenbasisState
   diagonals: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
+  rayleigh_quotients: tuple[jax.Array, ...]
 
 
 def scale_by_shampoo_eigenbasis(
@@ -455,6 +522,8 @@ def scale_by_shampoo_eigenbasis(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    rayleigh_floor: bool = True,
 ) -> optax.GradientTransformation:
   r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
 
@@ -482,6 +551,24 @@ def scale_by_shampoo_eigenbasis(
   basis with ``Λ_k = diag(GG_k)``, the running sum of ``G**2`` over the other
   axes, so every axis is preconditioned.
 
+  Two safeguards, on by default and negligible where Shampoo is well posed:
+
+  * ``rayleigh_floor``: between refreshes each ``Λ_k`` is used as
+    ``max(Λ_k, R_k)`` with ``R_k = diag(Q_k^T GG_k Q_k)``, the Rayleigh
+    quotients of the *current* factor in the current basis (kept exactly, at
+    no extra product, as ``R_k <- β R_k + (1 - β) sum_{other axes} G'^2``;
+    ``R_k = Λ_k`` on a refresh call). Frozen eigenvalues of a factor that was
+    rank-deficient at its last refresh (the first one, say) are otherwise
+    near zero in directions the new gradients do reach, and the update
+    explodes until the next refresh. With the floor, a direction's
+    eigenvalue is never below the energy the factor already holds there.
+  * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
+    :func:`scale_by_rotated_adam`'s rounding-noise floor (``κ ε ≈ 1.2e-4``
+    in float32, ``2.2e-13`` in float64; see
+    :func:`soap_optax._engine.with_separable_rounding_floor`), so that
+    coordinates holding only the rotation's rounding error are not scaled
+    up.
+
   Order within a call (the rule shared with
   :func:`scale_by_adafactor_in_eigenbasis`): the statistics absorb the current
   gradient first; then, on a refresh call (the call index ``c``, 0-based,
@@ -508,6 +595,10 @@ def scale_by_shampoo_eigenbasis(
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` calls (see :func:`scale_by_rotated_adam`);
       the first call still refreshes every unit.
+    rounding_floor: add the rounding-noise floor to the eigenvalues (above).
+    rayleigh_floor: never use an eigenvalue below its current Rayleigh
+      quotient (above); ``False`` is classic Shampoo, whose eigenvalues stay
+      frozen between refreshes.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -520,7 +611,11 @@ def scale_by_shampoo_eigenbasis(
   _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('exponent', exponent)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
+  _check_eigenbasis_args(
+      precondition_frequency, max_precond_dim, block_size,
+      merge_dims=merge_dims, precondition_1d=precondition_1d,
+      trace_normalize=trace_normalize, staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor, rayleigh_floor=rayleigh_floor)
   _check_refresh(refresh)
 
   def init_fn(params):
@@ -538,35 +633,50 @@ def scale_by_shampoo_eigenbasis(
         eigenbasis=eigenbasis,
         diagonals=_stacks.zeros_per_axis(eigenbasis.plan, 'unfactored'),
         eigenvalues=_stacks.zeros_per_axis(eigenbasis.plan, 'all'),
+        rayleigh_quotients=_stacks.zeros_per_axis(eigenbasis.plan, 'all'),
     )
 
-  def precondition(g, f, values):
-    """One unit: ``G ×_k P_k`` in its eigenbasis, times the trace factor."""
+  def precondition(g, f, values, quotients, due):
+    """One unit: ``G ×_k P_k`` in its eigenbasis, times the trace factor.
+
+    Returns the direction and the unit's new Rayleigh quotients.
+    """
     rotated = _engine.rotate(g, f)
+    quotients = tuple(
+        jnp.where(due, v, shampoo_beta * r + (1 - shampoo_beta) * new)
+        for v, r, new in zip(
+            values, quotients, _factored.axis_sums_of_squares(rotated)))
+    if rayleigh_floor:
+      values = tuple(jnp.maximum(v, r) for v, r in zip(values, quotients))
+    if rounding_floor:
+      values = _engine.with_separable_rounding_floor(values)
     scaled = rotated * _factored.outer_product(
         [_factored.inverse_power(v + eps, exponent) for v in values])
     direction = _engine.unrotate(scaled, f)
     if trace_normalize:
       total = jnp.maximum(jnp.sum(values[0]), 0.0)
       direction = direction * total ** ((len(values) - 1) * exponent)
-    return direction
+    return direction, quotients
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, stacked_grads = _gather_gradients(
+    grads, treedef, factors, stacked_grads, accepted = _gather_gradients(
         updates, state.eigenbasis)
     plan = state.eigenbasis.plan
     count = state.eigenbasis.count
 
-    factors = _accumulate(factors, stacked_grads, shampoo_beta)
+    factors = [_keep_rejected(ok, new, old) for ok, new, old in zip(
+        accepted, _accumulate(factors, stacked_grads, shampoo_beta), factors)]
+    old_diagonals = plan.split_unfactored(state.diagonals)
     diagonals = [
-        tuple(shampoo_beta * d + (1 - shampoo_beta) * new for d, new in zip(
-            diag, _unfactored(
-                jax.vmap(_factored.axis_sums_of_squares)(g), stack.layout)))
-        for diag, g, stack in zip(
-            plan.split_unfactored(state.diagonals), stacked_grads,
-            plan.stacks)]
-    factors, fresh, due = _refresh_if_due(
+        _keep_rejected(ok, tuple(
+            shampoo_beta * d + (1 - shampoo_beta) * new for d, new in zip(
+                diag, _unfactored(
+                    jax.vmap(_factored.axis_sums_of_squares)(g),
+                    stack.layout))), diag)
+        for ok, diag, g, stack in zip(
+            accepted, old_diagonals, stacked_grads, plan.stacks)]
+    factors, fresh, due, failures = _refresh_if_due(
         factors, count, precondition_frequency, refresh, plan)
     eigenvalues = [
         tuple(jnp.where(due_units[:, None], new, old) for new, old in zip(
@@ -574,13 +684,24 @@ def scale_by_shampoo_eigenbasis(
         for stack, fresh_k, diag, old_values, due_units in zip(
             plan.stacks, fresh, diagonals, plan.split_axes(state.eigenvalues),
             due)]
-    directions = [jax.vmap(precondition)(g, f, values)
-                  for g, f, values in zip(stacked_grads, factors, eigenvalues)]
+    old_quotients = plan.split_axes(state.rayleigh_quotients)
+    steps = [jax.vmap(precondition)(g, f, values, quotients, due_units)
+             for g, f, values, quotients, due_units in zip(
+                 stacked_grads, factors, eigenvalues, old_quotients, due)]
+    directions = [_keep_rejected(ok, d, jnp.zeros_like(d))
+                  for ok, (d, _) in zip(accepted, steps)]
+    quotients = [_keep_rejected(ok | due_units, new, old)
+                 for ok, due_units, (_, new), old in zip(
+                     accepted, due, steps, old_quotients)]
 
     new_state = ScaleByShampooEigenbasisState(
-        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(count)),
+        eigenbasis=_stacks.pack(
+            state.eigenbasis, factors, skipped=_count_rejected(accepted),
+            failed_refreshes=failures),
         diagonals=tuple(d for per_stack in diagonals for d in per_stack),
         eigenvalues=tuple(v for per_stack in eigenvalues for v in per_stack),
+        rayleigh_quotients=tuple(r for per_stack in quotients
+                                 for r in per_stack),
     )
     return _outputs(directions, plan, grads, treedef), new_state
 
@@ -618,6 +739,7 @@ def scale_by_adafactor_in_eigenbasis(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh: bool = False,
+    rounding_floor: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
 
@@ -631,8 +753,11 @@ def scale_by_adafactor_in_eigenbasis(
     V = \frac{s_0 \otimes \cdots \otimes s_{N-1}}{(\sum s_0)^{N-1}}, \qquad
     U = unrotate\big(G' \,(V + \epsilon)^{-1/2}\big)
 
-  (for a matrix ``V = r c^T / sum(r)``). The factors ``GG_k`` use the same
-  ``b2``. On a refresh (same schedule and order as
+  (for a matrix ``V = r c^T / sum(r)``; with ``rounding_floor`` each ``s_k``
+  enters ``V`` as ``s_k + (κ ε)^2 sum(s_k)``, the separable rounding-noise
+  floor of :func:`soap_optax._engine.with_separable_rounding_floor`, the same
+  as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
+  same ``b2``. On a refresh (same schedule and order as
   :func:`scale_by_shampoo_eigenbasis`: statistics absorb the gradient, then
   the refresh, then the preconditioning) the statistic of each rotated axis is
   re-estimated in the new basis, ``s_k = diag(Q_k^T GG_k Q_k)``: after an
@@ -663,6 +788,9 @@ def scale_by_adafactor_in_eigenbasis(
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` calls (see :func:`scale_by_rotated_adam`);
       the first call still refreshes every unit.
+    rounding_floor: floor each statistic at the rotation's rounding level
+      (above); the same rule as :func:`scale_by_shampoo_eigenbasis`'s, so the
+      identity holds with it on.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -674,7 +802,10 @@ def scale_by_adafactor_in_eigenbasis(
   """
   _checks.check_beta('b2', b2)
   _checks.check_nonnegative('eps', eps)
-  _check_eigenbasis_args(precondition_frequency, max_precond_dim, block_size)
+  _check_eigenbasis_args(
+      precondition_frequency, max_precond_dim, block_size,
+      merge_dims=merge_dims, precondition_1d=precondition_1d,
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
   _check_refresh(refresh)
 
   def init_fn(params):
@@ -694,13 +825,14 @@ def scale_by_adafactor_in_eigenbasis(
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef, factors, stacked_grads = _gather_gradients(
+    grads, treedef, factors, stacked_grads, accepted = _gather_gradients(
         updates, state.eigenbasis)
     plan = state.eigenbasis.plan
     count = state.eigenbasis.count
 
-    factors = _accumulate(factors, stacked_grads, b2)
-    factors, fresh, due = _refresh_if_due(
+    factors = [_keep_rejected(ok, new, old) for ok, new, old in zip(
+        accepted, _accumulate(factors, stacked_grads, b2), factors)]
+    factors, fresh, due, failures = _refresh_if_due(
         factors, count, precondition_frequency, refresh, plan)
 
     def unit_step(g, f, old_stats, fresh_k, due):
@@ -715,18 +847,29 @@ def scale_by_adafactor_in_eigenbasis(
           tuple(jnp.where(due, new, running[axis])
                 for axis, new in zip(f.layout.factored_axes, fresh_k)),
           _unfactored(running, f.layout))
-      second_moment = _factored.factored_second_moment(stats)
+      second_moment = _factored.factored_second_moment(
+          _engine.with_separable_rounding_floor(stats) if rounding_floor
+          else stats)
       direction = _engine.unrotate(
           rotated * _factored.inverse_power(second_moment + eps, 0.5), f)
       return direction, stats
 
-    steps = [jax.vmap(unit_step)(g, f, old_stats, fresh_k, due_units)
-             for g, f, old_stats, fresh_k, due_units in zip(
-                 stacked_grads, factors, plan.split_axes(state.axis_stats),
-                 fresh, due)]
+    old_stats = plan.split_axes(state.axis_stats)
+    steps = [jax.vmap(unit_step)(g, f, stats, fresh_k, due_units)
+             for g, f, stats, fresh_k, due_units in zip(
+                 stacked_grads, factors, old_stats, fresh, due)]
+    # A rejected unit due for a refresh still takes its re-estimated
+    # statistics (they come from its unchanged factors).
+    stats = [_keep_rejected(ok | due_units, new, old)
+             for ok, due_units, (_, new), old in zip(
+                 accepted, due, steps, old_stats)]
+    directions = [_keep_rejected(ok, d, jnp.zeros_like(d))
+                  for ok, (d, _) in zip(accepted, steps)]
     new_state = ScaleByAdafactorInEigenbasisState(
-        eigenbasis=_stacks.pack(plan, factors, optax.safe_increment(count)),
-        axis_stats=tuple(s for _, stats in steps for s in stats))
-    return _outputs([d for d, _ in steps], plan, grads, treedef), new_state
+        eigenbasis=_stacks.pack(
+            state.eigenbasis, factors, skipped=_count_rejected(accepted),
+            failed_refreshes=failures),
+        axis_stats=tuple(s for per_stack in stats for s in per_stack))
+    return _outputs(directions, plan, grads, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -5,6 +5,7 @@ ran on it alone" is literally that: a separate optimizer state per slice or
 block, driven with the slice's gradients, in float64.
 """
 
+import functools
 import math
 
 import jax
@@ -23,17 +24,20 @@ Dims = soap_optax.EigenbasisDimensionNumbers
 # Every transform and alias, with settings that refresh often (eigh at the
 # first call, then every 2 calls) and no weight decay (so that a zero gradient
 # must give a zero update).
+def _every(**kw):
+  """The common keywords: refresh every 2 calls, and ``kw``."""
+  return dict(precondition_frequency=2, **kw)
+
+
 FACTORIES = {
     'soap': lambda **kw: soap_optax.soap(
-        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2, **kw),
+        0.1, b1=0.9, weight_decay=0.0, **_every(**kw)),
     'factorized_soap': lambda **kw: soap_optax.factorized_soap(
-        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2, **kw),
+        0.1, b1=0.9, weight_decay=0.0, **_every(**kw)),
     'one_sided_soap': lambda **kw: soap_optax.soap(
-        0.1, b1=0.9, weight_decay=0.0, precondition_frequency=2,
-        one_sided=True, **kw),
+        0.1, b1=0.9, weight_decay=0.0, one_sided=True, **_every(**kw)),
     'shampoo': lambda **kw: soap_optax.shampoo(
-        0.1, weight_decay=0.0, precondition_frequency=2,
-        eps=1e-6, **kw),
+        0.1, weight_decay=0.0, eps=1e-6, **_every(**kw)),
     # eps well above round-off (here and for Shampoo): a block's factor is
     # rank-deficient after one gradient, and with eps ~ 0 the rotated
     # gradient's round-off in the null space is divided by the factor's
@@ -42,8 +46,7 @@ FACTORIES = {
     # eps=1e-12). Shampoo refreshes with eigh: QR of GG Q on a rank-deficient
     # factor orthonormalizes round-off in the null-space columns.
     'adafactor_in_eigenbasis': lambda **kw: (
-        soap_optax.scale_by_adafactor_in_eigenbasis(
-            precondition_frequency=2, eps=1e-6, **kw)),
+        soap_optax.scale_by_adafactor_in_eigenbasis(eps=1e-6, **_every(**kw))),
 }
 NUM_CALLS = 7  # refreshes at calls 0 (eigh), 2, 4 and 6.
 
@@ -143,9 +146,19 @@ def _blocks(x, block_size):
 
 @pytest.mark.parametrize('name', sorted(FACTORIES))
 def test_blocks_equal_independent_runs_per_block(x64, name):
+  """An uneven grid of blocks: 64 and 44 rows by 64 and 44 columns.
+
+  ``max_precond_dim=63`` leaves the 64-long axes unrotated, so every factor
+  (44 x 44) is full rank from the first call. (A thin block's long-side
+  factor is rank-deficient for many calls, and the basis of its null space
+  is whatever the decomposition's rounding makes it: a batched and an
+  unbatched program pick different ones, and a later gradient's components
+  in that null space are normalized in different coordinates, O(1)
+  differences that no tolerance covers. See BENCHMARKS.md section 7.)
+  """
   del x64
-  factory = FACTORIES[name]
-  grads = _gradients((300, 70), (slice(0, 0),), seed=1)
+  factory = functools.partial(FACTORIES[name], max_precond_dim=63)
+  grads = _gradients((300, 108), (slice(0, 0),), seed=1)
   stacked = _stacked_updates(factory, grads, block_size=64)
   expected = _independent_updates(factory, [_blocks(g, 64) for g in grads])
   for call, (got, want) in enumerate(zip(stacked, expected)):
@@ -454,7 +467,8 @@ def test_staggered_refresh_matches_oracles_with_each_units_phase(x64, kind):
         precondition_1d=False, phase=phase)
   elif kind == 'shampoo':
     tx = soap_optax.scale_by_shampoo_eigenbasis(
-        shampoo_beta=0.8, eps=1e-6, refresh='qr', **common)
+        shampoo_beta=0.8, eps=1e-6, refresh='qr', rayleigh_floor=False,
+        **common)
     make_oracle = lambda shape, phase: shampoo_numpy.ShampooReference(
         shape, beta=0.8, exponent=0.5, eps=1e-6, frequency=frequency,
         trace_normalize=True, refresh='qr', phase=phase)
@@ -501,7 +515,8 @@ def _unstaggered(kind, frequency):
     tx = soap_optax.scale_by_rotated_adam(b1=0.9, b2=0.95, **common)
   elif kind == 'shampoo':
     tx = soap_optax.scale_by_shampoo_eigenbasis(
-        shampoo_beta=0.8, eps=1e-6, refresh='qr', **common)
+        shampoo_beta=0.8, eps=1e-6, refresh='qr', rayleigh_floor=False,
+        **common)
   else:
     tx = soap_optax.scale_by_adafactor_in_eigenbasis(
         b2=0.85, eps=1e-12, refresh='qr', **common)

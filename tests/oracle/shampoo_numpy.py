@@ -35,12 +35,21 @@ class ShampooReference:
   """
 
   def __init__(self, shape, *, beta, exponent, eps, frequency,
-               trace_normalize, refresh='eigh', phase=0):
+               trace_normalize, refresh='eigh', phase=0, rayleigh_floor=False):
     """With ``refresh="qr"`` the preconditioner after the first call is
     ``Q diag(diag(Q^T GG Q) + eps)^-e Q^T`` with ``Q`` from :func:`power_qr`.
     ``phase``: besides the first call, refresh on calls
-    ``c % frequency == phase``."""
+    ``c % frequency == phase``.
+
+    ``rayleigh_floor``: on the calls between refreshes the preconditioner is
+    ``Q diag(max(Λ, diag(Q^T GG Q)) + eps)^-e Q^T``, with ``Λ = diag(Q^T GG Q)``
+    frozen at the last refresh and ``GG`` the current factor (both computed
+    directly here), and ``T`` is the sum of the first axis's
+    ``max(Λ, diag(Q^T GG Q))``. A caller may set ``Q`` (and then ``Λ`` by
+    :meth:`share_bases`) after a refresh call."""
     self.refresh, self.phase = refresh, phase
+    self.rayleigh_floor = rayleigh_floor
+    self.frozen = None
     self.Q = None
     self.shape = tuple(shape)
     self.beta, self.exponent, self.eps = beta, exponent, eps
@@ -65,6 +74,13 @@ class ShampooReference:
             (q * (np.diag(q.T @ m @ q) + self.eps) ** -self.exponent) @ q.T
             for m, q in zip(self.GG, self.Q)]
       self.T = np.trace(self.GG[0])
+      self.frozen = [np.diag(q.T @ m @ q) for m, q in zip(self.GG, self.Q)]
+    elif self.rayleigh_floor:
+      floors = [np.maximum(lam, np.diag(q.T @ m @ q))
+                for lam, m, q in zip(self.frozen, self.GG, self.Q)]
+      self.P = [(q * (f + self.eps) ** -self.exponent) @ q.T
+                for f, q in zip(floors, self.Q)]
+      self.T = np.sum(floors[0])
     self.calls += 1
     u = g
     for k, p in enumerate(self.P):
@@ -72,6 +88,13 @@ class ShampooReference:
     if self.trace_normalize:
       u = u * self.T ** ((g.ndim - 1) * self.exponent)
     return u
+
+
+  def share_bases(self, bases):
+    """Takes ``bases`` as the current ``Q`` (and re-derives ``Λ`` from them):
+    for factors whose eigenvectors the decomposition does not determine."""
+    self.Q = [np.asarray(q, np.float64) for q in bases]
+    self.frozen = [np.diag(q.T @ m @ q) for m, q in zip(self.GG, self.Q)]
 
 
 class AdafactorInEigenbasisReference:

@@ -124,9 +124,9 @@ class SoapReference:
       self.v = self.b2 * self.v + (1 - self.b2) * gp**2
       v = self.v
     u = self.unrotate(self.m / (np.sqrt(v) + self.eps))
-    u = u * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
-    if self.normalize_grads:
+    if self.normalize_grads:  # the authors' order: normalize, then correct.
       u = u / (1e-30 + np.sqrt(np.mean(u**2)))
+    u = u * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
     self._update_statistics(g)
     if self.t % self.frequency == self.phase:
       m_param_space = self.unrotate(self.m)

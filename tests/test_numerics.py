@@ -1,0 +1,400 @@
+"""Numerics and reliability: the rounding-noise floor, mixed dtypes, spikes and
+non-finite gradients, ungrafted Shampoo, input validation, long runs."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import soap_optax
+from soap_optax import _engine
+from soap_optax import _stacks
+from soap_optax import problems
+
+TRANSFORMS = {
+    'rotated_adam': soap_optax.scale_by_rotated_adam,
+    'factored_rotated_adam': functools.partial(
+        soap_optax.scale_by_rotated_adam, factored=True),
+    'shampoo_eigenbasis': soap_optax.scale_by_shampoo_eigenbasis,
+    'adafactor_in_eigenbasis': soap_optax.scale_by_adafactor_in_eigenbasis,
+}
+ALIASES = {
+    'soap': soap_optax.soap,
+    'factorized_soap': soap_optax.factorized_soap,
+    'shampoo': soap_optax.shampoo,
+    'shampoo_ungrafted': functools.partial(soap_optax.shampoo, grafting='none'),
+}
+EVERYTHING = {**TRANSFORMS, **ALIASES}
+
+
+def _eigenbasis_states(state):
+  """Every :class:`EigenbasisState` inside an optimizer state."""
+  is_eigenbasis = lambda x: isinstance(x, _stacks.EigenbasisState)
+  return [x for x in jax.tree.leaves(state, is_leaf=is_eigenbasis)
+          if is_eigenbasis(x)]
+
+
+def _float_leaves(tree):
+  return [x for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in _float_leaves(tree))
+
+
+# ------------------------------------------------------------------------------
+# Item 1: the rounding-noise floor.
+
+
+def _orthonormal(rng, n, r):
+  return np.linalg.qr(rng.normal(size=(n, r)))[0]
+
+
+def _well_conditioned_mix(rng, r):
+  """A random r x r matrix with singular values in [0.5, 1]."""
+  return (_orthonormal(rng, r, r) @ np.diag(rng.uniform(0.5, 1.0, r))
+          @ _orthonormal(rng, r, r))
+
+
+def _share_outside_span(rank, rounding_floor, steps=60, seed=0):
+  """Default float32 ``scale_by_rotated_adam`` on rank-``rank`` gradients of a
+  64 x 32 matrix, all in one fixed span: the share of the update norm (summed
+  over the run) that lies outside that span."""
+  rng = np.random.default_rng(seed)
+  left, right = _orthonormal(rng, 64, rank), _orthonormal(rng, 32, rank)
+  tx = soap_optax.scale_by_rotated_adam(rounding_floor=rounding_floor)
+  params = {'w': jnp.zeros((64, 32), jnp.float32)}
+  state, update = tx.init(params), jax.jit(tx.update)
+  outside = total = 0.0
+  for _ in range(steps):
+    grad = left @ _well_conditioned_mix(rng, rank) @ right.T
+    out, state = update({'w': jnp.asarray(grad, jnp.float32)}, state)
+    u = np.asarray(out['w'], np.float64)
+    inside = left @ (left.T @ u @ right) @ right.T
+    outside += np.sum((u - inside)**2)
+    total += np.sum(u**2)
+  return np.sqrt(outside / total)
+
+
+@pytest.mark.parametrize('rank', [1, 2, 3, 4])
+def test_float32_updates_stay_in_the_span_of_low_rank_gradients(rank):
+  # In exact arithmetic every update lies in the span (Q maps the span onto
+  # itself); float32 rounding of the rotation puts ~1e-7 |G| outside it, which
+  # Adam without the floor normalizes to full size.
+  assert _share_outside_span(rank, rounding_floor=True) <= 0.01
+  assert _share_outside_span(rank, rounding_floor=False) >= 0.5
+
+
+def test_the_floor_is_far_below_eps_in_float64(x64):
+  del x64
+  v = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 5)))
+  layout = _engine.plan_layout((6, 5), max_precond_dim=100, merge_dims=False,
+                               precondition_1d=False)
+  floor = _engine.rounding_floor_squared(v, layout)
+  # f^2 = (1000 eps64)^2 (row sum + column sum + their means) <= 2e-25 * 4 sum.
+  assert float(jnp.max(floor)) <= (1000 * 2.3e-16)**2 * 4 * float(jnp.sum(v))
+  assert float(jnp.max(jnp.sqrt(floor))) < 1e-11
+
+
+def _train_two_layers(batch, steps=25, jitted=True):
+  """A tanh network (16 -> 16 -> 16) trained with float32 ``soap`` on fresh
+  batches of ``batch`` rows; returns the final parameters, flat."""
+  rng = np.random.default_rng(0)
+  params = {'w1': jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32),
+            'w2': jnp.asarray(rng.normal(size=(16, 16)) / 6, jnp.float32)}
+  data = [(jnp.asarray(rng.normal(size=(batch, 16)), jnp.float32),
+           jnp.asarray(rng.normal(size=(batch, 16)), jnp.float32))
+          for _ in range(steps)]
+  tx = soap_optax.soap(weight_decay=0.0)
+
+  def step(params, state, x, y):
+    loss = lambda p: jnp.mean((jnp.tanh(x @ p['w1']) @ p['w2'] - y)**2)
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  if jitted:
+    step = jax.jit(step)
+    for x, y in data:
+      params, state = step(params, state, x, y)
+  else:
+    with jax.disable_jit():
+      for x, y in data:
+        params, state = step(params, state, x, y)
+  return np.concatenate([np.ravel(v) for v in jax.tree.leaves(params)])
+
+
+def test_jitted_and_eager_float32_training_agree_with_full_rank_factors():
+  # Batches of 64 rows: every factor is full rank from the first call. (With
+  # rank-deficient factors the first eigh's basis of their null space is
+  # arbitrary, jit and eager pick different ones, and the runs differ by a
+  # few percent with or without the floor: BENCHMARKS.md section 7.)
+  jitted = _train_two_layers(64, jitted=True)
+  eager = _train_two_layers(64, jitted=False)
+  assert np.linalg.norm(jitted - eager) <= 1e-4 * np.linalg.norm(jitted)
+
+
+# ------------------------------------------------------------------------------
+# Item 2: mixed dtypes.
+
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+
+
+@pytest.mark.parametrize('name', list(EVERYTHING))
+def test_every_parameter_dtype_with_every_gradient_dtype(x64, name):
+  del x64
+  # One tree holds all 16 pairs, so one compile covers the matrix.
+  pairs = list(itertools.product(DTYPES, DTYPES))
+  params = {f'{jnp.dtype(a).name}_{jnp.dtype(b).name}': jnp.full((4, 3), 0.5, a)
+            for a, b in pairs}
+  grad_dtypes = {key: b for key, (_, b) in zip(params, pairs)}
+  tx = EVERYTHING[name]()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    grads = {k: jnp.asarray(rng.normal(size=(4, 3)), grad_dtypes[k])
+             for k in params}
+    updates, state = update(grads, state, params)
+    assert _all_finite(updates) and _all_finite(state)
+    for key, u in updates.items():
+      # The transforms answer in the gradient's dtype; the aliases' decayed
+      # weights promote it with the parameter's, as in optax.adamw.
+      expected = (grad_dtypes[key] if name in TRANSFORMS else
+                  jnp.promote_types(grad_dtypes[key], params[key].dtype))
+      assert u.dtype == expected, key
+  narrow = [x.dtype for x in _float_leaves(state)
+            if x.dtype in (jnp.bfloat16, jnp.float16)]
+  assert not narrow, f'state kept in {set(narrow)}'
+
+
+# ------------------------------------------------------------------------------
+# Item 3: spikes and non-finite gradients.
+
+
+@pytest.mark.parametrize('name', list(EVERYTHING))
+@pytest.mark.parametrize('spike', [1e18, 1e20, float('nan')])
+def test_a_spike_never_makes_the_state_or_the_parameters_non_finite(
+    name, spike):
+  tx = EVERYTHING[name](**({} if name in TRANSFORMS else
+                           dict(learning_rate=1e-2)))
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+            'b': jnp.zeros((6,), jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(8):
+    grads = {'w': rng.normal(size=(8, 6)), 'b': rng.normal(size=(6,))}
+    if step == 4:
+      grads['w'][2, 3] = spike
+    updates, state = update(jax.tree.map(
+        lambda g: jnp.asarray(g, jnp.float32), grads), state, params)
+    params = optax.apply_updates(params, updates)
+    assert _all_finite(state), step
+    assert _all_finite(params), step
+  skipped = sum(int(s.skipped) for s in _eigenbasis_states(state))
+  # 1e20**2 overflows float32: that unit is skipped, once; 1e18**2 does not.
+  assert skipped == (0 if spike == 1e18 else 1)
+
+
+@pytest.mark.parametrize('name', list(TRANSFORMS))
+def test_a_non_finite_gradient_leaves_its_units_state_unchanged(name):
+  tx = TRANSFORMS[name](precondition_frequency=3)
+  rng = np.random.default_rng(1)
+  params = {'a': jnp.zeros((5, 6)), 'b': jnp.zeros((4, 3))}
+  state = tx.init(params)
+  for _ in range(2):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    _, state = tx.update(grads, state, params)
+  before = state
+  grads = {'a': jnp.full((5, 6), jnp.nan),
+           'b': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(updates['a']), 0.0)
+  assert float(jnp.max(jnp.abs(updates['b']))) > 0
+  [eigenbasis] = _eigenbasis_states(state)
+  assert int(eigenbasis.skipped) == 1
+  # Every state array of parameter 'a' (its own stack; no shape in common
+  # with those of 'b') is as it was, bases included; those of 'b' moved.
+  a_shapes = {(1, 5, 6), (1, 5, 5), (1, 6, 6), (1, 5), (1, 6)}
+  kept = moved = 0
+  for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
+    if old.shape in a_shapes:
+      np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+      kept += 1
+    elif old.ndim and not np.array_equal(np.asarray(new), np.asarray(old)):
+      moved += 1
+  assert kept >= 3 and moved >= 1
+
+
+def test_failed_refreshes_are_counted():
+  layout = _engine.plan_layout((3, 3), max_precond_dim=10, merge_dims=False,
+                               precondition_1d=False)
+  good = jnp.eye(3)[None]
+  factors = _engine.KroneckerFactors(
+      layout, (jnp.full((1, 3, 3), jnp.inf), good), (good, good))
+  for refreshed in (_engine.refresh_eigh([factors]),
+                    _engine.refresh_power_qr([factors])):
+    assert int(refreshed.failures) == 1
+    np.testing.assert_array_equal(np.asarray(refreshed.factors[0].bases[0]),
+                                  np.asarray(good))
+
+
+def test_apply_if_finite_still_skips_the_whole_step():
+  tx = optax.apply_if_finite(soap_optax.soap(), max_consecutive_errors=5)
+  params = {'w': jnp.ones((4, 3))}
+  state = tx.init(params)
+  _, state = tx.update({'w': jnp.ones((4, 3))}, state, params)
+  updates, state = tx.update({'w': jnp.full((4, 3), jnp.nan)}, state, params)
+  np.testing.assert_array_equal(np.asarray(updates['w']), 0.0)
+  assert int(state.notfinite_count) == 1
+
+
+# ------------------------------------------------------------------------------
+# Item 4: Shampoo without grafting.
+
+
+def _rank_deficient_stream(steps, seed=0):
+  """Gradients of a 64 x 32 linear layer from batches of 4 rows (rank 4)."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(4, 64)).T @ rng.normal(size=(4, 32)),
+                      jnp.float32) for _ in range(steps)]
+
+
+@pytest.mark.parametrize('rayleigh_floor, bound', [(True, 10.0), (False, None)])
+def test_ungrafted_shampoo_does_not_explode_between_the_first_refreshes(
+    rayleigh_floor, bound):
+  tx = soap_optax.scale_by_shampoo_eigenbasis(
+      precondition_frequency=10, rayleigh_floor=rayleigh_floor)
+  params = {'w': jnp.zeros((64, 32), jnp.float32)}
+  state, update = tx.init(params), jax.jit(tx.update)
+  rms = []
+  for grad in _rank_deficient_stream(20):
+    out, state = update({'w': grad}, state)
+    rms.append(float(jnp.sqrt(jnp.mean(out['w']**2))))
+  if bound is None:  # classic Shampoo: eigenvalues frozen at ~0.
+    assert max(rms) > 1e3
+  else:
+    assert max(rms) <= bound
+
+
+@pytest.mark.parametrize('rayleigh_floor', [True, False])
+def test_ungrafted_shampoo_at_its_defaults_trains_the_kronecker_problem(
+    rayleigh_floor):
+  problem = problems.kronecker_quadratic(jax.random.PRNGKey(0), m=16, n=16)
+  losses = np.asarray(problems.run_optimizer(
+      problem, soap_optax.shampoo(grafting='none',
+                                  rayleigh_floor=rayleigh_floor),
+      500, jax.random.PRNGKey(1)))
+  if rayleigh_floor:
+    assert np.all(np.isfinite(losses))
+    assert np.max(losses) <= losses[0]
+    assert losses[-1] < 0.5 * losses[0]
+  else:  # classic Shampoo with frozen eigenvalues diverges.
+    assert not np.max(losses) <= 100 * losses[0]
+
+
+# ------------------------------------------------------------------------------
+# Item 5: validation.
+
+
+@pytest.mark.parametrize('make, name', [
+    (lambda: soap_optax.scale_by_rotated_adam(b1=None), 'b1'),
+    (lambda: soap_optax.soap(b2='0.9'), 'b2'),
+    (lambda: soap_optax.scale_by_rotated_adam(merge_dims='no'), 'merge_dims'),
+    (lambda: soap_optax.scale_by_rotated_adam(one_sided=1), 'one_sided'),
+    (lambda: soap_optax.scale_by_shampoo_eigenbasis(trace_normalize=None),
+     'trace_normalize'),
+    (lambda: soap_optax.scale_by_adafactor_in_eigenbasis(
+        precondition_1d='yes'), 'precondition_1d'),
+    (lambda: soap_optax.soap(rounding_floor='off'), 'rounding_floor'),
+    (lambda: soap_optax.shampoo(graft_b2=-1.0), 'graft_b2'),
+    (lambda: soap_optax.shampoo(graft_eps=-1.0), 'graft_eps'),
+    (lambda: soap_optax.shampoo(rayleigh_floor=0), 'rayleigh_floor'),
+])
+def test_bad_arguments_raise_a_value_error_naming_them(make, name):
+  with pytest.raises(ValueError, match=name):
+    make()
+
+
+@pytest.mark.parametrize('name', list(TRANSFORMS))
+@pytest.mark.parametrize('grads', [
+    {'c': jnp.ones((6, 4)), 'b': jnp.ones((3,))},   # a renamed key
+    [jnp.ones((6, 4)), jnp.ones((3,))],             # a list for a dict
+    {'a': jnp.ones((4, 6)), 'b': jnp.ones((3,))},   # a transposed leaf
+])
+def test_updates_must_match_the_initialized_tree(name, grads):
+  tx = TRANSFORMS[name]()
+  state = tx.init({'a': jnp.zeros((6, 4)), 'b': jnp.zeros((3,))})
+  with pytest.raises(ValueError, match='optimizer state was initialized'):
+    tx.update(grads, state)
+
+
+def test_one_sided_never_picks_a_length_one_axis():
+  state = soap_optax.scale_by_rotated_adam(one_sided=True).init(
+      {'w': jnp.zeros((1, 64))})
+  assert [s.shape for s in state.eigenbasis.stats] == [(1, 64, 64)]
+
+
+# ------------------------------------------------------------------------------
+# Item 8: a long float32 run.
+
+
+DEAD = [3, 7, 11, 19, 22, 28]  # input features that are always zero.
+
+
+def _dead_weight_run(steps, rounding_floor):
+  """Linear regression (64 x 32 weight, batches of 16) whose input features
+  ``DEAD`` are always zero, so their weight columns get exactly zero
+  gradient; ``steps`` steps of default float32 SOAP (refresh every 10)
+  without weight decay, in one ``lax.scan``. Returns the weight at the start
+  and at the end, the state and the losses."""
+  rng = np.random.default_rng(0)
+  inputs = rng.normal(size=(16, 32))
+  inputs[:, DEAD] = 0.0
+  target = rng.normal(size=(64, 32)) @ inputs.T
+  inputs, target = (jnp.asarray(a, jnp.float32) for a in (inputs, target))
+  init = jnp.asarray(rng.normal(size=(64, 32)) / 8, jnp.float32)
+  tx = soap_optax.soap(weight_decay=0.0, rounding_floor=rounding_floor)
+  loss = lambda w: 0.5 * jnp.mean((w @ inputs.T - target)**2)
+
+  @jax.jit
+  def run(w):
+    def step(carry, _):
+      w, state = carry
+      updates, state = tx.update(jax.grad(loss)(w), state, w)
+      return (w + updates, state), loss(w)
+    (w, state), losses = jax.lax.scan(step, (w, tx.init(w)), None, steps)
+    return w, state, losses
+
+  return (init, *run(init))
+
+
+def _dead_moved(init, w):
+  return float(jnp.linalg.norm(w[:, DEAD] - init[:, DEAD])
+               / jnp.linalg.norm(init[:, DEAD]))
+
+
+@pytest.mark.slow
+def test_ten_thousand_float32_steps_keep_bases_orthonormal_and_dead_weights():
+  init, w, state, losses = _dead_weight_run(10_000, rounding_floor=True)
+  assert _dead_moved(init, w) <= 1e-3
+  [eigenbasis] = _eigenbasis_states(state)
+  for basis in eigenbasis.bases:
+    q = np.asarray(basis[0], np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-4)
+  losses = np.asarray(losses)
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 1e-2 * losses[0]
+
+
+@pytest.mark.slow
+def test_without_the_floor_dead_weights_drift():
+  init, w, _, _ = _dead_weight_run(2_000, rounding_floor=False)
+  assert _dead_moved(init, w) > 0.1
