@@ -316,7 +316,7 @@ def scale_by_rotated_adam(
       each onto the least-loaded residue). Units of phase 0 refresh exactly
       as without it. ``precondition_frequency`` must then be static.
     rounding_floor: divide by ``sqrt(v + f^2)``, where ``f`` is the level of
-      the rotation's own rounding error (about ``1.2e-4`` of the energy of the
+      the rotation's own rounding error (about ``1.2e-4`` of the norm of the
       fibres through a coordinate in float32, ``2.2e-13`` in float64), so that
       rotated coordinates holding nothing but rounding noise, e.g. outside
       the span of a rank-deficient gradient, are not normalized up to
