@@ -240,6 +240,11 @@ def accumulate(
 ROUNDING_FLOOR_ULPS = 1000.0
 
 
+def _rounding_floor_scale(dtype: Any) -> float:
+  """``(κ ε)^2`` for ``dtype``: the floor's factor on an energy."""
+  return (ROUNDING_FLOOR_ULPS * float(jnp.finfo(dtype).eps))**2
+
+
 def rounding_floor_squared(
     second_moment: jax.Array, layout: FactorLayout) -> jax.Array:
   r"""The squared rounding-noise floor of one unit's rotated second moment.
@@ -273,7 +278,7 @@ def rounding_floor_squared(
   """
   if not layout.factored_axes:
     return jnp.zeros((), second_moment.dtype)
-  scale = (ROUNDING_FLOOR_ULPS * jnp.finfo(second_moment.dtype).eps)**2
+  scale = _rounding_floor_scale(second_moment.dtype)
   energy = jnp.zeros((), second_moment.dtype)
   for axis in layout.factored_axes:
     fibre = jnp.sum(second_moment, axis=axis, keepdims=True)
@@ -295,7 +300,7 @@ def with_separable_rounding_floor(
   their identity holds with the floor on.
   """
   return tuple(
-      s + (ROUNDING_FLOOR_ULPS * jnp.finfo(s.dtype).eps)**2 * jnp.sum(s)
+      s + _rounding_floor_scale(s.dtype) * jnp.sum(s)
       for s in per_axis)
 
 
