@@ -25,6 +25,13 @@ Every number is measured in the same run, on the same machine, so the ratios
 * ``train_step``: a whole training step (GPT-style model, forward + backward +
   update) with AdamW and with SOAP at frequency 10; GPT-2-small shapes and
   262,144 tokens per step on a GPU, a small model on a CPU.
+* ``sharded``: on 8 host devices (a subprocess with
+  ``--xla_force_host_platform_device_count=8``), a 4-layer transformer whose
+  parameters are FSDP-sharded: SOAP's refresh call and regular call with the
+  work divided over the mesh (``mesh=``) against today's behaviour without
+  it (every device refreshes every factor), and the state bytes each device
+  holds against the total. The 8 devices share the machine's cores, so only
+  the ratios measured in the same run mean anything.
 * ``versus_torch``: soap_optax (default, ``block_size``,
   ``staggered_refresh``) side by side with the PyTorch SOAPs that are
   installed (the optional ``torch-bench`` extra: pytorch-optimizer,
@@ -52,7 +59,9 @@ import sys
 import time
 from typing import Any, Callable
 
-SECTIONS = ('step', 'refresh', 'compile', 'memory', 'train_step', 'versus_torch')
+SECTIONS = ('step', 'refresh', 'compile', 'memory', 'train_step', 'versus_torch',
+            'sharded')
+SHARDED_DEVICES = 8
 OPTIMIZERS = ('adamw', 'soap', 'shampoo', 'factorized_soap', 'soap_one_sided')
 FULL_SHAPES = ((256, 1024), (512, 512), (1024, 1024), (1024, 4096))
 QUICK_SHAPES = ((32, 64),)
@@ -1012,6 +1021,107 @@ def plot(results, out_dir: pathlib.Path) -> list[pathlib.Path]:
   return paths
 
 
+def run_sharded_section(quick: bool) -> dict:
+  """Runs :func:`sharded_worker` in a subprocess with 8 host devices."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, OPENBLAS_NUM_THREADS='1', JAX_PLATFORMS='cpu',
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             f' --xla_force_host_platform_device_count={SHARDED_DEVICES}')
+  command = [sys.executable, __file__, '--sharded-worker'] + (
+      ['--quick'] if quick else [])
+  result = subprocess.run(command, env=env, capture_output=True, text=True,
+                          check=False)
+  lines = [l for l in result.stdout.splitlines() if l.startswith('SHARDED ')]
+  if result.returncode or not lines:
+    raise RuntimeError('sharded benchmark failed:\n' + result.stderr[-3000:])
+  return json.loads(lines[-1][len('SHARDED '):])
+
+
+def sharded_worker(quick: bool) -> dict:
+  """Refresh and regular SOAP calls on an (8,) mesh, divided or not."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  d, vocab, seq = (32, 64, 16) if quick else (128, 256, 64)
+  shapes = transformer_shapes(d, 4, vocab, seq)
+  mesh = jax.make_mesh((SHARDED_DEVICES,), ('data',))
+
+  def fsdp(shape):
+    spec = ('data',) if shape[0] % SHARDED_DEVICES == 0 else ()
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  params = {k: jax.device_put(v, fsdp(v.shape))
+            for k, v in random_tree(jax, shapes, 0).items()}
+  grads = {k: jax.device_put(v, fsdp(v.shape))
+           for k, v in random_tree(jax, shapes, 1).items()}
+  frequency, calls = 2, 6 if quick else 10
+  out: dict[str, Any] = {'shapes': {k: list(v) for k, v in shapes.items()},
+                         'devices': SHARDED_DEVICES, 'frequency': frequency}
+  for label, kwargs in (('replicated', {}), ('divided', {'mesh': mesh})):
+    tx = soap_optax.soap(precondition_frequency=frequency, **kwargs)
+    if kwargs:
+      shardings = soap_optax.state_shardings(tx, params)
+      state = jax.jit(tx.init, out_shardings=shardings)(params)
+      update = jax.jit(tx.update, out_shardings=(
+          jax.tree.map(lambda x: x.sharding, params), shardings))
+    else:
+      state = tx.init(params)
+      update = jax.jit(tx.update)
+    tick = time.perf_counter()
+    _, state = jax.block_until_ready(update(grads, state, params))
+    first = time.perf_counter() - tick
+    refresh, regular = [], []
+    for _ in range(2 * calls + 2):
+      count = int(state[0].eigenbasis.count)
+      tick = time.perf_counter()
+      _, state = jax.block_until_ready(update(grads, state, params))
+      seconds = time.perf_counter() - tick
+      if count > 2:  # after the warm-up of both branches
+        (refresh if count % frequency == 0 else regular).append(seconds)
+    per_device = [0] * len(jax.devices())
+    index = {dev: i for i, dev in enumerate(jax.devices())}
+    total = 0
+    for leaf in jax.tree.leaves(state):
+      total += leaf.nbytes
+      for shard in leaf.addressable_shards:
+        per_device[index[shard.device]] += shard.data.nbytes
+    factors = sum(len(s.layout.factored_axes)
+                  for s in state[0].eigenbasis.plan.stacks
+                  for _ in range(s.size))
+    out[label] = dict(
+        first_call_s=first, refresh_call_s=float(np.median(refresh)),
+        regular_call_s=float(np.median(regular)), state_bytes=total,
+        max_device_state_bytes=max(per_device),
+        compiles=update._cache_size(),  # pylint: disable=protected-access
+        factors=factors)
+  return out
+
+
+def sharded_table(section) -> str:
+  rows = ['| | every device refreshes every factor (no `mesh`) | divided '
+          '(`mesh=`) | divided / replicated |', '|---|---|---|---|']
+  rep, div = section['replicated'], section['divided']
+  for key, label in (('refresh_call_s', 'refresh call (s)'),
+                     ('regular_call_s', 'regular call (s)')):
+    rows.append(f'| {label} | {rep[key]:.3f} | {div[key]:.3f} | '
+                f'{div[key] / rep[key]:.2f}× |')
+  rep_refresh = rep['refresh_call_s'] - rep['regular_call_s']
+  div_refresh = div['refresh_call_s'] - div['regular_call_s']
+  rows.append(f'| refresh work (refresh − regular, s) | {rep_refresh:.3f} | '
+              f'{div_refresh:.3f} | {div_refresh / rep_refresh:.2f}× |')
+  for label, r in (('no `mesh`', rep), ('`mesh=`', div)):
+    rows.append(f'| state bytes, largest device / total ({label}) | '
+                f'{r["max_device_state_bytes"]:,} / {r["state_bytes"]:,} | | '
+                f'{r["max_device_state_bytes"] / r["state_bytes"]:.3f} |')
+  rows.append(f'| compiled versions of the step | {rep["compiles"]} | '
+              f'{div["compiles"]} | |')
+  return '\n'.join(rows) + (
+      f'\n\n{section["devices"]} host devices sharing the machine\'s cores; '
+      f'{rep["factors"]} factors; precondition_frequency '
+      f'{section["frequency"]}.')
+
+
 def machine_info(jax) -> dict:
   import jaxlib  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -1036,10 +1146,15 @@ TABLES = {'step': ('Optimizer step against the machine', step_table),
           'memory': ('Optimizer-state memory', memory_table),
           'train_step': ('Whole training step', train_step_table),
           'versus_torch': ('Side by side with PyTorch SOAPs',
-                           versus_torch_table)}
+                           versus_torch_table),
+          'sharded': ('Divided over 8 host devices', sharded_table)}
 
 
 def main(argv: list[str]) -> int:
+  if argv and argv[0] == '--sharded-worker':
+    print('SHARDED ' + json.dumps(sharded_worker('--quick' in argv)),
+          flush=True)
+    return 0
   args = parse_args(argv)
   jax = select_device(args.device)
   out_dir = pathlib.Path(args.out or os.path.join(
@@ -1055,6 +1170,7 @@ def main(argv: list[str]) -> int:
       'memory': lambda: run_memory_section(jax, args.quick),
       'train_step': lambda: run_train_step_section(jax, args, args.quick),
       'versus_torch': lambda: run_versus_torch_section(jax, args, args.quick),
+      'sharded': lambda: run_sharded_section(args.quick),
   }
   results: dict[str, Any] = dict(machine=info, quick=args.quick)
   started = time.perf_counter()

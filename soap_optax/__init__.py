@@ -10,6 +10,7 @@ from soap_optax._aliases import soap
 from soap_optax._diagnostics import state_nbytes
 from soap_optax._diagnostics import state_size
 from soap_optax._flax import dimension_numbers_from_axis_names
+from soap_optax._sharding import state_shardings
 from soap_optax._stacks import EigenbasisDimensionNumbers
 from soap_optax._transforms import scale_by_adafactor_in_eigenbasis
 from soap_optax._transforms import scale_by_rotated_adam
@@ -33,6 +34,7 @@ __all__ = (
     'shampoo',
     'soap',
     'state_nbytes',
+    'state_shardings',
     'state_size',
 )
 

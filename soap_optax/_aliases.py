@@ -109,6 +109,8 @@ def soap(
     block_size: int | None = None,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -152,6 +154,11 @@ def soap(
       noise from being normalized up to full-size updates (see
       :func:`soap_optax.scale_by_rotated_adam`); ``False`` reproduces the
       reference implementation's float32 behaviour.
+    mesh: a ``jax.sharding.Mesh`` to divide the optimizer's state and work
+      over (``None``: single device); see
+      :func:`soap_optax.scale_by_rotated_adam` and
+      :func:`soap_optax.state_shardings`.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -168,7 +175,8 @@ def soap(
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
+      mesh=mesh, shard_axes=shard_axes)
 
 
 def factorized_soap(
@@ -190,6 +198,8 @@ def factorized_soap(
     block_size: int | None = None,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   """SOAP with Adafactor's factored second moment: the memory-saving variant.
 
@@ -202,7 +212,8 @@ def factorized_soap(
   ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
 
   Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
-    ``block_size``, ``staggered_refresh`` and ``rounding_floor`` included).
+    ``block_size``, ``staggered_refresh``, ``rounding_floor``, ``mesh`` and
+    ``shard_axes`` included).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -220,7 +231,7 @@ def factorized_soap(
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
       staggered_refresh=staggered_refresh, factored=True,
-      rounding_floor=rounding_floor)
+      rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes)
 
 
 class GraftingState(NamedTuple):
@@ -356,6 +367,8 @@ def shampoo(
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     rayleigh_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
 
@@ -404,6 +417,11 @@ def shampoo(
       Rayleigh quotient (see :func:`soap_optax.scale_by_shampoo_eigenbasis`);
       this is what keeps ``grafting="none"`` from exploding between the
       first refreshes. ``False``: classic Shampoo.
+    mesh: a ``jax.sharding.Mesh`` to divide the optimizer's state and work
+      over (``None``: single device); see
+      :func:`soap_optax.scale_by_rotated_adam` and
+      :func:`soap_optax.state_shardings`.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -431,6 +449,8 @@ def shampoo(
       staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor,
       rayleigh_floor=rayleigh_floor,
+      mesh=mesh,
+      shard_axes=shard_axes,
   )
   if grafting == 'adam':
     # Grafted in the statistics' dtype: Shampoo's direction may exceed the

@@ -433,45 +433,144 @@ def _refresh(
     basis_fn: Callable[[jax.Array, jax.Array],
                        tuple[jax.Array, jax.Array, jax.Array]],
     factors: Sequence[KroneckerFactors],
+    divided: 'DividedRefresh | None' = None,
 ) -> Refreshed:
   """Runs ``basis_fn(GG_i, Q_i) -> (new Q_i, aux, ok)`` on every factor,
-  batched by size (see :func:`map_by_size`)."""
+  batched by size (see :func:`map_by_size`), or divided over a mesh (see
+  :class:`DividedRefresh`)."""
   stats = [s for f in factors for s in f.stats]
   bases = [q for f in factors for q in f.bases]
-  outputs = map_by_size(basis_fn, stats, bases) if stats else []
+  if divided is not None:
+    masks = [m for f, m in zip(factors, divided.masks) for _ in f.stats]
+    outputs, failures = _refresh_divided(basis_fn, stats, bases, masks,
+                                         divided)
+  else:
+    outputs = map_by_size(basis_fn, stats, bases) if stats else []
+    failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
+                   jnp.zeros([], jnp.int32))
   new_factors, extras, start = [], [], 0
   for f in factors:
     mine = outputs[start:start + len(f.bases)]
     start += len(f.bases)
     new_factors.append(f._replace(bases=tuple(q for q, _, _ in mine)))
     extras.append(tuple(aux for _, aux, _ in mine))
-  failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
-                 jnp.zeros([], jnp.int32))
   return Refreshed(new_factors, extras, failures)
 
 
-def refresh_eigh(factors: Sequence[KroneckerFactors]) -> Refreshed:
-  """Replaces every basis by the eigenvectors of its factor, batched by size.
+class DividedRefresh(NamedTuple):
+  """How to divide a refresh over a mesh.
+
+  Every stacked argument has its leading axis (the slots of a stack) sharded
+  over ``axes`` of ``mesh``; ``masks`` holds, per stack, a static boolean
+  mask over the slots: the factors to refresh (padding slots and, with a
+  staggered schedule, the units not due are false).
+
+  Attributes:
+    mesh: the ``jax.sharding.Mesh``.
+    axes: the mesh axes the slots are sharded over.
+    masks: per stack, a NumPy boolean array with one entry per slot.
+  """
+
+  mesh: Any
+  axes: tuple[str, ...]
+  masks: Sequence[Any]
+
+
+def _refresh_divided(basis_fn, stats, bases, masks, divided):
+  """The refresh as one ``jax.shard_map``: each device refreshes its slots.
+
+  Inside, a device sees only its own slots of every stack: it concatenates
+  them by factor size (one loop per size, as :func:`map_by_size` does for the
+  whole stack), and runs ``basis_fn`` on each slot whose mask is true (a
+  ``lax.cond`` per slot inside a ``lax.map``, so a padding slot or a unit not
+  due costs nothing). No solver operand is ever partitioned, and the only
+  collective is the sum of the failure counts.
+  """
+  # Local import: _stacks imports this module.
+  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
+  spec = jax.sharding.PartitionSpec(divided.axes)
+  mask_arrays = [_stacks.constrain(jnp.asarray(m), divided.mesh, spec)
+                 for m in masks]
+
+  def keep(stat, basis):
+    del stat
+    # Built from ``basis``, so that they vary over the mesh as the solver's
+    # outputs do (shard_map's check of the branches' types).
+    first_row = basis[0]
+    return (basis, _keep_extra(basis_fn, first_row),
+            jnp.isfinite(first_row[0]) | True)
+
+  def one(args):
+    stat, basis, due = args
+    return jax.lax.cond(due, basis_fn, keep, stat, basis)
+
+  def local(stats, bases, masks):
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, stat in enumerate(stats):
+      groups.setdefault((stat.shape[1:], stat.dtype), []).append(k)
+    results: list[Any] = [None] * len(stats)
+    for members in groups.values():
+      joined = [jnp.concatenate([xs[k] for k in members])
+                if len(members) > 1 else xs[members[0]]
+                for xs in (stats, bases, masks)]
+      batched = jax.lax.map(one, tuple(joined))
+      start = 0
+      for k in members:
+        size = stats[k].shape[0]
+        results[k] = jax.tree.map(
+            lambda out, start=start, size=size: out[start:start + size],
+            batched)
+        start += size
+    failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in results),
+                   jnp.zeros([], jnp.int32))
+    return results, jax.lax.psum(failures, divided.axes)
+
+  results_spec = [(spec, spec, spec) for _ in stats]
+  return jax.shard_map(
+      local, mesh=_stacks.context_mesh(divided.mesh),
+      in_specs=([spec] * len(stats), [spec] * len(stats),
+                [spec] * len(stats)),
+      out_specs=(results_spec, jax.sharding.PartitionSpec()),
+  )(list(stats), list(bases), mask_arrays)
+
+
+def _keep_extra(basis_fn, row):
+  """The extra output of a slot that is not refreshed, shaped like a row of
+  its basis: zero eigenvalues (``eigh``), or the identity column order
+  (power iteration + QR)."""
+  zeros = jnp.zeros_like(row)
+  if basis_fn is _power_qr_basis_checked:
+    return jnp.arange(row.shape[0]) + zeros.astype(jnp.arange(1).dtype)
+  return zeros
+
+
+def refresh_eigh(factors: Sequence[KroneckerFactors],
+                 divided: DividedRefresh | None = None) -> Refreshed:
+  """Replaces every basis by the eigenvectors of its factor, batched by size
+  (or divided over a mesh: see :class:`DividedRefresh`).
 
   Returns:
     A :class:`Refreshed` whose extras are the eigenvalues (descending,
     matching the basis columns) of each factored axis.
   """
-  return _refresh(_eigh_basis_checked, factors)
+  return _refresh(_eigh_basis_checked, factors, divided)
 
 
-def refresh_power_qr(factors: Sequence[KroneckerFactors]) -> Refreshed:
-  """Refreshes every basis by power iteration + QR, batched by size.
+def refresh_power_qr(factors: Sequence[KroneckerFactors],
+                     divided: DividedRefresh | None = None) -> Refreshed:
+  """Refreshes every basis by power iteration + QR, batched by size (or
+  divided over a mesh).
 
   Returns:
     A :class:`Refreshed` whose extras are the column order applied to each
     factored axis (see :func:`power_qr_basis`).
   """
-  return _refresh(_power_qr_basis_checked, factors)
+  return _refresh(_power_qr_basis_checked, factors, divided)
 
 
 def refresh_with_eigenvalues(
-    factors: Sequence[KroneckerFactors], method: str) -> Refreshed:
+    factors: Sequence[KroneckerFactors], method: str,
+    divided: DividedRefresh | None = None) -> Refreshed:
   """Refreshes every basis and returns eigenvalue estimates in the new bases.
 
   Args:
@@ -485,8 +584,8 @@ def refresh_with_eigenvalues(
     axis, matching the columns of the new bases.
   """
   if method == 'eigh':
-    return refresh_eigh(factors)
-  refreshed = refresh_power_qr(factors)
+    return refresh_eigh(factors, divided)
+  refreshed = refresh_power_qr(factors, divided)
   eigenvalues = [
       tuple(jax.vmap(rayleigh_quotients)(s, q)
             for s, q in zip(f.stats, f.bases))

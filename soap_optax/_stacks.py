@@ -229,6 +229,20 @@ class Stack:
   dtype: str
   size: int
   layout: _engine.FactorLayout
+  slots: int | None = None
+
+  @property
+  def num_slots(self) -> int:
+    """The length of the stack's leading axis in the state: ``size``, or,
+    when the plan is sharded, ``size`` padded to a multiple of the shards."""
+    return self.size if self.slots is None else self.slots
+
+  @property
+  def refresh_cost(self) -> int:
+    """A unit's refresh cost, ``sum d^3`` over its factors, plus its size
+    (so that units without factors are spread by the memory they hold)."""
+    return (sum(d**3 for d in self.layout.factor_sizes)
+            + math.prod(self.layout.merged_shape))
 
 
 @jax.tree_util.register_static
@@ -246,17 +260,30 @@ class EigenbasisPlan:
   refresh_phases: tuple[tuple[int, ...], ...] | None = None
   refresh_frequency: int | None = None
   leaf_paths: tuple[str, ...] | None = None
+  sharding: 'ShardedLayout | None' = None
 
-  def units_due(self, residue: int) -> list[slice]:
+  def units_due(self, residue: int) -> list[Any]:
     """Per stack, the units whose refresh phase is ``residue`` (staggered).
 
-    A stack's phases are sorted, so they are one contiguous run of units.
+    Unsharded, a stack's phases are sorted, so they are one contiguous run
+    of units (a slice). Sharded, a boolean mask over the stack's slots.
     """
     runs = []
-    for phases in self.refresh_phases:
+    for s, phases in enumerate(self.refresh_phases):
       due = [u for u, phase in enumerate(phases) if phase == residue]
-      runs.append(slice(due[0], due[-1] + 1) if due else slice(0, 0))
+      if self.sharding is not None:
+        runs.append(self.sharding.slot_mask(s, due))
+      else:
+        runs.append(slice(due[0], due[-1] + 1) if due else slice(0, 0))
     return runs
+
+  def all_units(self) -> list[Any]:
+    """Per stack, every unit: ``None`` unsharded, else the mask of the real
+    (not padding) slots. The selection a full refresh runs on."""
+    if self.sharding is None:
+      return [None] * len(self.stacks)
+    return [self.sharding.slot_mask(s, range(stack.size))
+            for s, stack in enumerate(self.stacks)]
 
   def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Groups a flat per-factor sequence into one tuple per stack."""
@@ -273,44 +300,227 @@ class EigenbasisPlan:
         for s in self.stacks])
 
 
-def assign_refresh_phases(stacks: Sequence[Stack], frequency: int
-                          ) -> tuple[tuple[int, ...], ...]:
+def assign_refresh_phases(
+    stacks: Sequence[Stack], frequency: int,
+    sharding: 'ShardedLayout | None' = None,
+) -> tuple[tuple[int, ...], ...]:
   """Spreads the units' refreshes evenly over ``frequency`` steps.
 
   A unit's refresh costs about ``sum(d_i^3)`` over its factors. Units are
   taken from the most to the least expensive (ties in stack, then unit order)
   and each is given the phase (a step residue modulo ``frequency``) whose
   load is smallest so far: the longest-processing-time rule, within 4/3 of
-  the best possible largest load. Within a stack the phases are then sorted
-  (the stack's units are interchangeable in cost), so that the units of one
-  phase are a contiguous run: a static slice, not a gather.
+  the best possible largest load. Unsharded, the phases are then sorted
+  within a stack (its units are interchangeable in cost), so that the units
+  of one phase are a contiguous run: a static slice, not a gather. Sharded,
+  the loads are kept per shard and residue (a unit's shard is fixed by the
+  layout), so that every shard's work is spread over the steps.
   """
-  loads = [0] * frequency
+  shard_of = (sharding.shard_of_unit if sharding is not None
+              else lambda s, u: 0)
+  loads: dict[tuple[int, int], int] = {}
   phases = [[0] * stack.size for stack in stacks]
   units = [(sum(d**3 for d in stack.layout.factor_sizes), s, u)
            for s, stack in enumerate(stacks) if stack.layout.factored_axes
            for u in range(stack.size)]
   for cost, s, u in sorted(units, key=lambda item: -item[0]):
-    phase = min(range(frequency), key=lambda r: loads[r])
+    shard = shard_of(s, u)
+    phase = min(range(frequency), key=lambda r: loads.get((shard, r), 0))
     phases[s][u] = phase
-    loads[phase] += cost
+    loads[shard, phase] = loads.get((shard, phase), 0) + cost
+  if sharding is not None:
+    return tuple(tuple(p) for p in phases)
   return tuple(tuple(sorted(p)) for p in phases)
 
 
-def take_units(tree: Any, units: slice | None) -> Any:
-  """A run of units (leading axis) of every array of ``tree``; all if None."""
-  if units is None:
+# ------------------------------------------------------------------------------
+# Sharded layout: every stack's leading axis divided over mesh axes.
+
+
+def resolve_shard_axes(mesh: Any, shard_axes: Any) -> tuple[str, ...]:
+  """The mesh axes the stacks are divided over (validated).
+
+  Args:
+    mesh: a ``jax.sharding.Mesh``.
+    shard_axes: a mesh axis name, a tuple of them, or ``None`` for all of the
+      mesh's axes.
+
+  Returns:
+    A tuple of axis names.
+  """
+  names = tuple(mesh.axis_names)
+  if shard_axes is None:
+    return names
+  axes = (shard_axes,) if isinstance(shard_axes, str) else shard_axes
+  try:
+    axes = tuple(axes)
+  except TypeError:
+    axes = None
+  if (not axes or not all(isinstance(a, str) for a in axes)
+      or len(set(axes)) != len(axes) or not set(axes) <= set(names)):
+    raise ValueError(
+        f'shard_axes must be None, one of the mesh axes {names} or a tuple '
+        f'of distinct ones, got {shard_axes!r}.')
+  return axes
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ShardedLayout:
+  """How the stacks are divided over a mesh (static).
+
+  Stack ``s`` has ``k_s = ceil(U_s / N)`` slots on each of the ``N`` shards
+  (the devices along ``axes``); shard ``d`` holds a contiguous run of
+  ``units_per_shard[s][d]`` units (``k_s`` or ``k_s - 1``) followed by
+  padding, so the stack's leading axis in the state has ``N k_s`` slots and
+  is sharded evenly. Padding slots hold zeros and identity bases: their
+  gradient is zero, so are their updates, and the refresh skips them.
+
+  Attributes:
+    mesh: the ``jax.sharding.Mesh``.
+    axes: the mesh axes the leading axis is sharded over.
+    units_per_shard: per stack, the number of real units on each shard.
+  """
+
+  mesh: Any
+  axes: tuple[str, ...]
+  units_per_shard: tuple[tuple[int, ...], ...]
+
+  @property
+  def num_shards(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.axes)
+
+  @property
+  def spec(self) -> jax.sharding.PartitionSpec:
+    """The partition spec of a stacked array (leading axis divided)."""
+    return jax.sharding.PartitionSpec(self.axes)
+
+  def slots_per_shard(self, s: int) -> int:
+    return max(self.units_per_shard[s], default=0)
+
+  def unit_slots(self, s: int) -> np.ndarray:
+    """The slot of each unit of stack ``s``, in unit order."""
+    k = self.slots_per_shard(s)
+    return np.concatenate(
+        [d * k + np.arange(n) for d, n in enumerate(self.units_per_shard[s])]
+        or [np.zeros((0,), int)]).astype(int)
+
+  def shard_of_unit(self, s: int, u: int) -> int:
+    return int(self.unit_slots(s)[u]) // max(self.slots_per_shard(s), 1)
+
+  def slot_mask(self, s: int, units: Any) -> np.ndarray:
+    """A boolean mask over stack ``s``'s slots, true at ``units``' slots."""
+    mask = np.zeros((self.num_shards * self.slots_per_shard(s),), bool)
+    mask[self.unit_slots(s)[np.asarray(list(units), int)]] = True
+    return mask
+
+
+def assign_shards(stacks: Sequence[Stack], mesh: Any, axes: tuple[str, ...]
+                  ) -> ShardedLayout:
+  """Divides every stack's units over the shards, balancing the refresh.
+
+  Every shard gets ``floor(U_s / N)`` units of stack ``s``; the ``U_s mod N``
+  remaining units go, one each, to the shards least loaded so far (stacks
+  taken from the most to the least expensive unit, a unit costing
+  :attr:`Stack.refresh_cost`). So single large factors (an embedding, an
+  output layer) land on different shards, and a shard that got one is given
+  none of the next remainders until the others catch up: a greedy
+  bin-packing of the remainders, the rest being split evenly.
+  """
+  num_shards = math.prod(mesh.shape[a] for a in axes)
+  loads = [0] * num_shards
+  counts = [[stack.size // num_shards] * num_shards for stack in stacks]
+  for s, stack in enumerate(stacks):
+    for d in range(num_shards):
+      loads[d] += counts[s][d] * stack.refresh_cost
+  order = sorted(range(len(stacks)), key=lambda s: -stacks[s].refresh_cost)
+  for s in order:
+    extra = stacks[s].size % num_shards
+    for d in sorted(range(num_shards), key=lambda d: (loads[d], d))[:extra]:
+      counts[s][d] += 1
+      loads[d] += stacks[s].refresh_cost
+  return ShardedLayout(mesh, axes, tuple(tuple(c) for c in counts))
+
+
+def place(x: jax.Array, plan: 'EigenbasisPlan') -> jax.Array:
+  """A stacked array constrained to its sharding (leading axis divided);
+  ``x`` itself without a sharded plan. Works eagerly and under ``jit``, on
+  Auto and Explicit meshes (see :func:`constrain`)."""
+  if plan.sharding is None:
+    return x
+  return constrain(x, plan.sharding.mesh, plan.sharding.spec)
+
+
+def constrain(x: jax.Array, mesh: Any,
+              spec: jax.sharding.PartitionSpec) -> jax.Array:
+  """``x`` laid out as ``spec`` on ``mesh``.
+
+  Outside ``jit`` this is a ``device_put``. Under ``jit`` it is a sharding
+  constraint: against the context mesh where one is set (inside
+  :func:`auto_sharded`'s region, whose axes are Auto), else against
+  ``mesh``.
+  """
+  if not isinstance(x, jax.core.Tracer):
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  context = jax.sharding.get_abstract_mesh()
+  if context.empty:
+    types, target = mesh.axis_types, jax.sharding.NamedSharding(mesh, spec)
+    names = mesh.axis_names
+  else:
+    types, target, names = context.axis_types, spec, context.axis_names
+  used = {a for entry in spec if entry is not None
+          for a in ((entry,) if isinstance(entry, str) else entry)}
+  if any(t == jax.sharding.AxisType.Explicit
+         for name, t in zip(names, types) if name in used):
+    return jax.sharding.reshard(x, target)
+  return jax.lax.with_sharding_constraint(x, target)
+
+
+def place_state(tree: Any, plan: 'EigenbasisPlan') -> Any:
+  """Every stacked (non-scalar) array of a transform's state :func:`place`-d.
+  """
+  return jax.tree.map(lambda x: place(x, plan) if jnp.ndim(x) else x, tree)
+
+
+def context_mesh(mesh: Any) -> Any:
+  """The mesh to give ``jax.shard_map``: the context's, where one is set."""
+  abstract = jax.sharding.get_abstract_mesh()
+  return mesh if abstract.empty else abstract
+
+
+def take_units(tree: Any, units: Any) -> Any:
+  """A run of units (leading axis) of every array of ``tree``; all if None.
+
+  ``units`` is a slice, ``None``, or (sharded plans) a boolean mask over
+  the slots, for which the whole stack is taken (the work is masked
+  instead, and :func:`put_units` selects).
+  """
+  if units is None or isinstance(units, np.ndarray):
     return tree
   return jax.tree.map(lambda x: x[units], tree)
 
 
-def put_units(full: Any, part: Any, units: slice | None) -> Any:
-  """``full`` with a run of units replaced by ``part``; ``part`` if None."""
+def put_units(full: Any, part: Any, units: Any) -> Any:
+  """``full`` with a run of units replaced by ``part``; ``part`` if None;
+  with a mask, ``part`` where it is true."""
   if units is None:
     return part
+  if isinstance(units, np.ndarray):
+    return jax.tree.map(
+        lambda x, y: jnp.where(
+            units.reshape((-1,) + (1,) * (x.ndim - 1)), y, x), full, part)
   return jax.tree.map(
       lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, units.start, 0),
       full, part)
+
+
+def is_selected(units: Any) -> bool:
+  """Whether a selection (see :func:`take_units`) holds any unit."""
+  if units is None:
+    return True
+  if isinstance(units, np.ndarray):
+    return bool(units.any())
+  return units.stop > units.start
 
 
 def _split(flat: Sequence[Any], counts: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -421,6 +631,21 @@ def plan_stacks(
   return EigenbasisPlan(tuple(placements), stacks)
 
 
+def shard_plan(plan: EigenbasisPlan, mesh: Any, shard_axes: Any
+               ) -> EigenbasisPlan:
+  """``plan`` with its stacks divided over ``mesh`` (see
+  :func:`assign_shards`); ``plan`` itself when ``mesh`` is None."""
+  if mesh is None:
+    return plan
+  layout = assign_shards(plan.stacks, mesh, resolve_shard_axes(mesh,
+                                                               shard_axes))
+  stacks = tuple(
+      dataclasses.replace(stack, slots=layout.num_shards
+                          * layout.slots_per_shard(s))
+      for s, stack in enumerate(plan.stacks))
+  return dataclasses.replace(plan, stacks=stacks, sharding=layout)
+
+
 def _product(lists):
   combos = [()]
   for options in lists:
@@ -506,22 +731,48 @@ def gather(leaves: Sequence[jax.Array], plan: EigenbasisPlan) -> list[jax.Array]
           slice(start, stop) for start, stop in piece.region)]
       parts[piece.stack].append(_blocks_to_units(region, piece.blocks))
   stacked = []
-  for stack, members in zip(plan.stacks, parts):
+  for s, (stack, members) in enumerate(zip(plan.stacks, parts)):
     joined = members[0] if len(members) == 1 else jnp.concatenate(members)
-    stacked.append(joined.reshape((stack.size,) + stack.layout.merged_shape))
+    joined = joined.reshape((stack.size,) + stack.layout.merged_shape)
+    stacked.append(place(_to_slots(joined, plan, s), plan))
   return stacked
+
+
+def _to_slots(units: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
+  """``(U, ...)`` units to the stack's ``(N k, ...)`` slots (zero padding)."""
+  if plan.sharding is None:
+    return units
+  k = plan.sharding.slots_per_shard(s)
+  runs, start = [], 0
+  for n in plan.sharding.units_per_shard[s]:
+    runs.append(units[start:start + n])
+    if n < k:
+      runs.append(jnp.zeros((k - n,) + units.shape[1:], units.dtype))
+    start += n
+  return jnp.concatenate(runs)
+
+
+def _from_slots(slots: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
+  """Inverse of :func:`_to_slots`: the real units, in unit order."""
+  if plan.sharding is None:
+    return slots
+  k = plan.sharding.slots_per_shard(s)
+  runs = [slots[d * k:d * k + n]
+          for d, n in enumerate(plan.sharding.units_per_shard[s]) if n]
+  return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
 
 
 def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan
             ) -> list[jax.Array]:
   """Inverse of :func:`gather`: stacks back to parameter-shaped arrays."""
+  unslotted = [_from_slots(x, plan, s) for s, x in enumerate(stacked)]
   leaves = []
   for placement in plan.placements:
     regions = {}
     for piece in placement.pieces:
       stack = plan.stacks[piece.stack]
       count = placement.num_slices * math.prod(piece.blocks)
-      units = stacked[piece.stack][piece.offset:piece.offset + count]
+      units = unslotted[piece.stack][piece.offset:piece.offset + count]
       units = units.reshape((count,) + stack.unit_shape)
       regions[piece.region] = _units_to_blocks(
           units, placement.num_slices, piece.blocks)
@@ -579,11 +830,14 @@ def init_eigenbasis(
     dimension_numbers: Any = None,
     block_size: int | None = None,
     staggered_refresh_frequency: int | None = None,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> EigenbasisState:
   """Zero statistics and identity bases for every stack of a tree.
 
   With ``staggered_refresh_frequency``, each unit is also given a refresh
-  phase (:func:`assign_refresh_phases`).
+  phase (:func:`assign_refresh_phases`). With ``mesh``, every stack is
+  divided over ``shard_axes`` (:func:`shard_plan`) and placed there.
 
   ``max_precond_dim`` (and ``block_size``) decide array shapes, so they must be
   concrete here. They are tracers only when ``optax.inject_hyperparams``
@@ -607,17 +861,20 @@ def init_eigenbasis(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided))
   plan = dataclasses.replace(plan, leaf_paths=_leaf_paths(params))
+  plan = shard_plan(plan, mesh, shard_axes)
   if staggered_refresh_frequency is not None:
     frequency = int(staggered_refresh_frequency)
     plan = dataclasses.replace(
-        plan, refresh_phases=assign_refresh_phases(plan.stacks, frequency),
+        plan, refresh_phases=assign_refresh_phases(
+            plan.stacks, frequency, plan.sharding),
         refresh_frequency=frequency)
   stats, bases = [], []
   for stack in plan.stacks:
     for n in stack.layout.factor_sizes:
-      stats.append(jnp.zeros((stack.size, n, n), stack.dtype))
-      bases.append(jnp.broadcast_to(
-          jnp.eye(n, dtype=stack.dtype), (stack.size, n, n)))
+      stats.append(place(jnp.zeros((stack.num_slots, n, n), stack.dtype),
+                         plan))
+      bases.append(place(jnp.broadcast_to(
+          jnp.eye(n, dtype=stack.dtype), (stack.num_slots, n, n)), plan))
   return EigenbasisState(
       count=jnp.zeros([], jnp.int32), plan=plan, stats=tuple(stats),
       bases=tuple(bases), skipped=jnp.zeros([], jnp.int32),
@@ -686,8 +943,10 @@ def pack(state: EigenbasisState,
 
 def zeros_per_stack(plan: EigenbasisPlan, dtype: Any = None) -> tuple:
   """A zero ``(U, *merged_shape)`` array per stack."""
-  return tuple(jnp.zeros((s.size,) + s.layout.merged_shape, dtype or s.dtype)
-               for s in plan.stacks)
+  return tuple(
+      place(jnp.zeros((s.num_slots,) + s.layout.merged_shape,
+                      dtype or s.dtype), plan)
+      for s in plan.stacks)
 
 
 def zeros_per_axis(plan: EigenbasisPlan, which: str) -> tuple:
@@ -697,7 +956,7 @@ def zeros_per_axis(plan: EigenbasisPlan, which: str) -> tuple:
   without a Kronecker factor.
   """
   return tuple(
-      jnp.zeros((s.size, size), s.dtype)
+      place(jnp.zeros((s.num_slots, size), s.dtype), plan)
       for s in plan.stacks
       for axis, size in enumerate(s.layout.merged_shape)
       if which == 'all' or axis not in s.layout.factored_axes)

@@ -1,5 +1,6 @@
 """Gradient transformations that run in the eigenbasis of Shampoo's factors."""
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -26,6 +27,64 @@ def _check_eigenbasis_args(
     _checks.check_int('block_size', block_size, 1)
   for name, value in switches.items():
     _checks.check_bool(name, value)
+
+
+def _check_mesh(mesh: Any, shard_axes: Any) -> None:
+  """``mesh`` is None or a ``jax.sharding.Mesh``; ``shard_axes`` names its
+  axes (and needs a mesh)."""
+  if mesh is None:
+    if shard_axes is not None:
+      raise ValueError(
+          f'shard_axes={shard_axes!r} needs a mesh: pass mesh=, a '
+          'jax.sharding.Mesh, or leave shard_axes=None.')
+    return
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(
+        f'mesh must be None or a jax.sharding.Mesh, got {type(mesh).__name__}.')
+  _stacks.resolve_shard_axes(mesh, shard_axes)
+
+
+def _explicit_mesh(tree: Any) -> Any:
+  """The mesh of the first leaf whose type is sharded over Explicit axes."""
+  for leaf in jax.tree.leaves(tree):
+    mesh = jax.typeof(leaf).sharding.mesh
+    if not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      return mesh
+  return None
+
+
+def _on_any_mesh(update_fn):
+  """``update_fn`` made to work on Explicit meshes as on Auto ones.
+
+  With Explicit axes (``jax.make_mesh``'s default), every array's sharding
+  is part of its type and each operation must say how its result is sharded.
+  The engine's arithmetic is written for GSPMD's propagation instead, so on
+  an Explicit mesh the update runs inside ``jax.sharding.auto_axes``: the
+  gradients enter as they are, and the updates leave sharded like them, the
+  state like the plan says (stacks divided over the shard axes, scalars
+  replicated).
+  """
+  def wrapped(updates, state, params=None):
+    mesh = _explicit_mesh((updates, state))
+    if mesh is None:
+      return update_fn(updates, state, params)
+    plan = state.eigenbasis.plan
+    stacked = (plan.sharding.spec if plan.sharding is not None
+               else jax.sharding.PartitionSpec())
+    out_specs = (
+        jax.tree.map(lambda g: jax.typeof(g).sharding.spec, updates),
+        jax.tree.map(lambda x: stacked if jnp.ndim(x)
+                     else jax.sharding.PartitionSpec(), state))
+    context = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+               if jax.sharding.get_abstract_mesh().empty
+               else contextlib.nullcontext())
+    with context:
+      return jax.sharding.auto_axes(
+          lambda u, s: update_fn(u, s, None), out_sharding=out_specs)(
+              updates, state)
+
+  return wrapped
 
 
 def _init_eigenbasis(
@@ -105,22 +164,34 @@ def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
   refresh, one static subset per residue, selected by ``lax.switch``.
   """
   if plan.refresh_phases is None:
-    every_unit = [None] * len(plan.stacks)
+    every_unit = plan.all_units()
     return jax.lax.cond(step % frequency == 0,
                         lambda x: refresh(x, every_unit), keep, operands)
   branches = []
   for residue in range(plan.refresh_frequency):
     units = plan.units_due(residue)
-    branches.append(keep if all(u.start == u.stop for u in units) else
-                    functools.partial(refresh, units=units))
+    branches.append(
+        functools.partial(refresh, units=units)
+        if any(_stacks.is_selected(u) for u in units) else keep)
   return jax.lax.switch(step % plan.refresh_frequency, branches, operands)
 
 
-def _refreshed_stacks(factors, units):
-  """The stacks with factors and units to refresh, and those units' factors."""
+def _refreshed_stacks(factors, units, plan):
+  """The stacks with factors and units to refresh, those units' factors, and
+  how to divide their refresh over the plan's mesh (None: not sharded)."""
   active = [s for s, (f, u) in enumerate(zip(factors, units))
-            if f.layout.factored_axes and (u is None or u.stop > u.start)]
-  return active, [_stacks.take_units(factors[s], units[s]) for s in active]
+            if f.layout.factored_axes and _stacks.is_selected(u)]
+  return (active, [_stacks.take_units(factors[s], units[s]) for s in active],
+          _divided(plan, [units[s] for s in active]))
+
+
+def _divided(plan, masks):
+  """The refresh of the stacks with these slot masks, divided over the
+  plan's mesh; None for an unsharded plan."""
+  if plan.sharding is None:
+    return None
+  return _engine.DividedRefresh(
+      plan.sharding.mesh, plan.sharding.axes, list(masks))
 
 
 def _refresh_if_due(
@@ -144,14 +215,14 @@ def _refresh_if_due(
     return (list(fs),
             [tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases)
              for f in fs],
-            [jnp.zeros((stack.size,), bool) for stack in plan.stacks],
+            [jnp.zeros((stack.num_slots,), bool) for stack in plan.stacks],
             jnp.zeros([], jnp.int32))
 
   def refresh(fs, units, method):
     fs = list(fs)
     out, values, masks, _ = keep(fs)
-    active, selected = _refreshed_stacks(fs, units)
-    refreshed = _engine.refresh_with_eigenvalues(selected, method)
+    active, selected, divided = _refreshed_stacks(fs, units, plan)
+    refreshed = _engine.refresh_with_eigenvalues(selected, method, divided)
     for s, new, fresh in zip(active, refreshed.factors, refreshed.extras):
       out[s] = _stacks.put_units(fs[s], new, units[s])
       values[s] = tuple(_stacks.put_units(zero, v, units[s])
@@ -159,9 +230,12 @@ def _refresh_if_due(
     # Every due unit, with or without a factor: a unit without one takes its
     # eigenvalues from its running diagonals on the same schedule.
     for s, (stack, due) in enumerate(zip(plan.stacks, units)):
-      mask = np.zeros((stack.size,), bool)
-      mask[slice(None) if due is None else due] = True
-      masks[s] = jnp.asarray(mask)
+      if isinstance(due, np.ndarray):
+        mask = due
+      else:
+        mask = np.zeros((stack.num_slots,), bool)
+        mask[slice(None) if due is None else due] = True
+      masks[s] = _stacks.place(jnp.asarray(mask), plan)
     return out, values, masks, refreshed.failures
 
   def scheduled(fs, method):
@@ -173,7 +247,7 @@ def _refresh_if_due(
     return scheduled(factors, 'eigh')  # the first call is a refresh call.
   return jax.lax.cond(
       count == 0,
-      lambda fs: refresh(fs, [None] * len(plan.stacks), 'eigh'),
+      lambda fs: refresh(fs, plan.all_units(), 'eigh'),
       lambda fs: scheduled(fs, method),
       factors)
 
@@ -224,6 +298,8 @@ def scale_by_rotated_adam(
     block_size: int | None = None,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -322,6 +398,16 @@ def scale_by_rotated_adam(
       the span of a rank-deficient gradient, are not normalized up to
       full-size updates. ``False`` reproduces the reference's float32
       behaviour.
+    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
+      (single device; the state is whatever ``jit`` makes of it). With a
+      mesh, every stack of same-shape units has its leading (unit) axis
+      sharded over ``shard_axes``, padded to a multiple of the number of
+      shards: each device keeps the state of, and does the per-unit work
+      (rotations, moments, statistics) and the refresh for, its own units
+      only; the gradients are brought to their units and the updates sent
+      back by one reshard each. See :func:`soap_optax.state_shardings`.
+    shard_axes: the mesh axis name, or tuple of names, to divide over;
+      ``None`` with a mesh means all of its axes.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -336,6 +422,7 @@ def scale_by_rotated_adam(
   if shampoo_beta is not None:
     _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('eps', eps)
+  _check_mesh(mesh, shard_axes)
   _check_eigenbasis_args(
       precondition_frequency, max_precond_dim, block_size,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
@@ -355,6 +442,8 @@ def scale_by_rotated_adam(
         block_size=block_size,
         staggered_refresh=staggered_refresh,
         precondition_frequency=precondition_frequency,
+        mesh=mesh,
+        shard_axes=shard_axes,
     )
     plan = eigenbasis.plan
     nu = (_stacks.zeros_per_axis(plan, 'all') if factored
@@ -380,7 +469,8 @@ def scale_by_rotated_adam(
             factors)]
 
     def initialize():
-      refreshed = _engine.refresh_eigh(absorbed)
+      refreshed = _engine.refresh_eigh(
+          absorbed, _divided(plan, plan.all_units()))
       directions = [jnp.zeros_like(g) for g in stacked_grads]
       return (directions, list(state.mu), nus, refreshed.factors,
               refreshed.failures)
@@ -429,8 +519,9 @@ def scale_by_rotated_adam(
       def refresh(operands, units):
         old_factors, mus, nus, _ = operands
         new_factors, new_mus, new_nus = list(old_factors), list(mus), list(nus)
-        active, selected = _refreshed_stacks(old_factors, units)
-        refreshed = _engine.refresh_power_qr(selected)
+        active, selected, divided = _refreshed_stacks(
+            old_factors, units, plan)
+        refreshed = _engine.refresh_power_qr(selected, divided)
         for s, old, new, order in zip(active, selected, refreshed.factors,
                                       refreshed.extras):
           mu = _stacks.take_units(mus[s], units[s])
@@ -461,9 +552,10 @@ def scale_by_rotated_adam(
         eigenbasis=_stacks.pack(
             state.eigenbasis, factors, skipped=_count_rejected(accepted),
             failed_refreshes=failures))
-    return _outputs(directions, plan, grads, treedef), new_state
+    return (_outputs(directions, plan, grads, treedef),
+            _stacks.place_state(new_state, plan))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, _on_any_mesh(update_fn))
 
 
 def _permute_second_moment(nu, orders, *, layout, factored):
@@ -524,6 +616,8 @@ def scale_by_shampoo_eigenbasis(
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     rayleigh_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
 
@@ -599,6 +693,16 @@ def scale_by_shampoo_eigenbasis(
     rayleigh_floor: never use an eigenvalue below its current Rayleigh
       quotient (above); ``False`` is classic Shampoo, whose eigenvalues stay
       frozen between refreshes.
+    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
+      (single device; the state is whatever ``jit`` makes of it). With a
+      mesh, every stack of same-shape units has its leading (unit) axis
+      sharded over ``shard_axes``, padded to a multiple of the number of
+      shards: each device keeps the state of, and does the per-unit work
+      (rotations, moments, statistics) and the refresh for, its own units
+      only; the gradients are brought to their units and the updates sent
+      back by one reshard each. See :func:`soap_optax.state_shardings`.
+    shard_axes: the mesh axis name, or tuple of names, to divide over;
+      ``None`` with a mesh means all of its axes.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -611,6 +715,7 @@ def scale_by_shampoo_eigenbasis(
   _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('exponent', exponent)
   _checks.check_nonnegative('eps', eps)
+  _check_mesh(mesh, shard_axes)
   _check_eigenbasis_args(
       precondition_frequency, max_precond_dim, block_size,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
@@ -628,6 +733,8 @@ def scale_by_shampoo_eigenbasis(
         block_size=block_size,
         staggered_refresh=staggered_refresh,
         precondition_frequency=precondition_frequency,
+        mesh=mesh,
+        shard_axes=shard_axes,
     )
     return ScaleByShampooEigenbasisState(
         eigenbasis=eigenbasis,
@@ -703,9 +810,10 @@ def scale_by_shampoo_eigenbasis(
         rayleigh_quotients=tuple(r for per_stack in quotients
                                  for r in per_stack),
     )
-    return _outputs(directions, plan, grads, treedef), new_state
+    return (_outputs(directions, plan, grads, treedef),
+            _stacks.place_state(new_state, plan))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, _on_any_mesh(update_fn))
 
 
 def _unfactored(per_axis: tuple, layout: _engine.FactorLayout) -> tuple:
@@ -740,6 +848,8 @@ def scale_by_adafactor_in_eigenbasis(
     block_size: int | None = None,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
 
@@ -791,6 +901,16 @@ def scale_by_adafactor_in_eigenbasis(
     rounding_floor: floor each statistic at the rotation's rounding level
       (above); the same rule as :func:`scale_by_shampoo_eigenbasis`'s, so the
       identity holds with it on.
+    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
+      (single device; the state is whatever ``jit`` makes of it). With a
+      mesh, every stack of same-shape units has its leading (unit) axis
+      sharded over ``shard_axes``, padded to a multiple of the number of
+      shards: each device keeps the state of, and does the per-unit work
+      (rotations, moments, statistics) and the refresh for, its own units
+      only; the gradients are brought to their units and the updates sent
+      back by one reshard each. See :func:`soap_optax.state_shardings`.
+    shard_axes: the mesh axis name, or tuple of names, to divide over;
+      ``None`` with a mesh means all of its axes.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -802,6 +922,7 @@ def scale_by_adafactor_in_eigenbasis(
   """
   _checks.check_beta('b2', b2)
   _checks.check_nonnegative('eps', eps)
+  _check_mesh(mesh, shard_axes)
   _check_eigenbasis_args(
       precondition_frequency, max_precond_dim, block_size,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
@@ -818,6 +939,8 @@ def scale_by_adafactor_in_eigenbasis(
         block_size=block_size,
         staggered_refresh=staggered_refresh,
         precondition_frequency=precondition_frequency,
+        mesh=mesh,
+        shard_axes=shard_axes,
     )
     return ScaleByAdafactorInEigenbasisState(
         eigenbasis=eigenbasis,
@@ -870,6 +993,7 @@ def scale_by_adafactor_in_eigenbasis(
             state.eigenbasis, factors, skipped=_count_rejected(accepted),
             failed_refreshes=failures),
         axis_stats=tuple(s for per_stack in stats for s in per_stack))
-    return _outputs(directions, plan, grads, treedef), new_state
+    return (_outputs(directions, plan, grads, treedef),
+            _stacks.place_state(new_state, plan))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, _on_any_mesh(update_fn))

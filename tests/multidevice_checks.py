@@ -1,0 +1,355 @@
+"""Checks that need several devices, run in a subprocess by test_sharding.py.
+
+``python tests/multidevice_checks.py CHECK [ARGS]`` starts JAX with 8 host
+CPU devices (or, for ``process``, joins a 2-process cluster on 127.0.0.1)
+and prints one JSON line, ``RESULT {...}``, that the test asserts on. The
+suite's own process keeps one device.
+"""
+
+import json
+import os
+import sys
+
+if __name__ == '__main__':
+  # Before JAX starts: 8 host devices (4 per process in the 2-process run),
+  # and one OpenBLAS thread per device (several host devices oversubscribe
+  # the cores otherwise; see the README's CPU notes).
+  _DEVICES = 4 if sys.argv[1] == 'process' else 8
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') +
+      f' --xla_force_host_platform_device_count={_DEVICES}')
+  os.environ['OPENBLAS_NUM_THREADS'] = '1'
+  sys.path.insert(0, os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import soap_optax
+
+SCANNED = soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
+DIMENSION_NUMBERS = {'embed': None, 'attention': None, 'layers': SCANNED,
+                     'head': None, 'bias': None}
+
+
+def init_params(dtype=jnp.float32):
+  """A small model: several shapes, a scanned stack (with biases), a 3-D
+  attention kernel, a bias."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  return {
+      'embed': jax.random.normal(keys[0], (40, 16), dtype),
+      'attention': jax.random.normal(keys[1], (16, 2, 8), dtype) / 4,
+      'layers': {
+          'w_in': jax.random.normal(keys[2], (3, 16, 24), dtype) / 4,
+          'b_in': jnp.zeros((3, 24), dtype),
+          'w_out': jax.random.normal(keys[3], (3, 24, 16), dtype) / 5,
+      },
+      'head': jax.random.normal(keys[4], (16, 40), dtype) / 4,
+      'bias': jnp.zeros((40,), dtype),
+  }
+
+
+def loss_fn(params, step):
+  """A smooth loss whose gradients are full rank and change every step."""
+  key = jax.random.fold_in(jax.random.PRNGKey(1), step)
+  total = 0.0
+  for i, leaf in enumerate(jax.tree.leaves(params)):
+    target = jax.random.normal(jax.random.fold_in(key, i), leaf.shape,
+                               leaf.dtype)
+    total = total + jnp.mean(jnp.square(jnp.tanh(leaf) - target))
+  return total
+
+
+def make_mesh(shape, axis_type):
+  names = ('data', 'model')[:len(shape)]
+  kind = AxisType.Explicit if axis_type == 'explicit' else AxisType.Auto
+  return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def param_sharding(mesh, leaf):
+  """FSDP-like: the first axis over 'data', the last over 'model' (where
+  the mesh has it), whenever they divide evenly."""
+  spec = [None] * leaf.ndim
+  data = mesh.shape['data']
+  if leaf.ndim and leaf.shape[0] % data == 0:
+    spec[0] = 'data'
+  if 'model' in mesh.axis_names and leaf.ndim >= 2 and (
+      leaf.shape[-1] % mesh.shape['model'] == 0):
+    spec[-1] = 'model'
+  return NamedSharding(mesh, P(*spec))
+
+
+def optimizers(**kwargs):
+  # max_precond_dim=16: only axes of length <= 16 carry a factor, and each of
+  # them is the shorter side of its unit, so every factor is full rank from
+  # the first gradient on. (A rank-deficient factor's null-space basis is
+  # whatever eigh's rounding makes it, so runs whose statistics differ in
+  # the last bit could not be compared.)
+  common = dict(precondition_frequency=5, dimension_numbers=DIMENSION_NUMBERS,
+                max_precond_dim=16, **kwargs)
+  return {
+      'soap': soap_optax.soap(learning_rate=1e-2, **common),
+      'factorized_soap': soap_optax.factorized_soap(
+          learning_rate=1e-2, **common),
+      'shampoo': soap_optax.shampoo(learning_rate=1e-2, refresh='eigh',
+                                    **common),
+  }
+
+
+def train(tx, params, steps, shardings=None):
+  """``steps`` steps of ``tx`` from ``params``; the final params (NumPy)."""
+  def step(params, state, i):
+    grads = jax.grad(loss_fn)(params, i)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  if shardings is None:
+    state = tx.init(params)
+    step = jax.jit(step)
+  else:
+    param_shardings, state_shardings = shardings
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+    step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
+  for i in range(steps):
+    params, state = step(params, state, i)
+  compiles = step._cache_size() if hasattr(step, '_cache_size') else None  # pylint: disable=protected-access
+  return jax.tree.map(np.asarray, params), state, compiles
+
+
+def relative_error(a, b):
+  return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ------------------------------------------------------------------------------
+# Checks.
+
+
+def check_parity(dtype_name):
+  """Sharded vs unsharded runs, 12 steps (refreshes at 0, 5 and 10)."""
+  dtype = {'float64': jnp.float64, 'float32': jnp.float32}[dtype_name]
+  if dtype == jnp.float64:
+    jax.config.update('jax_enable_x64', True)
+  # Every optimizer on every mesh shape and axis type, each pair once.
+  meshes = {
+      'soap': [((8,), 'auto', None), ((4, 2), 'explicit', None),
+               ((2, 4), 'auto', 'data')],
+      'factorized_soap': [((8,), 'explicit', None), ((2, 4), 'auto', None)],
+      'shampoo': [((4, 2), 'auto', None), ((2, 4), 'explicit', None)],
+  }
+  if dtype == jnp.float32:
+    meshes = {'soap': [((4, 2), 'explicit', None)],
+              'factorized_soap': [((8,), 'auto', None)],
+              'shampoo': [((2, 4), 'auto', None)]}
+  params = init_params(dtype)
+  results = {}
+  for name, tx in optimizers().items():
+    reference, _, _ = train(tx, params, 12)
+    for shape, axis_type, axes in meshes[name]:
+      mesh = make_mesh(shape, axis_type)
+      placed = jax.tree.map(
+          lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
+      sharded_tx = optimizers(mesh=mesh, shard_axes=axes)[name]
+      out, state, _ = train(sharded_tx, placed, 12)
+      key = f'{name} {shape} {axis_type} shard_axes={axes}'
+      results[key] = {
+          'relative_error': relative_error(out, reference),
+          'bitwise': all(np.array_equal(x, y) for x, y in zip(
+              jax.tree.leaves(out), jax.tree.leaves(reference))),
+          'refreshes_failed': int(state[0].eigenbasis.failed_refreshes)
+                              if hasattr(state[0], 'eigenbasis') else 0,
+      }
+  return results
+
+
+_SOLVERS = ('syevd', 'geqrf')
+_COLLECTIVES = ('all-reduce', 'all-gather', 'collective-permute',
+                'all-to-all', 'reduce-scatter')
+
+
+def compiled_counts(text):
+  """From a compiled (partitioned, per-device) HLO module: the solver
+  calls' operand shapes, the trip counts of the loops around them, and the
+  collectives inside the divided refresh (under the shard_map)."""
+  solver_shapes, loops, refresh_collectives, loop_collectives = [], [], [], []
+  for line in text.splitlines():
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    op_name = op_name.group(1) if op_name else ''
+    if 'custom-call(' in line and any(s in line for s in _SOLVERS):
+      shape = re.search(r'operand_layout_constraints=\{\w+\[([\d,]+)\]',
+                        line)
+      solver_shapes.append(tuple(int(n) for n in shape.group(1).split(',')))
+    if ' while(' in line and 'shard_map/while' in op_name:
+      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+      size = re.search(r'\w+\[\d+,(\d+),(\d+)\]', line)
+      loops.append((int(size.group(1)) if size else -1,
+                    int(trip.group(1)) if trip else -1))
+    for kind in _COLLECTIVES:
+      if f' {kind}(' in line or f' {kind}-start(' in line:
+        if 'shard_map' in op_name:
+          refresh_collectives.append(kind)
+          if '/while/' in op_name.split('shard_map', 1)[1]:
+            loop_collectives.append(kind)
+  return solver_shapes, loops, refresh_collectives, loop_collectives
+
+
+def check_compiled():
+  """What one device runs in a step on an (8,) mesh, per optimizer."""
+  params = init_params()
+  mesh = make_mesh((8,), 'auto')
+  placed = jax.tree.map(
+      lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
+  results = {}
+  for name, tx in optimizers(mesh=mesh).items():
+    state = tx.init(placed)
+    plan = state[0].eigenbasis.plan if name != 'shampoo' else (
+        state[0].direction.eigenbasis.plan)
+    # Expected: per factor size, the sum over stacks (and their factors of
+    # that size) of ceil(U / 8): the slots each device loops over.
+    expected = {}
+    for stack in plan.stacks:
+      for d in stack.layout.factor_sizes:
+        expected[d] = expected.get(d, 0) + math.ceil(stack.size / 8)
+    text = jax.jit(tx.update).lower(placed, state, placed).compile().as_text()
+    shapes, loops, collectives, in_loops = compiled_counts(text)
+    results[name] = {
+        'factor_sizes': sorted(expected),
+        'expected_trips': sorted(expected.items()),
+        'stack_sizes': [s.size for s in plan.stacks],
+        'solver_shapes': sorted(set(shapes)),
+        'loop_trips': loops,
+        'refresh_collectives': collectives,
+        'collectives_in_loops': in_loops,
+    }
+  return results
+
+
+def check_state():
+  """state_shardings: jit(init) and the step take it, the step compiles
+  once, per-device bytes, and Orbax restores bitwise onto the same mesh and
+  onto other mesh shapes."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = init_params()
+  results = {}
+  mesh = make_mesh((8,), 'explicit')
+  placed = jax.tree.map(
+      lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, placed)
+  for name, tx in optimizers(mesh=mesh).items():
+    shardings = soap_optax.state_shardings(tx, placed)
+    _, state, compiles = train(tx, placed, 7, (param_shardings, shardings))
+    per_device = [0] * len(jax.devices())
+    index = {d: i for i, d in enumerate(jax.devices())}
+    total = 0
+    for leaf in jax.tree.leaves(state):
+      total += leaf.nbytes
+      for shard in leaf.addressable_shards:
+        per_device[index[shard.device]] += shard.data.nbytes
+    plan = (state[0].direction.eigenbasis.plan if name == 'shampoo'
+            else state[0].eigenbasis.plan)
+    padding = max(
+        (s.num_slots - s.size) * 4 * (
+            math.prod(s.layout.merged_shape) * 3
+            + sum(2 * d * d for d in s.layout.factor_sizes))
+        for s in plan.stacks)
+    results[name] = {
+        'compiles': compiles,
+        'total_bytes': total,
+        'max_device_bytes': max(per_device),
+        'padded_stack_bytes': padding,
+        'matches_shardings': all(
+            leaf.sharding.is_equivalent_to(s, leaf.ndim)
+            for leaf, s in zip(jax.tree.leaves(state),
+                               jax.tree.leaves(shardings))),
+    }
+    # Orbax: save, then restore onto the same mesh and onto others.
+    restored_ok = {}
+    with tempfile.TemporaryDirectory() as directory:
+      path = os.path.join(directory, 'state')
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, state)
+        checkpointer.wait_until_finished()
+        for shape, axis_type in (((8,), 'explicit'), ((4, 2), 'auto'),
+                                 ((2, 4), 'explicit')):
+          other = make_mesh(shape, axis_type)
+          other_params = jax.tree.map(
+              lambda x, other=other: jax.ShapeDtypeStruct(
+                  x.shape, x.dtype, sharding=param_sharding(other, x)),
+              params)
+          other_tx = optimizers(mesh=other)[name]
+          target_shardings = soap_optax.state_shardings(
+              other_tx, other_params)
+          target = jax.tree.map(
+              lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+              jax.eval_shape(other_tx.init, other_params), target_shardings)
+          restored = checkpointer.restore(path, target)
+          restored_ok[f'{shape} {axis_type}'] = all(
+              np.array_equal(np.asarray(a), np.asarray(b))
+              and a.sharding.is_equivalent_to(s, a.ndim)
+              for a, b, s in zip(jax.tree.leaves(restored),
+                                 jax.tree.leaves(state),
+                                 jax.tree.leaves(target_shardings)))
+    results[name]['restored'] = restored_ok
+  return results
+
+
+def check_process(process_id, port):
+  """One of 2 processes (4 host devices each): train with the divided
+  refresh on the global (8,) mesh; print the final parameters' checksum."""
+  jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+      process_id=int(process_id))
+  mesh = make_mesh((8,), 'explicit')
+  params = init_params()
+  placed = jax.tree.map(
+      lambda x: jax.make_array_from_callback(
+          x.shape, param_sharding(mesh, x), lambda index, x=x: x[index]),
+      params)
+  tx = optimizers(mesh=mesh)['soap']
+  shardings = soap_optax.state_shardings(tx, placed)
+  param_shardings = jax.tree.map(lambda x: x.sharding, placed)
+
+  def step(params, state, i):
+    grads = jax.grad(loss_fn)(params, i)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.jit(tx.init, out_shardings=shardings)(placed)
+  step = jax.jit(step, out_shardings=(param_shardings, shardings))
+  for i in range(11):
+    placed, state = step(placed, state, i)
+  # Every process sees the whole result once it is replicated.
+  gathered = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(
+      placed)
+  return {'process': jax.process_index(),
+          'devices': jax.device_count(),
+          'local_devices': jax.local_device_count(),
+          'params': {k: np.asarray(v).tolist() for k, v in
+                     zip(['/'.join(str(getattr(p, 'key', p)) for p in path)
+                          for path, _ in
+                          jax.tree_util.tree_flatten_with_path(gathered)[0]],
+                         jax.tree.leaves(gathered))}}
+
+
+def reference_process_run():
+  """The single-process (one device) run that check_process must equal."""
+  tx = optimizers()['soap']
+  params, _, _ = train(tx, init_params(), 11)
+  return params
+
+
+if __name__ == '__main__':
+  CHECKS = {'parity': check_parity, 'compiled': check_compiled,
+            'state': check_state, 'process': check_process}
+  print('RESULT ' + json.dumps(CHECKS[sys.argv[1]](*sys.argv[2:])),
+        flush=True)

@@ -1,0 +1,288 @@
+"""The optimizer divided over a jax.sharding mesh.
+
+The checks that need several devices run in subprocesses with 8 host CPU
+devices (``tests/multidevice_checks.py``); the suite's own process keeps
+its single device, on which a 1-device mesh still runs the divided code.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import soap_optax
+from soap_optax import _engine
+from soap_optax import _stacks
+
+CHECKS = os.path.join(os.path.dirname(__file__), 'multidevice_checks.py')
+
+
+def _run_check(*args, timeout=900):
+  result = subprocess.run(
+      [sys.executable, CHECKS, *args], capture_output=True, text=True,
+      timeout=timeout, check=False)
+  lines = [l for l in result.stdout.splitlines() if l.startswith('RESULT ')]
+  assert result.returncode == 0 and lines, (
+      result.stdout[-3000:] + result.stderr[-5000:])
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+ALL = {
+    'scale_by_rotated_adam': soap_optax.scale_by_rotated_adam,
+    'scale_by_shampoo_eigenbasis': soap_optax.scale_by_shampoo_eigenbasis,
+    'scale_by_adafactor_in_eigenbasis':
+        soap_optax.scale_by_adafactor_in_eigenbasis,
+    'soap': soap_optax.soap,
+    'factorized_soap': soap_optax.factorized_soap,
+    'shampoo': soap_optax.shampoo,
+}
+
+
+def _one_device_mesh():
+  return jax.make_mesh((1,), ('data',))
+
+
+# ------------------------------------------------------------------------------
+# Construction and layout (one device).
+
+
+@pytest.mark.parametrize('name', sorted(ALL))
+def test_mesh_arguments_are_checked_at_construction(name):
+  make = ALL[name]
+  mesh = _one_device_mesh()
+  with pytest.raises(ValueError, match='mesh must be None or a jax.sharding'):
+    make(mesh='data')
+  with pytest.raises(ValueError, match='shard_axes'):
+    make(mesh=mesh, shard_axes='model')
+  with pytest.raises(ValueError, match='shard_axes'):
+    make(mesh=mesh, shard_axes=('data', 'data'))
+  with pytest.raises(ValueError, match='shard_axes.*needs a mesh'):
+    make(shard_axes='data')
+  make(mesh=mesh, shard_axes='data')
+  make(mesh=mesh, shard_axes=('data',))
+
+
+def _stack(size, factor_sizes, shape=None):
+  shape = shape or tuple(factor_sizes)
+  return _stacks.Stack(shape, 'float32', size, _engine.FactorLayout(
+      shape, shape, tuple(range(len(factor_sizes)))))
+
+
+def test_assign_shards_divides_every_stack_evenly_and_spreads_the_rest():
+  mesh = jax.sharding.AbstractMesh((8,), ('data',))
+  stacks = [_stack(1, (512, 64)), _stack(1, (256, 64)), _stack(41, (64, 64)),
+            _stack(3, (128, 128)), _stack(16, (32, 32)), _stack(0, (8,))]
+  layout = _stacks.assign_shards(stacks, mesh, ('data',))
+  assert layout.num_shards == 8
+  loads = np.zeros(8)
+  for stack, counts in zip(stacks, layout.units_per_shard):
+    assert sum(counts) == stack.size
+    assert max(counts) - min(counts) <= 1  # never more than one apart
+    loads += np.asarray(counts) * stack.refresh_cost
+  # The two single large units are on different shards, and neither shares
+  # its shard with one of the 128-units (the next most expensive).
+  big = [int(np.argmax(c)) for c in layout.units_per_shard[:2]]
+  assert big[0] != big[1]
+  assert all(layout.units_per_shard[3][d] == 0 for d in big)
+  # Greedy balance: the largest load is below the largest unit plus the
+  # average load (the LPT bound).
+  largest_unit = max(s.refresh_cost for s in stacks)
+  assert loads.max() <= loads.sum() / 8 + largest_unit
+
+
+def test_slots_round_trip_and_padding_is_zero():
+  mesh = jax.sharding.AbstractMesh((4,), ('data',))
+  stacks = [_stack(6, (3,), (3,)), _stack(1, (2,), (2,))]
+  layout = _stacks.assign_shards(stacks, mesh, ('data',))
+  plan = _stacks.EigenbasisPlan((), tuple(stacks), sharding=layout)
+  units = jnp.arange(18.0).reshape(6, 3) + 1
+  slots = _stacks._to_slots(units, plan, 0)  # pylint: disable=protected-access
+  assert slots.shape == (8, 3)
+  real = layout.slot_mask(0, range(6))
+  np.testing.assert_array_equal(slots[~real], 0.0)
+  np.testing.assert_array_equal(slots[real], units)
+  np.testing.assert_array_equal(
+      _stacks._from_slots(slots, plan, 0), units)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(layout.unit_slots(0),
+                                np.flatnonzero(real))
+
+
+def _train(tx, params, steps):
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  grads_of = jax.jit(jax.grad(lambda p, i: sum(
+      jnp.sum(jnp.sin(x * (i + 1.0)) * x) for x in jax.tree.leaves(p))))
+  for i in range(steps):
+    updates, state = step(grads_of(params, i), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize('name', ['soap', 'factorized_soap', 'shampoo'])
+def test_one_device_mesh_gives_the_unsharded_result(name, x64):
+  """The divided code path (slots, shard_map refresh) on one device."""
+  del x64
+  params = {'w': jnp.linspace(-1.0, 1.0, 6 * 8).reshape(6, 8),
+            'stack': jnp.cos(jnp.arange(3 * 5 * 5.0)).reshape(3, 5, 5),
+            'b': jnp.ones((8,))}
+  numbers = {'w': None, 'b': None,
+             'stack': soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))}
+  kwargs = dict(precondition_frequency=3, dimension_numbers=numbers,
+                max_precond_dim=6)
+  reference, _ = _train(ALL[name](**kwargs), params, 8)
+  sharded, state = _train(ALL[name](mesh=_one_device_mesh(), **kwargs),
+                          params, 8)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+  assert jax.tree.leaves(state)  # a state came back
+
+
+def test_state_shardings_follows_optax_wrappers():
+  mesh = _one_device_mesh()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = {'a': jax.ShapeDtypeStruct((4, 6), jnp.float32, sharding=sharding),
+            'b': jax.ShapeDtypeStruct((6,), jnp.float32, sharding=sharding)}
+  tx = optax.MultiSteps(optax.chain(
+      optax.inject_hyperparams(soap_optax.soap, static_args=(
+          'precondition_frequency', 'max_precond_dim', 'block_size', 'mesh',
+          'shard_axes'))(learning_rate=1e-3, mesh=mesh),
+      optax.masked(optax.scale_by_adam(), {'a': True, 'b': False})),
+      every_k_schedule=2)
+  shardings = soap_optax.state_shardings(tx, params)
+  shapes = jax.eval_shape(tx.init, params)
+  assert jax.tree.structure(shardings) == jax.tree.structure(shapes)
+  assert all(isinstance(s, jax.sharding.NamedSharding)
+             for s in jax.tree.leaves(shardings))
+  concrete = {k: jnp.ones(v.shape, v.dtype) for k, v in params.items()}
+  state = jax.jit(tx.init, out_shardings=shardings)(concrete)
+  assert jax.tree.structure(state) == jax.tree.structure(shapes)
+
+
+def test_state_shardings_needs_a_mesh():
+  with pytest.raises(ValueError, match='needs a mesh'):
+    soap_optax.state_shardings(soap_optax.soap(), {'w': jnp.ones((3, 3))})
+
+
+# ------------------------------------------------------------------------------
+# 8 host devices (subprocesses).
+
+
+def test_refresh_is_divided_in_the_compiled_program():
+  """Per device: one loop per factor size whose trip count is the sum of
+  ceil(U / 8) over the stacks (the device's slots), solvers on whole
+  (d, d) factors only, and one collective (the failure count's psum) per
+  refresh, none inside a loop."""
+  results = _run_check('compiled')
+  for name, r in results.items():
+    message = f'{name}: {json.dumps(r)}'
+    assert r['solver_shapes'] == [[d, d] for d in r['factor_sizes']], message
+    expected = dict(r['expected_trips'])
+    # Each refresh variant (the first call's eigh, the scheduled one) has
+    # its loops; a trip count of 1 may be unrolled by XLA.
+    assert r['loop_trips'], message
+    for size, trips in r['loop_trips']:
+      assert trips == expected[size], message
+    assert {s for s, t in expected.items() if t > 1} <= {
+        s for s, _ in r['loop_trips']}, message
+    variants = 1 if name == 'shampoo' else 2
+    assert r['refresh_collectives'] == ['all-reduce'] * variants, message
+    assert not r['collectives_in_loops'], message
+
+
+@pytest.mark.parametrize('dtype,tolerance', [('float64', 1e-9),
+                                             ('float32', 1e-5)])
+def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
+  """soap, factorized_soap and shampoo on meshes (8,), (4, 2) and (2, 4),
+  Auto and Explicit, 12 steps with refreshes at 0, 5 and 10."""
+  results = _run_check('parity', dtype)
+  assert len(results) >= (7 if dtype == 'float64' else 3)
+  for key, r in results.items():
+    assert r['relative_error'] <= tolerance, f'{key}: {r}'
+    assert r['refreshes_failed'] == 0, f'{key}: {r}'
+
+
+def test_state_shardings_jit_orbax_and_bytes_per_device():
+  results = _run_check('state')
+  for name, r in results.items():
+    message = f'{name}: {json.dumps(r)}'
+    assert r['compiles'] == 1, message
+    assert r['matches_shardings'], message
+    assert r['max_device_bytes'] <= (
+        r['total_bytes'] / 8 + r['padded_stack_bytes']), message
+    assert r['restored'] and all(r['restored'].values()), message
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_a_single_process_run():
+  """jax.distributed on 127.0.0.1, 2 processes of 4 CPU devices each (gloo
+  collectives), 11 soap steps with the divided refresh, against the same
+  training run in this process (one device, no mesh)."""
+  port = str(_free_port())
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  with tempfile.TemporaryDirectory() as directory:
+    # Outputs to files, not pipes: a process blocked on a full pipe would
+    # never reach jax.distributed's shutdown barrier.
+    logs = [open(os.path.join(directory, f'{i}.log'), 'w+')
+            for i in range(2)]
+    processes = [subprocess.Popen(
+        [sys.executable, CHECKS, 'process', str(i), port],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+                 for i, log in enumerate(logs)]
+    try:
+      for p in processes:
+        p.wait(timeout=600)
+    finally:
+      for p in processes:
+        p.kill()
+    outputs = []
+    for p, log in zip(processes, logs):
+      log.seek(0)
+      text = log.read()
+      log.close()
+      lines = [l for l in text.splitlines() if l.startswith('RESULT ')]
+      assert p.returncode == 0 and lines, text[-5000:]
+      outputs.append(json.loads(lines[-1][len('RESULT '):]))
+  sys.path.insert(0, os.path.dirname(CHECKS))
+  try:
+    import multidevice_checks  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  reference = multidevice_checks.reference_process_run()
+  flat = jax.tree_util.tree_flatten_with_path(reference)[0]
+  for result in outputs:
+    assert result['devices'] == 8 and result['local_devices'] == 4
+    for path, expected in flat:
+      key = '/'.join(str(getattr(p, 'key', p)) for p in path)
+      got = np.asarray(result['params'][key], np.float32)
+      np.testing.assert_allclose(got, expected, rtol=1e-5,
+                                 atol=1e-5 * np.abs(expected).max())
+  for key in outputs[0]['params']:
+    assert outputs[0]['params'][key] == outputs[1]['params'][key]
+
+
+@pytest.mark.parametrize('name', ['soap', 'shampoo'])
+def test_staggered_refresh_on_a_mesh(name, x64):
+  """Staggered refreshes select slots by mask on a mesh. With one unit per
+  stack the phases are the same as without a mesh, and so is the result."""
+  del x64
+  params = {'a': jnp.linspace(-1.0, 1.0, 5 * 4).reshape(5, 4),
+            'b': jnp.cos(jnp.arange(6 * 3.0)).reshape(6, 3),
+            'c': jnp.sin(jnp.arange(2 * 7.0)).reshape(2, 7)}
+  kwargs = dict(precondition_frequency=3, staggered_refresh=True)
+  reference, _ = _train(ALL[name](**kwargs), params, 8)
+  sharded, _ = _train(ALL[name](mesh=_one_device_mesh(), **kwargs), params, 8)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
