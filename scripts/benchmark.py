@@ -1038,88 +1038,99 @@ def run_sharded_section(quick: bool) -> dict:
 
 
 def sharded_worker(quick: bool) -> dict:
-  """Refresh and regular SOAP calls on an (8,) mesh, divided or not."""
+  """Refresh and regular SOAP calls on an (8,) mesh, divided or not, for a
+  4-layer transformer kept as separate layers and one with its 8 layers
+  scanned (stacked along a layer axis)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import soap_optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   d, vocab, seq = (32, 64, 16) if quick else (128, 256, 64)
-  shapes = transformer_shapes(d, 4, vocab, seq)
   mesh = jax.make_mesh((SHARDED_DEVICES,), ('data',))
 
   def fsdp(shape):
     spec = ('data',) if shape[0] % SHARDED_DEVICES == 0 else ()
     return NamedSharding(mesh, PartitionSpec(*spec))
 
-  params = {k: jax.device_put(v, fsdp(v.shape))
-            for k, v in random_tree(jax, shapes, 0).items()}
-  grads = {k: jax.device_put(v, fsdp(v.shape))
-           for k, v in random_tree(jax, shapes, 1).items()}
   frequency, calls = 2, 6 if quick else 10
-  out: dict[str, Any] = {'shapes': {k: list(v) for k, v in shapes.items()},
-                         'devices': SHARDED_DEVICES, 'frequency': frequency}
-  for label, kwargs in (('replicated', {}), ('divided', {'mesh': mesh})):
-    tx = soap_optax.soap(precondition_frequency=frequency, **kwargs)
-    if kwargs:
-      shardings = soap_optax.state_shardings(tx, params)
-      state = jax.jit(tx.init, out_shardings=shardings)(params)
-      update = jax.jit(tx.update, out_shardings=(
-          jax.tree.map(lambda x: x.sharding, params), shardings))
-    else:
-      state = tx.init(params)
-      update = jax.jit(tx.update)
-    tick = time.perf_counter()
-    _, state = jax.block_until_ready(update(grads, state, params))
-    first = time.perf_counter() - tick
-    refresh, regular = [], []
-    for _ in range(2 * calls + 2):
-      count = int(state[0].eigenbasis.count)
+  out: dict[str, Any] = {'devices': SHARDED_DEVICES, 'frequency': frequency,
+                         'models': {}}
+  models = {'4 layers, separate': (transformer_shapes(d, 4, vocab, seq),
+                                   lambda params: None),
+            '8 layers, scanned': (scanned_transformer_shapes(
+                d, 8, vocab, seq), layer_axis_numbers)}
+  for model, (shapes, numbers) in models.items():
+    params = {k: jax.device_put(v, fsdp(v.shape))
+              for k, v in random_tree(jax, shapes, 0).items()}
+    grads = {k: jax.device_put(v, fsdp(v.shape))
+             for k, v in random_tree(jax, shapes, 1).items()}
+    rows = {}
+    for label, kwargs in (('replicated', {}), ('divided', {'mesh': mesh})):
+      tx = soap_optax.soap(precondition_frequency=frequency,
+                           dimension_numbers=numbers(shapes), **kwargs)
+      if kwargs:
+        shardings = soap_optax.state_shardings(tx, params)
+        state = jax.jit(tx.init, out_shardings=shardings)(params)
+        update = jax.jit(tx.update, out_shardings=(
+            jax.tree.map(lambda x: x.sharding, params), shardings))
+      else:
+        state = tx.init(params)
+        update = jax.jit(tx.update)
       tick = time.perf_counter()
       _, state = jax.block_until_ready(update(grads, state, params))
-      seconds = time.perf_counter() - tick
-      if count > 2:  # after the warm-up of both branches
-        (refresh if count % frequency == 0 else regular).append(seconds)
-    per_device = [0] * len(jax.devices())
-    index = {dev: i for i, dev in enumerate(jax.devices())}
-    total = 0
-    for leaf in jax.tree.leaves(state):
-      total += leaf.nbytes
-      for shard in leaf.addressable_shards:
-        per_device[index[shard.device]] += shard.data.nbytes
-    factors = sum(len(s.layout.factored_axes)
-                  for s in state[0].eigenbasis.plan.stacks
-                  for _ in range(s.size))
-    out[label] = dict(
-        first_call_s=first, refresh_call_s=float(np.median(refresh)),
-        regular_call_s=float(np.median(regular)), state_bytes=total,
-        max_device_state_bytes=max(per_device),
-        compiles=update._cache_size(),  # pylint: disable=protected-access
-        factors=factors)
+      first = time.perf_counter() - tick
+      refresh, regular = [], []
+      for _ in range(2 * calls + 2):
+        count = int(state[0].eigenbasis.count)
+        tick = time.perf_counter()
+        _, state = jax.block_until_ready(update(grads, state, params))
+        seconds = time.perf_counter() - tick
+        if count > 2:  # after the warm-up of both branches
+          (refresh if count % frequency == 0 else regular).append(seconds)
+      per_device = soap_optax.state_nbytes_per_device(state)
+      total = soap_optax.state_nbytes(state)
+      plan = state[0].eigenbasis.plan
+      rows[label] = dict(
+          first_call_s=first, refresh_call_s=float(np.median(refresh)),
+          regular_call_s=float(np.median(regular)), state_bytes=total,
+          max_device_state_bytes=max(per_device.values()),
+          compiles=update._cache_size(),  # pylint: disable=protected-access
+          factors=sum(len(s.layout.factored_axes) * s.size
+                      for s in plan.stacks),
+          stack_sizes=[s.size for s in plan.stacks])
+    out['models'][model] = rows
   return out
 
 
 def sharded_table(section) -> str:
-  rows = ['| | every device refreshes every factor (no `mesh`) | divided '
-          '(`mesh=`) | divided / replicated |', '|---|---|---|---|']
-  rep, div = section['replicated'], section['divided']
-  for key, label in (('refresh_call_s', 'refresh call (s)'),
-                     ('regular_call_s', 'regular call (s)')):
-    rows.append(f'| {label} | {rep[key]:.3f} | {div[key]:.3f} | '
-                f'{div[key] / rep[key]:.2f}× |')
-  rep_refresh = rep['refresh_call_s'] - rep['regular_call_s']
-  div_refresh = div['refresh_call_s'] - div['regular_call_s']
-  rows.append(f'| refresh work (refresh − regular, s) | {rep_refresh:.3f} | '
-              f'{div_refresh:.3f} | {div_refresh / rep_refresh:.2f}× |')
-  for label, r in (('no `mesh`', rep), ('`mesh=`', div)):
-    rows.append(f'| state bytes, largest device / total ({label}) | '
-                f'{r["max_device_state_bytes"]:,} / {r["state_bytes"]:,} | | '
-                f'{r["max_device_state_bytes"] / r["state_bytes"]:.3f} |')
-  rows.append(f'| compiled versions of the step | {rep["compiles"]} | '
-              f'{div["compiles"]} | |')
+  rows = ['| model | | every device refreshes every factor (no `mesh`) | '
+          'divided (`mesh=`) | divided / no `mesh` |', '|---|---|---|---|---|']
+  for model, r in section['models'].items():
+    rep, div = r['replicated'], r['divided']
+    for key, label in (('refresh_call_s', 'refresh call (s)'),
+                       ('regular_call_s', 'regular call (s)')):
+      rows.append(f'| {model} | {label} | {rep[key]:.3f} | {div[key]:.3f} | '
+                  f'{div[key] / rep[key]:.2f}× |')
+    rep_work = rep['refresh_call_s'] - rep['regular_call_s']
+    div_work = div['refresh_call_s'] - div['regular_call_s']
+    rows.append(f'| {model} | refresh work (refresh − regular call, s) | '
+                f'{rep_work:.3f} | {div_work:.3f} | {div_work / rep_work:.2f}× |')
+    ideal = rep['state_bytes'] / section['devices']
+    rows.append(
+        f'| {model} | state bytes on the fullest device | '
+        f'{rep["max_device_state_bytes"]:,} | {div["max_device_state_bytes"]:,}'
+        f' | {div["max_device_state_bytes"] / rep["max_device_state_bytes"]:.2f}'
+        f'× (1/{section["devices"]} of the unpadded state: {ideal:,.0f}) |')
+    rows.append(f'| {model} | state bytes, all devices (padding included) | '
+                f'{rep["state_bytes"]:,} | {div["state_bytes"]:,} | |')
+    rows.append(f'| {model} | compiled versions of the step | '
+                f'{rep["compiles"]} | {div["compiles"]} | |')
+  models = ', '.join(f'{m}: {r["divided"]["factors"]} factors in stacks of '
+                     f'{r["divided"]["stack_sizes"]} units'
+                     for m, r in section['models'].items())
   return '\n'.join(rows) + (
       f'\n\n{section["devices"]} host devices sharing the machine\'s cores; '
-      f'{rep["factors"]} factors; precondition_frequency '
-      f'{section["frequency"]}.')
+      f'precondition_frequency {section["frequency"]}; {models}.')
 
 
 def machine_info(jax) -> dict:

@@ -8,6 +8,7 @@ from soap_optax._aliases import scale_by_grafting
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
 from soap_optax._diagnostics import state_nbytes
+from soap_optax._diagnostics import state_nbytes_per_device
 from soap_optax._diagnostics import state_size
 from soap_optax._flax import dimension_numbers_from_axis_names
 from soap_optax._sharding import state_shardings
@@ -34,6 +35,7 @@ __all__ = (
     'shampoo',
     'soap',
     'state_nbytes',
+    'state_nbytes_per_device',
     'state_shardings',
     'state_size',
 )

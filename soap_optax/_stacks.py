@@ -316,8 +316,11 @@ def assign_refresh_phases(
   the loads are kept per shard and residue (a unit's shard is fixed by the
   layout), so that every shard's work is spread over the steps.
   """
-  shard_of = (sharding.shard_of_unit if sharding is not None
-              else lambda s, u: 0)
+  if sharding is not None:
+    slots = [sharding.unit_slots(s) for s in range(len(stacks))]
+    shard_of = lambda s, u: int(slots[s][u]) // sharding.slots_per_shard(s)
+  else:
+    shard_of = lambda s, u: 0
   loads: dict[tuple[int, int], int] = {}
   phases = [[0] * stack.size for stack in stacks]
   units = [(sum(d**3 for d in stack.layout.factor_sizes), s, u)
@@ -759,6 +762,8 @@ def _from_slots(slots: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
   k = plan.sharding.slots_per_shard(s)
   runs = [slots[d * k:d * k + n]
           for d, n in enumerate(plan.sharding.units_per_shard[s]) if n]
+  if not runs:
+    return slots[:0]
   return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
 
 

@@ -65,10 +65,8 @@ def _on_any_mesh(update_fn):
   state like the plan says (stacks divided over the shard axes, scalars
   replicated).
   """
-  def wrapped(updates, state, params=None):
+  def on_auto_axes(updates, state):
     mesh = _explicit_mesh((updates, state))
-    if mesh is None:
-      return update_fn(updates, state, params)
     plan = state.eigenbasis.plan
     stacked = (plan.sharding.spec if plan.sharding is not None
                else jax.sharding.PartitionSpec())
@@ -83,6 +81,17 @@ def _on_any_mesh(update_fn):
       return jax.sharding.auto_axes(
           lambda u, s: update_fn(u, s, None), out_sharding=out_specs)(
               updates, state)
+
+  # Called eagerly, auto_axes needs a trace to change the inputs' types.
+  on_auto_axes_jitted = jax.jit(on_auto_axes)
+
+  def wrapped(updates, state, params=None):
+    if _explicit_mesh((updates, state)) is None:
+      return update_fn(updates, state, params)
+    if any(isinstance(x, jax.core.Tracer)
+           for x in jax.tree.leaves((updates, state))):
+      return on_auto_axes(updates, state)
+    return on_auto_axes_jitted(updates, state)
 
   return wrapped
 
@@ -693,16 +702,9 @@ def scale_by_shampoo_eigenbasis(
     rayleigh_floor: never use an eigenvalue below its current Rayleigh
       quotient (above); ``False`` is classic Shampoo, whose eigenvalues stay
       frozen between refreshes.
-    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
-      (single device; the state is whatever ``jit`` makes of it). With a
-      mesh, every stack of same-shape units has its leading (unit) axis
-      sharded over ``shard_axes``, padded to a multiple of the number of
-      shards: each device keeps the state of, and does the per-unit work
-      (rotations, moments, statistics) and the refresh for, its own units
-      only; the gradients are brought to their units and the updates sent
-      back by one reshard each. See :func:`soap_optax.state_shardings`.
-    shard_axes: the mesh axis name, or tuple of names, to divide over;
-      ``None`` with a mesh means all of its axes.
+    mesh: divide the state and the work over this ``jax.sharding.Mesh``
+      (see :func:`scale_by_rotated_adam`); ``None``: single device.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -901,16 +903,9 @@ def scale_by_adafactor_in_eigenbasis(
     rounding_floor: floor each statistic at the rotation's rounding level
       (above); the same rule as :func:`scale_by_shampoo_eigenbasis`'s, so the
       identity holds with it on.
-    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
-      (single device; the state is whatever ``jit`` makes of it). With a
-      mesh, every stack of same-shape units has its leading (unit) axis
-      sharded over ``shard_axes``, padded to a multiple of the number of
-      shards: each device keeps the state of, and does the per-unit work
-      (rotations, moments, statistics) and the refresh for, its own units
-      only; the gradients are brought to their units and the updates sent
-      back by one reshard each. See :func:`soap_optax.state_shardings`.
-    shard_axes: the mesh axis name, or tuple of names, to divide over;
-      ``None`` with a mesh means all of its axes.
+    mesh: divide the state and the work over this ``jax.sharding.Mesh``
+      (see :func:`scale_by_rotated_adam`); ``None``: single device.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   Returns:
     An ``optax.GradientTransformation``.
