@@ -302,6 +302,17 @@ def check_state():
             for leaf, s in zip(jax.tree.leaves(state),
                                jax.tree.leaves(shardings))),
     }
+    if name == 'soap':  # no mesh given, Explicit-sharded parameters
+      plain = optimizers()[name]
+      grads = jax.jit(jax.grad(loss_fn))(placed, 0)
+      plain_state = jax.jit(plain.update)(grads, plain.init(placed), placed)[1]
+      plain_updates, _ = jax.jit(plain.update)(grads, plain_state, placed)
+      reference_updates, _ = jax.jit(plain.update)(
+          *jax.tree.map(np.asarray, (grads, plain_state, params)))
+      results[name]['explicit_without_mesh_matches'] = all(
+          np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+          for a, b in zip(jax.tree.leaves(plain_updates),
+                          jax.tree.leaves(reference_updates)))
     if name == 'soap':  # an eager update on the Explicit mesh
       grads = jax.jit(jax.grad(loss_fn))(placed, 0)
       eager_updates, _ = tx.update(grads, eager, placed)

@@ -61,6 +61,7 @@ def _run_check(*args, timeout=1200):
   returncode, text = _CHECK_RESULTS[args]
   result = _result(text)
   assert returncode == 0 and result is not None, text[-6000:]
+  print(f'{" ".join(args)}: {json.dumps(result)}')  # shown with -s
   return result
 
 
@@ -250,6 +251,7 @@ def test_state_shardings_jit_orbax_and_bytes_per_device():
     assert r['max_device_bytes'] <= r['bound_bytes'], message
     assert r['restored'] and all(r['restored'].values()), message
     assert r.get('eager_update_matches', True), message
+    assert r.get('explicit_without_mesh_matches', True), message
 
 
 def _free_port():
