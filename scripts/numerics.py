@@ -44,31 +44,9 @@ import soap_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from soap_optax import problems  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-DEAD = [3, 7, 11, 19, 22, 28]
-
-
 def dead_weights(steps: int, rounding_floor: bool, dtype) -> float:
-  rng = np.random.default_rng(0)
-  inputs = rng.normal(size=(16, 32))
-  inputs[:, DEAD] = 0.0
-  target = rng.normal(size=(64, 32)) @ inputs.T
-  inputs, target = (jnp.asarray(a, dtype) for a in (inputs, target))
-  init = jnp.asarray(rng.normal(size=(64, 32)) / 8, dtype)
-  tx = soap_optax.soap(weight_decay=0.0, rounding_floor=rounding_floor)
-  loss = lambda w: 0.5 * jnp.mean((w @ inputs.T - target)**2)
-
-  @jax.jit
-  def run(w):
-    def step(carry, _):
-      w, state = carry
-      updates, state = tx.update(jax.grad(loss)(w), state, w)
-      return (w + updates, state), None
-    (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), None, steps)
-    return w
-
-  w = run(init)
-  return float(jnp.linalg.norm(w[:, DEAD] - init[:, DEAD])
-               / jnp.linalg.norm(init[:, DEAD]))
+  return problems.dead_weight_movement(problems.dead_feature_regression(
+      steps, rounding_floor=rounding_floor, dtype=dtype))
 
 
 def _orthonormal(rng, n, r):

@@ -323,15 +323,16 @@ def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
   return jax.vmap(fn)(*stacked)
 
 
-def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array]):
+def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array],
+                batched_call: Callable[..., Any] = _map_stacked):
   """Applies ``fn`` to every item of every stack, batched by item shape.
 
   Each argument list holds stacks: arrays whose leading axis counts items
   (``(U_k, ...)``). Stacks whose first argument shares item shape and dtype
-  are concatenated and sent through one batched call (see
-  :func:`_map_stacked`), so the number of linear-algebra primitives is the
-  number of distinct (item shape, dtype) pairs, not the number of stacks or
-  items.
+  are concatenated and sent through one batched call
+  (``batched_call(fn, joined_args)``, by default :func:`_map_stacked`), so
+  the number of linear-algebra primitives is the number of distinct
+  (item shape, dtype) pairs, not the number of stacks or items.
 
   Returns:
     A list with ``fn``'s stacked output for each stack, in the input order.
@@ -344,7 +345,7 @@ def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array]):
     joined = [args[members[0]] if len(members) == 1 else
               jnp.concatenate([args[k] for k in members])
               for args in arg_lists]
-    batched = _map_stacked(fn, joined)
+    batched = batched_call(fn, joined)
     start = 0
     for k in members:
       size = arg_lists[0][k].shape[0]
@@ -446,8 +447,7 @@ def _refresh(
                                          divided)
   else:
     outputs = map_by_size(basis_fn, stats, bases) if stats else []
-    failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
-                   jnp.zeros([], jnp.int32))
+    failures = _count_failures(outputs)
   new_factors, extras, start = [], [], 0
   for f in factors:
     mine = outputs[start:start + len(f.bases)]
@@ -455,6 +455,12 @@ def _refresh(
     new_factors.append(f._replace(bases=tuple(q for q, _, _ in mine)))
     extras.append(tuple(aux for _, aux, _ in mine))
   return Refreshed(new_factors, extras, failures)
+
+
+def _count_failures(outputs) -> jax.Array:
+  """The number of ``(basis, aux, ok)`` outputs whose ``ok`` is false."""
+  return sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
+             jnp.zeros([], jnp.int32))
 
 
 class DividedRefresh(NamedTuple):
@@ -500,30 +506,15 @@ def _refresh_divided(basis_fn, stats, bases, masks, divided):
     return (basis, _keep_extra(basis_fn, first_row),
             jnp.isfinite(first_row[0]) | True)
 
-  def one(args):
-    stat, basis, due = args
+  def one(stat, basis, due):
     return jax.lax.cond(due, basis_fn, keep, stat, basis)
 
   def local(stats, bases, masks):
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for k, stat in enumerate(stats):
-      groups.setdefault((stat.shape[1:], stat.dtype), []).append(k)
-    results: list[Any] = [None] * len(stats)
-    for members in groups.values():
-      joined = [jnp.concatenate([xs[k] for k in members])
-                if len(members) > 1 else xs[members[0]]
-                for xs in (stats, bases, masks)]
-      batched = jax.lax.map(one, tuple(joined))
-      start = 0
-      for k in members:
-        size = stats[k].shape[0]
-        results[k] = jax.tree.map(
-            lambda out, start=start, size=size: out[start:start + size],
-            batched)
-        start += size
-    failures = sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in results),
-                   jnp.zeros([], jnp.int32))
-    return results, jax.lax.psum(failures, divided.axes)
+    results = map_by_size(
+        one, stats, bases, masks,
+        batched_call=lambda fn, args: jax.lax.map(
+            lambda item: fn(*item), tuple(args)))
+    return results, jax.lax.psum(_count_failures(results), divided.axes)
 
   results_spec = [(spec, spec, spec) for _ in stats]
   return jax.shard_map(

@@ -408,9 +408,6 @@ class ShardedLayout:
         [d * k + np.arange(n) for d, n in enumerate(self.units_per_shard[s])]
         or [np.zeros((0,), int)]).astype(int)
 
-  def shard_of_unit(self, s: int, u: int) -> int:
-    return int(self.unit_slots(s)[u]) // max(self.slots_per_shard(s), 1)
-
   def slot_mask(self, s: int, units: Any) -> np.ndarray:
     """A boolean mask over stack ``s``'s slots, true at ``units``' slots."""
     mask = np.zeros((self.num_shards * self.slots_per_shard(s),), bool)

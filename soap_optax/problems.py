@@ -3,12 +3,17 @@
 :func:`kronecker_quadratic` is the problem SOAP is built for: a quadratic whose
 Hessian is a Kronecker product with random (not axis-aligned) eigenbases, and
 stochastic gradients whose noise covariance has the same Kronecker structure.
+:func:`dead_feature_regression` is a float32 hazard: weights whose gradient is
+exactly zero, which rotation noise must not move.
 """
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from soap_optax import _aliases
 
 
 class KroneckerQuadratic(NamedTuple):
@@ -121,3 +126,58 @@ def steps_to_reach(losses: jax.Array, target: float) -> int | None:
   below = jnp.nonzero(losses <= target, size=1, fill_value=-1)[0][0]
   below = int(below)
   return None if below < 0 else below
+
+
+# Input features of :func:`dead_feature_regression` that are always zero.
+DEAD_FEATURES = (3, 7, 11, 19, 22, 28)
+
+
+class DeadFeatureRun(NamedTuple):
+  """What :func:`dead_feature_regression` returns."""
+
+  init: jax.Array
+  final: jax.Array
+  state: Any
+  losses: jax.Array
+
+
+def dead_feature_regression(
+    steps: int, *, rounding_floor: bool = True, dtype: Any = jnp.float32
+) -> DeadFeatureRun:
+  """Linear regression whose dead input features give exactly zero gradient.
+
+  A 64 x 32 weight, batches of 16 inputs (fixed, seed 0) whose features
+  :data:`DEAD_FEATURES` are always zero, so those weight columns get exactly
+  zero gradient; ``steps`` steps of default ``soap`` (refresh every 10, no
+  weight decay), in one ``lax.scan``.
+
+  Returns:
+    The weight at the start and at the end, the final optimizer state and the
+    loss before each step.
+  """
+  rng = np.random.default_rng(0)
+  inputs = rng.normal(size=(16, 32))
+  inputs[:, list(DEAD_FEATURES)] = 0.0
+  target = rng.normal(size=(64, 32)) @ inputs.T
+  inputs, target = (jnp.asarray(a, dtype) for a in (inputs, target))
+  init = jnp.asarray(rng.normal(size=(64, 32)) / 8, dtype)
+  tx = _aliases.soap(weight_decay=0.0, rounding_floor=rounding_floor)
+  loss = lambda w: 0.5 * jnp.mean((w @ inputs.T - target)**2)
+
+  @jax.jit
+  def run(w):
+    def step(carry, _):
+      w, state = carry
+      updates, state = tx.update(jax.grad(loss)(w), state, w)
+      return (w + updates, state), loss(w)
+    (w, state), losses = jax.lax.scan(step, (w, tx.init(w)), None, steps)
+    return w, state, losses
+
+  return DeadFeatureRun(init, *run(init))
+
+
+def dead_weight_movement(run: DeadFeatureRun) -> float:
+  """How far the dead columns moved, relative to their initial norm."""
+  dead = list(DEAD_FEATURES)
+  return float(jnp.linalg.norm(run.final[:, dead] - run.init[:, dead])
+               / jnp.linalg.norm(run.init[:, dead]))

@@ -14,6 +14,7 @@ import soap_optax
 from soap_optax import _engine
 from soap_optax import _stacks
 from soap_optax import problems
+from soap_optax import problems
 
 TRANSFORMS = {
     'rotated_adam': soap_optax.scale_by_rotated_adam,
@@ -369,45 +370,11 @@ def test_one_sided_never_picks_a_length_one_axis():
 # Item 8: a long float32 run.
 
 
-DEAD = [3, 7, 11, 19, 22, 28]  # input features that are always zero.
-
-
-def _dead_weight_run(steps, rounding_floor):
-  """Linear regression (64 x 32 weight, batches of 16) whose input features
-  ``DEAD`` are always zero, so their weight columns get exactly zero
-  gradient; ``steps`` steps of default float32 SOAP (refresh every 10)
-  without weight decay, in one ``lax.scan``. Returns the weight at the start
-  and at the end, the state and the losses."""
-  rng = np.random.default_rng(0)
-  inputs = rng.normal(size=(16, 32))
-  inputs[:, DEAD] = 0.0
-  target = rng.normal(size=(64, 32)) @ inputs.T
-  inputs, target = (jnp.asarray(a, jnp.float32) for a in (inputs, target))
-  init = jnp.asarray(rng.normal(size=(64, 32)) / 8, jnp.float32)
-  tx = soap_optax.soap(weight_decay=0.0, rounding_floor=rounding_floor)
-  loss = lambda w: 0.5 * jnp.mean((w @ inputs.T - target)**2)
-
-  @jax.jit
-  def run(w):
-    def step(carry, _):
-      w, state = carry
-      updates, state = tx.update(jax.grad(loss)(w), state, w)
-      return (w + updates, state), loss(w)
-    (w, state), losses = jax.lax.scan(step, (w, tx.init(w)), None, steps)
-    return w, state, losses
-
-  return (init, *run(init))
-
-
-def _dead_moved(init, w):
-  return float(jnp.linalg.norm(w[:, DEAD] - init[:, DEAD])
-               / jnp.linalg.norm(init[:, DEAD]))
-
-
 @pytest.mark.slow
 def test_ten_thousand_float32_steps_keep_bases_orthonormal_and_dead_weights():
-  init, w, state, losses = _dead_weight_run(10_000, rounding_floor=True)
-  assert _dead_moved(init, w) <= 1e-3
+  run = problems.dead_feature_regression(10_000, rounding_floor=True)
+  assert problems.dead_weight_movement(run) <= 1e-3
+  state, losses = run.state, run.losses
   [eigenbasis] = _eigenbasis_states(state)
   for basis in eigenbasis.bases:
     q = np.asarray(basis[0], np.float64)
@@ -419,5 +386,5 @@ def test_ten_thousand_float32_steps_keep_bases_orthonormal_and_dead_weights():
 
 @pytest.mark.slow
 def test_without_the_floor_dead_weights_drift():
-  init, w, _, _ = _dead_weight_run(2_000, rounding_floor=False)
-  assert _dead_moved(init, w) > 0.1
+  run = problems.dead_feature_regression(2_000, rounding_floor=False)
+  assert problems.dead_weight_movement(run) > 0.1
