@@ -8,6 +8,13 @@
     Kronecker problem: the paper's claim is that SOAP degrades more slowly than
     Shampoo as refreshes become rarer.
 (c) One-sided and factorized SOAP against full SOAP, on both problems.
+(d) 'muon': AdamW, SOAP (every 10 steps and adaptive) and optax's Muon on the
+    main job's model at its default size, each over a learning-rate grid:
+    steps and wall-clock to reach AdamW's best final validation loss.
+(e) 'refresh': fixed refresh intervals (1, 10, 30, 100) against the adaptive
+    policies (soap_optax.AdaptiveRefresh, and FoamRefresh for Shampoo) on the
+    Kronecker problem and the main job's model: final loss, factor
+    decompositions, wall-clock.
 
 Every optimizer runs with weight decay 0 on the Kronecker problem (a quadratic
 with a known optimum) and with the main job's settings on the language model.
@@ -22,7 +29,7 @@ Examples::
   python scripts/experiments.py --parts kronecker
 
 Outputs under ``--out``: ``results.json``, ``tables.md``, ``kronecker.png``,
-``frequency.png`` and ``lm.png``.
+``frequency.png``, ``lm.png``, ``muon.png`` and ``refresh.png``.
 """
 
 import argparse
@@ -39,8 +46,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PARTS = ('kronecker', 'lm')
+PARTS = ('kronecker', 'lm', 'muon', 'refresh')
 FREQUENCIES = (1, 10, 30, 100)
+# Part 'refresh': the fixed intervals against the adaptive policies.
+SCHEDULES = (1, 10, 30, 100, 'adaptive')
+# FOAM for Shampoo, checked on the interval of the fixed baseline (10); its
+# thresholds are in units of the factors' eigenvalues (see FoamRefresh).
+FOAM = dict(check_interval=10, tau=0.75, max_damping=3e-7)
+MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 # The Kronecker grid: powers of two around the rates that worked in the tests.
 KRONECKER_GRID = tuple(2.5e-3 * 2**k for k in range(-2, 8))  # 6.25e-4 .. 0.32
 LM_GRID = (1e-3, 3e-3, 1e-2)
@@ -296,6 +309,246 @@ def lm_table(section) -> str:
 
 
 # ------------------------------------------------------------------------------
+# Refresh schedules: fixed intervals against the adaptive policies.
+
+
+def schedule_name(schedule) -> str:
+  return f'every {schedule}' if isinstance(schedule, int) else str(schedule)
+
+
+def refresh_factory(name, schedule, **options):
+  """Learning rate -> optimizer on the Kronecker problem."""
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  if schedule == 'foam':
+    schedule = soap_optax.FoamRefresh(**FOAM)
+  alias = {'soap': soap_optax.soap, 'shampoo': soap_optax.shampoo,
+           'shampoo_ungrafted': lambda lr, **kw: soap_optax.shampoo(
+               lr, grafting='none', rayleigh_floor=False, **kw)}[name]
+  return lambda learning_rate: alias(
+      learning_rate, weight_decay=0.0, precondition_frequency=schedule,
+      **options)
+
+
+def run_refresh_kronecker(jax, quick: bool):
+  """Each schedule at its best rate of the Kronecker grid: final loss,
+  factor decompositions (from ``soap_optax.diagnostics``) and the
+  wall-clock of one run. The grid runs are vmapped, so there every
+  ``lax.cond`` becomes a select; the wall-clock comes from a separate,
+  unbatched run at the best rate."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  from soap_optax import problems  # pylint: disable=g-import-not-at-top
+  m, n = (4, 6) if quick else (8, 16)
+  steps = 60 if quick else 800
+  problem_seeds = (0, 1)
+  num_noise = 2 if quick else 4
+  grid = KRONECKER_GRID[3:6] if quick else KRONECKER_GRID
+  schedules = (10, 'adaptive') if quick else SCHEDULES
+  runs = [(name, sched) for name in ('soap', 'shampoo') for sched in schedules]
+  runs += [('shampoo', 'foam'), ('shampoo_ungrafted', 10),
+           ('shampoo_ungrafted', 'foam')]
+  rows = []
+  for name, schedule in runs:
+    print(f'  refresh/kronecker: {name} {schedule_name(schedule)}', flush=True)
+    factory = refresh_factory(name, schedule)
+
+    @jax.jit
+    def grid_runs(problem, rates, noise_keys, factory=factory):
+      def one(rate, key):
+        tx = optax.inject_hyperparams(factory)(learning_rate=rate)
+        curve, state = problems.run_optimizer(problem, tx, steps, key,
+                                              return_state=True)
+        return curve, soap_optax.diagnostics(state)['decompositions']
+      return jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))(
+          rates, noise_keys)
+
+    finals, decompositions = [], []
+    problems_by_seed = []
+    for seed in problem_seeds:
+      problem = problems.kronecker_quadratic(
+          jax.random.PRNGKey(seed), m=m, n=n, condition=100.0, noise_scale=1.0)
+      problems_by_seed.append(problem)
+      keys = jax.random.split(jax.random.PRNGKey(1000 + seed), num_noise)
+      curves, counts = grid_runs(problem, jax.numpy.asarray(grid), keys)
+      curves = np.asarray(curves) / float(problem.loss(problem.init))
+      finals.append([tail_mean(c.mean(axis=0)) for c in curves])
+      decompositions.append(np.asarray(counts).mean(axis=1))
+    finals = np.asarray(finals)
+    mean_finals = np.where(np.isfinite(finals), finals, np.inf).mean(axis=0)
+    best = int(np.argmin(mean_finals))
+    # Wall-clock: one unbatched run at the best rate, after compiling.
+    run_once = jax.jit(lambda key, factory=factory, lr=grid[best]:
+                       problems.run_optimizer(problems_by_seed[0],
+                                              factory(lr), steps, key))
+    run_once(jax.random.PRNGKey(0)).block_until_ready()
+    tick = time.perf_counter()
+    run_once(jax.random.PRNGKey(1)).block_until_ready()
+    rows.append(dict(
+        optimizer=name, schedule=schedule_name(schedule), best_lr=grid[best],
+        final_loss=float(mean_finals[best]),
+        final_loss_per_seed=finals[:, best].tolist(),
+        decompositions=float(np.mean([d[best] for d in decompositions])),
+        seconds_per_run=time.perf_counter() - tick,
+        diverged_rates=[grid[i] for i in range(len(grid))
+                        if not np.isfinite(mean_finals[i])
+                        or mean_finals[i] > 1.0]))
+  return dict(m=m, n=n, steps=steps, problem_seeds=list(problem_seeds),
+              noise_seeds=num_noise, grid=list(grid), foam=FOAM, rows=rows)
+
+
+def run_refresh_lm(quick: bool, out_dir: pathlib.Path, learning_rate: float):
+  """SOAP on the main job's model at its default size, one rate, with each
+  schedule: final validation loss, decompositions and wall-clock."""
+  import train_lm  # pylint: disable=g-import-not-at-top
+  sizes = LM_QUICK if quick else LM_MAIN
+  schedules = (10, 'adaptive') if quick else SCHEDULES
+  rows = []
+  for schedule in schedules:
+    print(f'  refresh/lm: soap {schedule_name(schedule)}', flush=True)
+    record = train_lm_run('soap', learning_rate, 0, sizes, out_dir / 'refresh',
+                          precondition_frequency=schedule)
+    rows.append(dict(
+        schedule=schedule_name(schedule), final_valid_loss=record['valid_loss'][-1],
+        decompositions=record['decompositions'][-1],
+        seconds=record['wall_clock'][-1],
+        optimizer_step_share=record['optimizer_step_share'],
+        staleness=record['staleness'][::max(1, sizes['steps'] // 150)],
+        refresh_steps=[i + 1 for i, (a, b) in enumerate(zip(
+            [0] + record['decompositions'][:-1], record['decompositions']))
+                       if b > a]))
+  return dict(sizes=sizes, learning_rate=learning_rate, rows=rows)
+
+
+LM_MAIN = dict(steps=300, batch_size=32, seq_len=64, d_model=128, num_layers=2,
+               num_heads=4, eval_every=10, eval_batches=8)
+LM_QUICK = dict(steps=20, batch_size=8, seq_len=32, d_model=32, num_layers=1,
+                num_heads=2, eval_every=10, eval_batches=2)
+_LM_LIBS = {}
+
+
+def train_lm_run(name, learning_rate, seed, sizes, out_dir,
+                 precondition_frequency=10):
+  """One run of the main job's model (built once per size and schedule)."""
+  import train_lm  # pylint: disable=g-import-not-at-top
+  config = train_lm.Config(
+      optimizers=(name,), learning_rates=(learning_rate,), weight_decay=0.01,
+      precondition_frequency=precondition_frequency, seed=seed,
+      corpus='stdlib', **sizes)
+  key = (tuple(sorted(sizes.items())), precondition_frequency)
+  if key not in _LM_LIBS:
+    _LM_LIBS[key] = (train_lm.build(config), train_lm.split_corpus(
+        train_lm.load_corpus(None), sizes['seq_len']))
+  lib, data = _LM_LIBS[key]
+  run_args = types.SimpleNamespace(checkpoint_every=0, stop_after=0)
+  return train_lm.train_one(lib, config, name, learning_rate, data, out_dir,
+                            run_args, train_lm._SilentBar)  # pylint: disable=protected-access
+
+
+def run_muon(quick: bool, out_dir: pathlib.Path):
+  """AdamW, SOAP (every 10 and adaptive) and optax's Muon on the main job's
+  model at its default size, each over MUON_GRID, evaluated every 10 steps:
+  steps and wall-clock to reach AdamW's best final validation loss."""
+  import train_lm  # pylint: disable=g-import-not-at-top
+  sizes = LM_QUICK if quick else LM_MAIN
+  grid = MUON_GRID[1:3] if quick else MUON_GRID
+  candidates = (('adamw', 10), ('soap', 10), ('soap', 'adaptive'),
+                ('muon', 10))
+  results = {}
+  for name, schedule in candidates:
+    label = name if name != 'soap' else f'soap ({schedule_name(schedule)})'
+    for lr in grid:
+      print(f'  muon: {label} lr={lr:g}', flush=True)
+      results[(label, lr)] = train_lm_run(name, lr, 0, sizes, out_dir / 'muon',
+                                          precondition_frequency=schedule)
+  labels = list(dict.fromkeys(label for label, _ in results))
+
+  def best(label):
+    return min(grid, key=lambda lr: results[(label, lr)]['valid_loss'][-1])
+
+  target = results[('adamw', best('adamw'))]['valid_loss'][-1]
+  rows = []
+  for label in labels:
+    lr = best(label)
+    r = results[(label, lr)]
+    reached = train_lm.steps_to_reach(r, target)
+    rows.append(dict(
+        optimizer=label, best_lr=lr,
+        interior=lr not in (grid[0], grid[-1]),
+        grid_final_losses={f'{x:g}': results[(label, x)]['valid_loss'][-1]
+                           for x in grid},
+        final_valid_loss=r['valid_loss'][-1],
+        steps_to_adamw_best=reached,
+        seconds_to_adamw_best=(None if reached is None else
+                               r['wall_clock'][r['steps'].index(reached)]),
+        seconds=r['wall_clock'][-1],
+        decompositions=(r['decompositions'][-1] if r['decompositions']
+                        else None),
+        curve_steps=r['steps'], curve=r['valid_loss']))
+  return dict(sizes=sizes, grid=list(grid), adamw_best_final=target,
+              rows=rows)
+
+
+def refresh_tables(results) -> str:
+  lines = []
+  if 'refresh' in results:
+    k = results['refresh']['kronecker']
+    lines += [
+        f'Kronecker problem {k["m"]}×{k["n"]}, {k["steps"]} steps, problem '
+        f'seeds {k["problem_seeds"]} (each the mean of {k["noise_seeds"]} '
+        'noise seeds), best rate of the grid per schedule; FOAM: '
+        f'{k["foam"]} with eps = ε0 = 1e-12.', '',
+        '| optimizer | schedule | best lr | final loss / initial | '
+        'decompositions | s per run | lr diverged or > initial |',
+        '| --- | --- | --- | --- | --- | --- | --- |']
+    for r in k['rows']:
+      lines.append(
+          f'| {r["optimizer"]} | {r["schedule"]} | {r["best_lr"]:g} | '
+          f'{r["final_loss"]:.4f} | {r["decompositions"]:.0f} | '
+          f'{r["seconds_per_run"]:.2f} | '
+          f'{", ".join(f"{x:g}" for x in r["diverged_rates"]) or "–"} |')
+    lm = results['refresh']['lm']
+    s = lm['sizes']
+    lines += [
+        '', f'Main job\'s model (d={s["d_model"]}, {s["num_layers"]} layers, '
+        f'batch {s["batch_size"]}×{s["seq_len"]}, {s["steps"]} steps), '
+        f'`soap` at lr {lm["learning_rate"]:g}, seed 0.', '',
+        '| schedule | final valid loss | decompositions | wall-clock s | '
+        'optimizer share of a step |', '| --- | --- | --- | --- | --- |']
+    for r in lm['rows']:
+      lines.append(
+          f'| {r["schedule"]} | {r["final_valid_loss"]:.4f} | '
+          f'{r["decompositions"]:.0f} | {r["seconds"]:.0f} | '
+          f'{r["optimizer_step_share"]:.0%} |')
+  if 'muon' in results:
+    mu = results['muon']
+    s = mu['sizes']
+    lines += [
+        '', f'Main job\'s model (d={s["d_model"]}, {s["num_layers"]} layers, '
+        f'batch {s["batch_size"]}×{s["seq_len"]}, {s["steps"]} steps, '
+        f'evaluated every {s["eval_every"]}), grid {mu["grid"]}, seed 0; '
+        f'target: AdamW\'s best final validation loss '
+        f'{mu["adamw_best_final"]:.4f}.', '',
+        '| optimizer | best lr | final valid loss | steps to target | '
+        'wall-clock to target s | wall-clock s | decompositions | '
+        'final loss per lr |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in mu['rows']:
+      to_target = r['seconds_to_adamw_best']
+      to_target = '–' if to_target is None else f'{to_target:.0f}'
+      count = r['decompositions']
+      count = '–' if count is None else f'{count:.0f}'
+      per_lr = ', '.join(f'{k}: {v:.3f}'
+                         for k, v in r['grid_final_losses'].items())
+      lines.append(
+          f'| {r["optimizer"]} | {r["best_lr"]:g}'
+          f'{"" if r["interior"] else " (edge)"} | '
+          f'{r["final_valid_loss"]:.4f} | '
+          f'{r["steps_to_adamw_best"] or "never"} | {to_target} | '
+          f'{r["seconds"]:.0f} | {count} | {per_lr} |')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------
 # Plots and main.
 
 
@@ -342,6 +595,38 @@ def plot(results, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(benchmark.save_figure(fig, out_dir / 'lm.png'))
+  if 'muon' in results:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results['muon']['rows']:
+      ax.plot(r['curve_steps'], r['curve'],
+              label=f'{r["optimizer"]} (lr {r["best_lr"]:g})')
+    ax.axhline(results['muon']['adamw_best_final'], color='k', ls='--',
+               lw=0.8, label="AdamW's best final")
+    ax.set_xlabel('step')
+    ax.set_ylabel('validation loss (nats/byte)')
+    ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(benchmark.save_figure(fig, out_dir / 'muon.png'))
+  if 'refresh' in results:
+    rows = results['refresh']['lm']['rows']
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.9 * len(rows)),
+                             sharex=True, squeeze=False)
+    steps = results['refresh']['lm']['sizes']['steps']
+    for ax, r in zip(axes[:, 0], rows):
+      stride = max(1, steps // 150)
+      ax.plot([1 + i * stride for i in range(len(r['staleness']))],
+              r['staleness'], lw=0.9)
+      for step in r['refresh_steps']:
+        ax.axvline(step, color='tab:red', lw=0.5, alpha=0.4)
+      ax.set_ylim(0, 1)
+      ax.set_ylabel('staleness', fontsize=8)
+      ax.set_title(f'soap, {r["schedule"]}: {r["decompositions"]:.0f} '
+                   f'decompositions, final loss {r["final_valid_loss"]:.3f}',
+                   fontsize=8)
+      ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel('step (red: refreshes)')
+    paths.append(benchmark.save_figure(fig, out_dir / 'refresh.png'))
   return paths
 
 
@@ -362,9 +647,22 @@ def main(argv) -> int:
     if part == 'kronecker':
       results[part] = run_kronecker(jax, args.quick)
       text += ['', '### Kronecker problem', '', kronecker_tables(results[part])]
-    else:
+    elif part == 'lm':
       results[part] = run_lm(args.quick, out_dir)
       text += ['', '### Language model', '', lm_table(results[part])]
+    elif part == 'muon':
+      results[part] = run_muon(args.quick, out_dir)
+      text += ['', '### SOAP, AdamW and Muon on the main job', '',
+               refresh_tables({'muon': results[part]})]
+    else:
+      soap_lr = 3e-3
+      if 'muon' in results:
+        soap_lr = [r['best_lr'] for r in results['muon']['rows']
+                   if r['optimizer'] == 'soap (every 10)'][0]
+      results[part] = dict(kronecker=run_refresh_kronecker(jax, args.quick),
+                           lm=run_refresh_lm(args.quick, out_dir, soap_lr))
+      text += ['', '### Refresh schedules', '',
+               refresh_tables({'refresh': results[part]})]
     results[part]['seconds'] = time.perf_counter() - tick
   (out_dir / 'tables.md').write_text('\n'.join(text) + '\n')
   (out_dir / 'results.json').write_text(json.dumps(results, indent=1))

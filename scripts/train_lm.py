@@ -4,7 +4,10 @@ The main job of soap_optax: a decoder-only transformer written with
 ``flax.nnx`` learns to predict bytes of a text corpus, once per requested
 optimizer, with the same initialization and the same batches for each. It
 prints a progress bar per run and a final table, and writes a PNG (validation
-loss against steps and against wall-clock) and a JSON of every number.
+loss against steps and against wall-clock), a PNG of the eigenbasis
+optimizers' staleness and refreshes over training (``diagnostics.png``, from
+``soap_optax.diagnostics``) and a JSON of every number, the diagnostics
+included.
 
 The default corpus is the source of the running Python's standard library
 (its top-level ``*.py`` files in sorted order): present on every machine,
@@ -12,7 +15,8 @@ nothing downloaded. ``--text-file`` uses any other text.
 
 Examples::
 
-  python scripts/train_lm.py                       # soap and adamw, ~4 minutes
+  python scripts/train_lm.py                       # soap, adamw, muon
+  python scripts/train_lm.py --precondition-frequency adaptive
   python scripts/train_lm.py --optimizers soap,adamw,shampoo,factorized_soap
   python scripts/train_lm.py --checkpoint-every 100 --out runs/a
   python scripts/train_lm.py --resume runs/a       # continue an interrupted run
@@ -30,14 +34,17 @@ import sysconfig
 import time
 from typing import Any, Callable
 
-OPTIMIZERS = ('soap', 'adamw', 'shampoo', 'factorized_soap',
+OPTIMIZERS = ('soap', 'adamw', 'muon', 'shampoo', 'factorized_soap',
               # For the numerics comparisons (BENCHMARKS.md section 7):
               'soap_no_floor', 'shampoo_ungrafted')
 
 # Learning rates used when none is given: 3e-3, SOAP's default, for every
-# optimizer. Not tuned for this model; --lr-grid sweeps a grid instead.
+# optimizer but Muon, whose orthogonalized updates have another scale (1e-2,
+# the best of the grid {1e-3, 3e-3, 1e-2, 3e-2} on this model; see the
+# README). --lr-grid sweeps a grid instead.
 DEFAULT_LEARNING_RATES = {
     'adamw': 3e-3,
+    'muon': 1e-2,
     'soap': 3e-3,
     'shampoo': 3e-3,
     'factorized_soap': 3e-3,
@@ -65,7 +72,7 @@ class Config:
   eval_every: int
   eval_batches: int
   weight_decay: float
-  precondition_frequency: int
+  precondition_frequency: int | str
   seed: int
   corpus: str
 
@@ -78,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--optimizers', default='soap,adamw',
+  parser.add_argument('--optimizers', default='soap,adamw,muon',
                       help=f'comma-separated, from {", ".join(OPTIMIZERS)}')
   parser.add_argument('--lr', default='',
                       help='learning rates, e.g. "soap=3e-3,adamw=1e-3"; '
@@ -95,7 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--eval-every', type=int, default=25)
   parser.add_argument('--eval-batches', type=int, default=8)
   parser.add_argument('--weight-decay', type=float, default=0.01)
-  parser.add_argument('--precondition-frequency', type=int, default=10)
+  parser.add_argument('--precondition-frequency', default='10',
+                      help='refresh interval of the eigenbasis optimizers '
+                      '(an integer), or "adaptive" (soap_optax.'
+                      'AdaptiveRefresh: refresh a stack when it is stale)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--text-file', default=None,
                       help='train on this UTF-8/bytes file instead of the '
@@ -134,9 +144,18 @@ def build_config(args: argparse.Namespace) -> Config:
         f'choose from {", ".join(OPTIMIZERS)}')
   if len(set(optimizers)) != len(optimizers):
     raise UsageError('--optimizers: each optimizer may appear once')
+  frequency = args.precondition_frequency
+  if frequency != 'adaptive':
+    try:
+      frequency = int(frequency)
+    except ValueError:
+      frequency = 0
+    if frequency <= 0:
+      raise UsageError('--precondition-frequency must be a positive integer '
+                       f'or "adaptive", got {args.precondition_frequency}')
+  args.precondition_frequency = frequency
   for name in ('steps', 'batch_size', 'seq_len', 'd_model', 'num_layers',
-               'num_heads', 'eval_every', 'eval_batches',
-               'precondition_frequency'):
+               'num_heads', 'eval_every', 'eval_batches'):
     if getattr(args, name) <= 0:
       raise UsageError(f'--{name.replace("_", "-")} must be a positive '
                        f'integer, got {getattr(args, name)}')
@@ -271,6 +290,10 @@ def build(config: Config):
     factories: dict[str, Callable[[], Any]] = {
         'adamw': lambda: optax.adamw(learning_rate, b1=0.9, b2=0.95,
                                      weight_decay=wd),
+        # optax's Muon: Newton-Schulz-orthogonalized momentum on the
+        # matrices, Adam on the rest, the same decoupled weight decay.
+        'muon': lambda: optax.contrib.muon(
+            learning_rate, weight_decay=wd, adam_weight_decay=wd),
         'soap': lambda: soap_optax.soap(
             learning_rate, weight_decay=wd, precondition_frequency=freq),
         'factorized_soap': lambda: soap_optax.factorized_soap(
@@ -295,11 +318,17 @@ def build(config: Config):
   def train_step(model, optimizer, batch):
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     optimizer.update(model, grads)
-    return loss
+    return loss, soap_optax.diagnostics(optimizer_state(optimizer))
 
   @nnx.jit
   def eval_loss(model, batches):
     return jnp.mean(jax.vmap(lambda b: loss_fn(model, b))(batches))
+
+  def optimizer_state(optimizer):
+    """The optax state inside an ``nnx.Optimizer``, its variables unboxed."""
+    return jax.tree.map(
+        lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+        optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
   return dict(jax=jax, jnp=jnp, nnx=nnx, optax=optax,
               ByteTransformer=ByteTransformer, make_optimizer=make_optimizer,
@@ -330,9 +359,14 @@ def train_one(lib, config, name, learning_rate, data, out_dir, args, progress):
   model = lib['ByteTransformer'](nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(
       model, lib['make_optimizer'](name, learning_rate), wrt=nnx.Param)
+  # staleness: per step, the largest staleness of any factor (read before
+  # the next step decides on its refresh); decompositions: per step, the
+  # factor decompositions done so far; diagnostics: soap_optax.diagnostics
+  # at every evaluation. Empty for optimizers without an eigenbasis.
   record = dict(optimizer=name, learning_rate=learning_rate, steps=[],
                 train_loss=[], valid_loss=[], wall_clock=[],
-                batch_loss=[], finished=False)
+                batch_loss=[], staleness=[], decompositions=[],
+                diagnostics=[], finished=False)
   start_step, elapsed_before = 0, 0.0
   checkpoint_dir = out_dir / 'checkpoints' / name
   restored = restore_checkpoint(lib, checkpoint_dir, model, optimizer)
@@ -358,13 +392,22 @@ def train_one(lib, config, name, learning_rate, data, out_dir, args, progress):
     batch = sample_batch(jax, train_dev, jax.random.fold_in(data_key, step),
                          config.batch_size, config.seq_len)
     tick = time.perf_counter()
-    loss = float(lib['train_step'](model, optimizer, batch))
+    loss, diagnostics = lib['train_step'](model, optimizer, batch)
+    loss = float(loss)
     train_time += time.perf_counter() - tick
     record['batch_loss'].append(loss)
+    if diagnostics:
+      diagnostics = {k: float(v) for k, v in diagnostics.items()}
+      record['staleness'].append(max(
+          [v for k, v in diagnostics.items() if k.startswith('staleness/')],
+          default=0.0))
+      record['decompositions'].append(diagnostics['decompositions'])
     done = step + 1
     elapsed = elapsed_before + time.perf_counter() - clock_start
     if done % config.eval_every == 0 or done == config.steps:
       evaluate(done, elapsed)
+      if diagnostics:
+        record['diagnostics'].append(dict(step=done, **diagnostics))
     bar.update(1)
     bar.set_postfix(loss=f'{loss:.3f}',
                     valid=f'{record["valid_loss"][-1]:.3f}',
@@ -496,9 +539,12 @@ def report(config, records, out_dir, total_seconds):
         wall_clock_s=r['wall_clock'][-1],
         optimizer_step_share=r.get('optimizer_step_share'),
         tokens_per_second=r.get('tokens_per_second'),
+        decompositions=(r['decompositions'][-1] if r.get('decompositions')
+                        else None),
     ))
   header = ('optimizer', 'lr', 'valid loss', 'train loss',
-            'steps to AdamW final', 'wall-clock s', 'opt-step share')
+            'steps to AdamW final', 'wall-clock s', 'opt-step share',
+            'decompositions')
   lines = [' | '.join(header), ' | '.join('---' for _ in header)]
   for row in rows:
     share = row['optimizer_step_share']
@@ -507,7 +553,9 @@ def report(config, records, out_dir, total_seconds):
         f'{row["final_valid_loss"]:.4f}', f'{row["final_train_loss"]:.4f}',
         str(row['steps_to_adamw_final']) if target is not None else 'n/a',
         f'{row["wall_clock_s"]:.1f}',
-        f'{share:.0%}' if share is not None else 'n/a']))
+        f'{share:.0%}' if share is not None else 'n/a',
+        '–' if row['decompositions'] is None
+        else f'{row["decompositions"]:.0f}']))
   table = '\n'.join(lines)
 
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -531,6 +579,7 @@ def report(config, records, out_dir, total_seconds):
   plot_path = out_dir / 'losses.png'
   fig.savefig(plot_path, dpi=110)
   plt.close(fig)
+  plot_diagnostics(plt, config, records, out_dir / 'diagnostics.png')
 
   import jax  # pylint: disable=g-import-not-at-top
   results = dict(config=dataclasses.asdict(config), table=rows,
@@ -542,6 +591,43 @@ def report(config, records, out_dir, total_seconds):
   json_path = out_dir / 'results.json'
   json_path.write_text(json.dumps(results, indent=1))
   return table, plot_path, json_path
+
+
+def plot_diagnostics(plt, config, records, path):
+  """Staleness over training and the steps with refreshes, one panel per
+  eigenbasis optimizer (none: no file)."""
+  names = [n for n in config.optimizers if records[n].get('staleness')]
+  if not names:
+    return None
+  fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.6 * len(names)),
+                           squeeze=False)
+  for ax, name in zip(axes[:, 0], names):
+    r = records[name]
+    steps = range(1, len(r['staleness']) + 1)
+    ax.plot(steps, r['staleness'], lw=0.9,
+            label='largest factor staleness ‖B−diag B‖/‖B‖')
+    previous = 0
+    events = []
+    for step, total in zip(steps, r['decompositions']):
+      if total > previous:
+        events.append(step)
+      previous = total
+    for k, step in enumerate(events):
+      ax.axvline(step, color='tab:red', lw=0.6, alpha=0.5,
+                 label='refresh' if k == 0 else None)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('staleness')
+    ax.set_title(f'{name} (precondition_frequency='
+                 f'{config.precondition_frequency}): '
+                 f'{r["decompositions"][-1]:.0f} decompositions',
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='upper right')
+  axes[-1, 0].set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 # ------------------------------------------------------------------------------

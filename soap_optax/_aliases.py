@@ -97,7 +97,7 @@ def soap(
     shampoo_beta: jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.01,
-    precondition_frequency: int = 10,
+    precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -131,7 +131,9 @@ def soap(
     shampoo_beta: decay of the Kronecker factors (``None``: ``b2``).
     eps: added to ``sqrt(v)`` (uncorrected), as in the authors' code.
     weight_decay: decoupled weight decay, multiplied by the learning rate.
-    precondition_frequency: refresh the eigenbases every this many steps.
+    precondition_frequency: refresh the eigenbases every this many steps;
+      or ``"adaptive"`` / :class:`soap_optax.AdaptiveRefresh`: refresh a stack
+      when its bases have gone stale.
     max_precond_dim: axes longer than this are not rotated.
     merge_dims: merge consecutive small axes before factoring.
     precondition_1d: rotate 1-D parameters too.
@@ -186,7 +188,7 @@ def factorized_soap(
     shampoo_beta: jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.01,
-    precondition_frequency: int = 10,
+    precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -352,7 +354,7 @@ def shampoo(
     exponent: jax.typing.ArrayLike = 0.5,
     eps: jax.typing.ArrayLike = 1e-12,
     weight_decay: jax.typing.ArrayLike = 0.01,
-    precondition_frequency: int = 10,
+    precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -395,7 +397,10 @@ def shampoo(
     eps: added to the eigenvalues.
     weight_decay: decoupled weight decay, multiplied by the learning rate.
     precondition_frequency: refresh the factors' eigenbases every this many
-      steps.
+      steps; ``"adaptive"`` / :class:`soap_optax.AdaptiveRefresh` (refresh a
+      stack when its bases have gone stale); or
+      :class:`soap_optax.FoamRefresh` (FOAM's adaptive damping, with ``eps``
+      as the base damping).
     max_precond_dim: axes longer than this get a diagonal preconditioner.
     merge_dims: merge consecutive small axes before factoring.
     precondition_1d: give 1-D parameters a full factor.

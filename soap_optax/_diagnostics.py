@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,3 +30,119 @@ def state_nbytes_per_device(state: Any) -> dict[Any, int]:
       per_device[shard.device] = (
           per_device.get(shard.device, 0) + shard.data.nbytes)
   return per_device
+
+
+def _eigenbasis_states(state: Any) -> list[tuple[Any, Any]]:
+  """Every ``(transform state, EigenbasisState)`` pair in a (chained,
+  injected, wrapped) optimizer state, in tree order."""
+  # Local import: the transforms import the engine, not this module.
+  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
+
+  def holds_eigenbasis(x):
+    return isinstance(getattr(x, 'eigenbasis', None), _stacks.EigenbasisState)
+
+  found = []
+  for node in jax.tree.leaves(state, is_leaf=holds_eigenbasis):
+    if holds_eigenbasis(node):
+      found.append((node, node.eigenbasis))
+  return found
+
+
+def stack_names(state: Any) -> dict[str, tuple[str, ...]]:
+  """The names :func:`diagnostics` gives the stacks, each with the key paths
+  of the parameters whose units it holds."""
+  names = {}
+  found = _eigenbasis_states(state)
+  for k, (_, eigenbasis) in enumerate(found):
+    plan = eigenbasis.plan
+    members: dict[int, list[str]] = {}
+    for i, placement in enumerate(plan.placements):
+      for piece in placement.pieces:
+        path = plan.leaf_paths[i] if plan.leaf_paths else str(i)
+        if path not in members.setdefault(piece.stack, []):
+          members[piece.stack].append(path)
+    for s in range(len(plan.stacks)):
+      names[_stack_name(plan, s, k, len(found))] = tuple(members.get(s, ()))
+  return names
+
+
+def _stack_name(plan, s: int, which: int, how_many: int) -> str:
+  shape = 'x'.join(str(d) for d in plan.stacks[s].layout.merged_shape) or '1'
+  prefix = f'tx{which}/' if how_many > 1 else ''
+  return f'{prefix}stack{s}_{shape}'
+
+
+def diagnostics(state: Any) -> dict[str, jax.Array]:
+  r"""Scalars that say what the eigenbasis optimizers in ``state`` are doing.
+
+  Works on any state that holds the states of :func:`scale_by_rotated_adam`,
+  :func:`scale_by_shampoo_eigenbasis` or
+  :func:`scale_by_adafactor_in_eigenbasis` (chained, injected, inside
+  ``flax.nnx.Optimizer``'s ``opt_state``, sharded or not), and under ``jit``.
+  Per stack of same-shape units (named ``stack{s}_{shape}``, prefixed by
+  ``tx{k}/`` when the state holds several such transforms; see
+  :func:`stack_names` for the parameters in each), the maximum over the
+  stack's units of:
+
+  * ``staleness/{stack}/axis{i}``: ``‖B - diag B‖_F / ‖B‖_F`` of the factor of
+    merged axis ``i``, ``B = Q^T GG Q`` (0: the basis diagonalizes the
+    factor; see :func:`soap_optax._engine.staleness`);
+  * ``condition/{stack}/axis{i}``: ``max(λ) / min(λ)`` of that factor's
+    eigenvalue estimates ``diag(Q^T GG Q)`` (the eigenvalues right after a
+    refresh), capped at ``1 / (dtype epsilon)`` where ``min(λ)`` is not
+    positive or that small;
+  * ``damping/{stack}/axis{i}``: FOAM's current damping (Shampoo with
+    :class:`FoamRefresh` only);
+  * ``steps_since_refresh/{stack}``: calls since the last refresh (0: this
+    one);
+  * ``refreshes/{stack}``: refreshes of the stack's bases so far;
+
+  and over the whole state: ``decompositions`` (factor decompositions done:
+  refreshes times factors, summed over units), ``failed_refreshes``
+  (decompositions rejected as non-finite), ``skipped_units`` (unit updates
+  rejected for non-finite gradients) and ``count``.
+
+  Returns:
+    A flat ``dict[str, jax.Array]`` of scalars, ready for a logger.
+  """
+  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
+  out: dict[str, jax.Array] = {}
+  found = _eigenbasis_states(state)
+  for k, (owner, eigenbasis) in enumerate(found):
+    plan = eigenbasis.plan
+    prefix = f'tx{k}/' if len(found) > 1 else ''
+    stale = _stacks.staleness_per_factor(eigenbasis)
+    damping = plan.split(getattr(owner, 'damping', ()) or ()) if getattr(
+        owner, 'damping', ()) else None
+    decompositions = jnp.zeros([], jnp.int32)
+    for s, stack in enumerate(plan.stacks):
+      name = _stack_name(plan, s, k, len(found))
+      real = jnp.asarray(plan.real_slots(s))
+
+      def largest(x, real=real):
+        return jnp.max(jnp.where(real, x, jnp.zeros_like(x)))
+
+      quotients = plan.split(eigenbasis.quotients)[s]
+      for i, axis in enumerate(stack.layout.factored_axes):
+        out[f'staleness/{name}/axis{axis}'] = largest(stale[s][i])
+        out[f'condition/{name}/axis{axis}'] = largest(
+            jax.vmap(_condition)(quotients[i]))
+        if damping is not None:
+          out[f'damping/{name}/axis{axis}'] = largest(damping[s][i])
+      out[f'steps_since_refresh/{name}'] = largest(eigenbasis.age[s])
+      out[f'refreshes/{name}'] = largest(eigenbasis.refreshes[s])
+      decompositions += len(stack.layout.factored_axes) * jnp.sum(
+          jnp.where(real, eigenbasis.refreshes[s], 0))
+    out[f'{prefix}decompositions'] = decompositions
+    out[f'{prefix}failed_refreshes'] = eigenbasis.failed_refreshes
+    out[f'{prefix}skipped_units'] = eigenbasis.skipped
+    out[f'{prefix}count'] = eigenbasis.count
+  return out
+
+
+def _condition(values: jax.Array) -> jax.Array:
+  """``max / min`` of eigenvalue estimates, at most ``1 / epsilon``."""
+  largest = jnp.max(values)
+  floor = jnp.finfo(values.dtype).eps * largest
+  ratio = largest / jnp.maximum(jnp.min(values), floor)
+  return jnp.where(largest > 0, ratio, 1.0)

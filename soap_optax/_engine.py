@@ -365,6 +365,70 @@ def rayleigh_quotients(stat: jax.Array, basis: jax.Array) -> jax.Array:
   return jnp.einsum('ij,ij->j', basis, stat @ basis, precision=HIGHEST)
 
 
+def staleness(stat: jax.Array, quotients: jax.Array) -> jax.Array:
+  r"""How far a basis is from diagonalizing its factor, from tracked numbers.
+
+  With ``B = Q^T GG Q`` and ``quotients = diag(B)``:
+
+  .. math::
+
+    s = \frac{\lVert B - \operatorname{diag} B \rVert_F}{\lVert B \rVert_F}
+      = \sqrt{\max\Big(0,\ 1 - \frac{\lVert \operatorname{diag} B
+        \rVert^2}{\lVert GG \rVert_F^2}\Big)}
+
+  since an orthogonal ``Q`` keeps the Frobenius norm. The transforms keep
+  ``diag B`` current without forming ``B``: while ``Q`` is fixed,
+  ``diag(Q^T C(G) Q)`` is the sum of the squared rotated gradient over the
+  other axes, which the update computes anyway, so
+  ``diag B <- β diag B + (1 - β) sums`` is exact; a refresh sets it to the
+  new basis's eigenvalue estimates. The cost is ``O(d^2)`` per factor for
+  ``‖GG‖_F`` (against ``O(d^3)`` for ``B``). A zero factor has ``s = 0``.
+
+  Args:
+    stat: a factor ``GG``, ``(d, d)``.
+    quotients: ``diag(Q^T GG Q)``, ``(d,)``.
+
+  Returns:
+    The scalar ``s`` in [0, 1].
+  """
+  total = jnp.sum(jnp.square(stat))
+  diagonal = jnp.sum(jnp.square(quotients))
+  share = jnp.where(total > 0, 1 - diagonal / jnp.where(total > 0, total, 1),
+                    0)
+  return jnp.sqrt(jnp.clip(share, 0, 1))
+
+
+def foam_damping(
+    stat: jax.Array, basis: jax.Array, eigenvalues: jax.Array,
+    damping: jax.Array, *, exponent: float, tau: float, base_damping: float,
+) -> jax.Array:
+  r"""FOAM's damping update for one factor (see
+  :class:`soap_optax.FoamRefresh`).
+
+  With ``B = Q^T GG Q``, cached eigenvalues ``D``, ``p = 1/exponent`` and the
+  current damping ``ε``:
+  ``RC = ‖(D + ε)^{-1/2} (B - D) (D + ε)^{-1/2}‖_F``,
+  ``α = max(λ̃) / ‖λ̃‖_2`` with ``λ̃ = (D + ε)^{-1/p}``,
+  ``h = RC α / p``; returns ``max(ε_0, ε h / τ)``. Non-positive ``D + ε``
+  count as zero in the inverse powers. Costs two ``d x d`` products.
+  """
+  rotated = jnp.matmul(basis.T, jnp.matmul(stat, basis, precision=HIGHEST),
+                       precision=HIGHEST)
+  shifted = eigenvalues + damping
+  positive = shifted > 0
+  safe = jnp.where(positive, shifted, 1)
+  scale = jnp.where(positive, safe ** -0.5, 0)
+  residual = rotated - jnp.diag(eigenvalues)
+  relative = jnp.sqrt(jnp.sum(jnp.square(
+      scale[:, None] * residual * scale[None, :])))
+  inverse_root = jnp.where(positive, safe ** -exponent, 0)
+  norm = jnp.sqrt(jnp.sum(jnp.square(inverse_root)))
+  alpha = jnp.where(norm > 0, jnp.max(inverse_root) / jnp.where(
+      norm > 0, norm, 1), 0)
+  proxy = relative * alpha * exponent
+  return jnp.maximum(base_damping, damping * proxy / tau)
+
+
 def _eigh_basis_checked(stat, old_basis):
   """:func:`eigh_basis` and whether the decomposition was finite."""
   eigenvalues, basis = jnp.linalg.eigh(stat)

@@ -27,6 +27,7 @@ and lands in another stack.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -284,6 +285,20 @@ class EigenbasisPlan:
       return [None] * len(self.stacks)
     return [self.sharding.slot_mask(s, range(stack.size))
             for s, stack in enumerate(self.stacks)]
+
+  def only_stack(self, s: int) -> list[Any]:
+    """Per stack, a selection: every unit of stack ``s``, none elsewhere."""
+    everything = self.all_units()
+    return [units if k == s else (
+        slice(0, 0) if self.sharding is None
+        else np.zeros((stack.num_slots,), bool))
+            for k, (stack, units) in enumerate(zip(self.stacks, everything))]
+
+  def real_slots(self, s: int) -> np.ndarray:
+    """Stack ``s``'s slots that hold a unit (all of them unsharded)."""
+    if self.sharding is None:
+      return np.ones((self.stacks[s].num_slots,), bool)
+    return self.sharding.slot_mask(s, range(self.stacks[s].size))
 
   def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Groups a flat per-factor sequence into one tuple per stack."""
@@ -812,6 +827,14 @@ class EigenbasisState(NamedTuple):
     failed_refreshes: int32 scalar, the number of factor refreshes whose
       result was not finite (the factor kept its old basis). A count that
       keeps growing means a basis that has gone stale.
+    quotients: ``diag(Q_i^T GG_i Q_i)``, ``(U, d_i)``, shaped and ordered
+      like the factors' diagonals: kept exact every call from the rotated
+      gradient (see :func:`soap_optax._engine.staleness`), reset by every
+      refresh.
+    age: per stack, ``(U,)`` int32: calls since each unit's last refresh
+      (0 on the call that refreshed it).
+    refreshes: per stack, ``(U,)`` int32: how many times each unit's bases
+      were refreshed (the first call included).
   """
 
   count: jax.Array
@@ -820,6 +843,9 @@ class EigenbasisState(NamedTuple):
   bases: tuple[jax.Array, ...]
   skipped: jax.Array
   failed_refreshes: jax.Array
+  quotients: tuple[jax.Array, ...] = ()
+  age: tuple[jax.Array, ...] = ()
+  refreshes: tuple[jax.Array, ...] = ()
 
 
 def init_eigenbasis(
@@ -877,10 +903,15 @@ def init_eigenbasis(
                          plan))
       bases.append(place(jnp.broadcast_to(
           jnp.eye(n, dtype=stack.dtype), (stack.num_slots, n, n)), plan))
+  per_unit = tuple(place(jnp.zeros((stack.num_slots,), jnp.int32), plan)
+                   for stack in plan.stacks)
   return EigenbasisState(
       count=jnp.zeros([], jnp.int32), plan=plan, stats=tuple(stats),
       bases=tuple(bases), skipped=jnp.zeros([], jnp.int32),
-      failed_refreshes=jnp.zeros([], jnp.int32))
+      failed_refreshes=jnp.zeros([], jnp.int32),
+      quotients=tuple(place(jnp.zeros(s.shape[:2], s.dtype), plan)
+                      for s in stats),
+      age=per_unit, refreshes=per_unit)
 
 
 def _leaf_paths(tree: Any) -> tuple[str, ...]:
@@ -929,18 +960,48 @@ def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
 
 def pack(state: EigenbasisState,
          factors: Sequence[_engine.KroneckerFactors], *,
-         skipped: jax.Array, failed_refreshes: jax.Array) -> EigenbasisState:
+         skipped: jax.Array, failed_refreshes: jax.Array,
+         quotients: Sequence[tuple[jax.Array, ...]],
+         refreshed: Sequence[jax.Array]) -> EigenbasisState:
   """Inverse of :func:`unpack`: ``state`` one call later.
 
   ``count`` is incremented; ``skipped`` and ``failed_refreshes`` are this
-  call's numbers, added to the state's.
+  call's numbers, added to the state's. ``quotients`` are the new
+  ``diag(Q^T GG Q)`` per stack and factored axis; ``refreshed`` per stack a
+  ``(U,)`` mask of the units refreshed this call (their age goes to 0, their
+  refresh count up by one; every other unit ages by one call).
   """
   return EigenbasisState(
       count=optax.safe_increment(state.count), plan=state.plan,
       stats=tuple(s for f in factors for s in f.stats),
       bases=tuple(q for f in factors for q in f.bases),
       skipped=state.skipped + skipped,
-      failed_refreshes=state.failed_refreshes + failed_refreshes)
+      failed_refreshes=state.failed_refreshes + failed_refreshes,
+      quotients=tuple(q for per_stack in quotients for q in per_stack),
+      age=tuple(jnp.where(mask, 0, optax.safe_increment(age))
+                for mask, age in zip(refreshed, state.age)),
+      refreshes=tuple(n + mask.astype(n.dtype)
+                      for mask, n in zip(refreshed, state.refreshes)))
+
+
+def staleness_per_factor(eigenbasis: EigenbasisState
+                         ) -> list[tuple[jax.Array, ...]]:
+  """Per stack and factored axis, ``(U,)``: each unit's staleness
+  (:func:`soap_optax._engine.staleness`)."""
+  plan = eigenbasis.plan
+  return [tuple(jax.vmap(_engine.staleness)(stat, q)
+                for stat, q in zip(stats, quotients))
+          for stats, quotients in zip(plan.split(eigenbasis.stats),
+                                      plan.split(eigenbasis.quotients))]
+
+
+def staleness_per_stack(eigenbasis: EigenbasisState) -> list[jax.Array]:
+  """Per stack, ``(U,)``: the largest staleness over each unit's factors
+  (0 for units without a factor)."""
+  return [functools.reduce(jnp.maximum, per_factor) if per_factor
+          else jnp.zeros((stack.num_slots,), stack.dtype)
+          for stack, per_factor in zip(eigenbasis.plan.stacks,
+                                       staleness_per_factor(eigenbasis))]
 
 
 def zeros_per_stack(plan: EigenbasisPlan, dtype: Any = None) -> tuple:

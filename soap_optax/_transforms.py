@@ -12,6 +12,7 @@ import optax
 from soap_optax import _checks
 from soap_optax import _engine
 from soap_optax import _factored
+from soap_optax import _refresh_policy
 from soap_optax import _stacks
 
 REFRESH_METHODS = ('eigh', 'qr')
@@ -19,14 +20,21 @@ REFRESH_METHODS = ('eigh', 'qr')
 
 def _check_eigenbasis_args(
     precondition_frequency: Any, max_precond_dim: Any, block_size: Any,
-    **switches: Any) -> None:
-  """The arguments every transform shares; ``switches`` must be booleans."""
-  _checks.check_int('precondition_frequency', precondition_frequency, 1)
+    foam_allowed: bool = False, **switches: Any) -> Any:
+  """The arguments every transform shares; ``switches`` must be booleans.
+
+  Returns ``precondition_frequency`` resolved: an integer or a refresh
+  policy (see :mod:`soap_optax._refresh_policy`).
+  """
+  for name, value in switches.items():
+    _checks.check_bool(name, value)
+  frequency = _refresh_policy.resolve(
+      precondition_frequency, foam_allowed=foam_allowed,
+      staggered_refresh=switches.get('staggered_refresh', False))
   _checks.check_int('max_precond_dim', max_precond_dim, 0)
   if block_size is not None:
     _checks.check_int('block_size', block_size, 1)
-  for name, value in switches.items():
-    _checks.check_bool(name, value)
+  return frequency
 
 
 def _check_mesh(mesh: Any, shard_axes: Any) -> None:
@@ -185,6 +193,60 @@ def _on_refresh_schedule(plan, step, frequency, refresh, keep, operands):
   return jax.lax.switch(step % plan.refresh_frequency, branches, operands)
 
 
+def _on_stale_stacks(plan, due_stacks, refresh, operands):
+  """``refresh(operands, units)`` on each stack whose ``due_stacks`` entry
+  (a traced boolean) is true: one ``lax.cond`` per stack, each refreshing all
+  of that stack's units in one batched decomposition."""
+  for s, due in enumerate(due_stacks):
+    operands = jax.lax.cond(
+        due, functools.partial(refresh, units=plan.only_stack(s)),
+        lambda x: x, operands)
+  return operands
+
+
+def _stale_stacks(eigenbasis: _stacks.EigenbasisState,
+                  policy: _refresh_policy.AdaptiveRefresh) -> list[jax.Array]:
+  """Per stack, whether :class:`AdaptiveRefresh` refreshes it this call.
+
+  Read from the state as the previous call left it: the staleness of every
+  factor (:func:`soap_optax._engine.staleness`) and the calls since the
+  stack's last refresh (``age + 1`` if refreshed now). Padding slots of a
+  sharded stack do not count.
+  """
+  plan = eigenbasis.plan
+  stale = _stacks.staleness_per_stack(eigenbasis)
+  due = []
+  for s, age in enumerate(eigenbasis.age):
+    real = jnp.asarray(plan.real_slots(s))
+    interval = jnp.max(jnp.where(real, age, 0)) + 1
+    over = jnp.any(real & (stale[s] > policy.tolerance))
+    due.append((over & (interval >= policy.min_interval))
+               | (interval >= policy.max_interval))
+  return due
+
+
+def _units_mask(plan, s, units):
+  """The ``(U,)`` boolean mask, placed like the state, of a selection of
+  stack ``s``'s units (see :func:`soap_optax._stacks.take_units`)."""
+  if isinstance(units, np.ndarray):
+    mask = units
+  else:
+    mask = np.zeros((plan.stacks[s].num_slots,), bool)
+    mask[slice(None) if units is None else units] = True
+  return _stacks.place(jnp.asarray(mask), plan)
+
+
+def _no_units(plan):
+  """Per stack, an all-false ``(U,)`` mask."""
+  return [jnp.zeros((stack.num_slots,), bool) for stack in plan.stacks]
+
+
+def _marked(plan, masks, units):
+  """``masks`` with the units of the selection ``units`` set."""
+  return [m | _units_mask(plan, s, u) if _stacks.is_selected(u) else m
+          for s, (m, u) in enumerate(zip(masks, units))]
+
+
 def _refreshed_stacks(factors, units, plan):
   """The stacks with factors and units to refresh, those units' factors, and
   how to divide their refresh over the plan's mesh (None: not sharded)."""
@@ -209,56 +271,52 @@ def _refresh_if_due(
     frequency: Any,
     method: str,
     plan: _stacks.EigenbasisPlan,
+    due_stacks: list[jax.Array] | None = None,
 ):
   """Refreshes the bases that are due at call ``count``.
 
-  Due: every unit on the first call (always a full ``eigh``) and when
-  ``count % frequency == 0``, or, with staggering, the units whose phase is
-  ``count % frequency``; later refreshes use ``method``. Returns the factors,
-  the eigenvalue estimates of each factored axis in the new bases (``(U, d)``
-  per stack and axis; zeros for units not refreshed), per stack a ``(U,)``
-  boolean mask of the refreshed units, and the number of failed factor
-  refreshes.
+  Due: every unit on the first call (always a full ``eigh``); later, with an
+  integer ``frequency``, when ``count % frequency == 0`` or, with
+  staggering, the units whose phase is ``count % frequency``; with an
+  adaptive policy, every unit of each stack whose ``due_stacks`` entry is
+  true. Later refreshes use ``method``. Returns the factors, the eigenvalue
+  estimates of each factored axis in the new bases (``(U, d)`` per stack and
+  axis; zeros for units not refreshed), per stack a ``(U,)`` boolean mask of
+  the refreshed units (a unit without a factor is "refreshed" on the same
+  schedule: it takes its eigenvalues from its running diagonals), and the
+  number of failed factor refreshes.
   """
-  def keep(fs):
-    return (list(fs),
-            [tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases)
-             for f in fs],
-            [jnp.zeros((stack.num_slots,), bool) for stack in plan.stacks],
-            jnp.zeros([], jnp.int32))
-
-  def refresh(fs, units, method):
-    fs = list(fs)
-    out, values, masks, _ = keep(fs)
+  def refresh(operands, units, method):
+    fs, values, masks, failures = operands
+    fs, values = list(fs), list(values)
     active, selected, divided = _refreshed_stacks(fs, units, plan)
     refreshed = _engine.refresh_with_eigenvalues(selected, method, divided)
     for s, new, fresh in zip(active, refreshed.factors, refreshed.extras):
-      out[s] = _stacks.put_units(fs[s], new, units[s])
-      values[s] = tuple(_stacks.put_units(zero, v, units[s])
-                        for zero, v in zip(values[s], fresh))
-    # Every due unit, with or without a factor: a unit without one takes its
-    # eigenvalues from its running diagonals on the same schedule.
-    for s, (stack, due) in enumerate(zip(plan.stacks, units)):
-      if isinstance(due, np.ndarray):
-        mask = due
-      else:
-        mask = np.zeros((stack.num_slots,), bool)
-        mask[slice(None) if due is None else due] = True
-      masks[s] = _stacks.place(jnp.asarray(mask), plan)
-    return out, values, masks, refreshed.failures
+      fs[s] = _stacks.put_units(fs[s], new, units[s])
+      values[s] = tuple(_stacks.put_units(old, v, units[s])
+                        for old, v in zip(values[s], fresh))
+    return (fs, values, _marked(plan, masks, units),
+            failures + refreshed.failures)
 
-  def scheduled(fs, method):
-    return _on_refresh_schedule(
-        plan, count, frequency,
-        functools.partial(refresh, method=method), keep, fs)
+  def scheduled(operands, method):
+    due = functools.partial(refresh, method=method)
+    if due_stacks is not None:
+      return _on_stale_stacks(plan, due_stacks, due, operands)
+    return _on_refresh_schedule(plan, count, frequency, due, lambda x: x,
+                                operands)
 
-  if method == 'eigh' and plan.refresh_phases is None:
-    return scheduled(factors, 'eigh')  # the first call is a refresh call.
+  operands = (list(factors),
+              [tuple(jnp.zeros(q.shape[:2], q.dtype) for q in f.bases)
+               for f in factors],
+              _no_units(plan), jnp.zeros([], jnp.int32))
+  if (method == 'eigh' and plan.refresh_phases is None
+      and due_stacks is None):
+    return scheduled(operands, 'eigh')  # the first call is a refresh call.
   return jax.lax.cond(
       count == 0,
-      lambda fs: refresh(fs, plan.all_units(), 'eigh'),
-      lambda fs: scheduled(fs, method),
-      factors)
+      lambda ops: refresh(ops, plan.all_units(), 'eigh'),
+      lambda ops: scheduled(ops, method),
+      operands)
 
 
 def _per_axis(layout: _engine.FactorLayout, factored: tuple, unfactored: tuple):
@@ -295,7 +353,7 @@ def scale_by_rotated_adam(
     b2: jax.typing.ArrayLike = 0.95,
     shampoo_beta: jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-8,
-    precondition_frequency: int = 10,
+    precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -378,7 +436,11 @@ def scale_by_rotated_adam(
       ``b2``.
     eps: added to ``sqrt(v)``, >= 0.
     precondition_frequency: refresh the bases every this many Adam steps
-      (integer >= 1).
+      (integer >= 1); or ``"adaptive"`` / an
+      :class:`soap_optax.AdaptiveRefresh`: refresh a stack when one of its
+      factors' staleness ``‖B - diag B‖_F / ‖B‖_F`` (``B = Q^T GG Q``,
+      measured every step at ``O(d^2)`` extra per factor) passes a tolerance,
+      within a minimum and a maximum interval.
     max_precond_dim: axes longer than this keep the identity basis (>= 0).
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a factor too.
@@ -432,11 +494,12 @@ def scale_by_rotated_adam(
     _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('eps', eps)
   _check_mesh(mesh, shard_axes)
-  _check_eigenbasis_args(
+  frequency = _check_eigenbasis_args(
       precondition_frequency, max_precond_dim, block_size,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
       normalize_grads=normalize_grads, one_sided=one_sided, factored=factored,
       staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
+  adaptive = frequency if _refresh_policy.is_policy(frequency) else None
   mu_dtype = _checks.check_float_dtype('mu_dtype', mu_dtype)
   factor_beta = b2 if shampoo_beta is None else shampoo_beta
 
@@ -482,15 +545,17 @@ def scale_by_rotated_adam(
           absorbed, _divided(plan, plan.all_units()))
       directions = [jnp.zeros_like(g) for g in stacked_grads]
       return (directions, list(state.mu), nus, refreshed.factors,
-              refreshed.failures)
+              refreshed.failures, refreshed.extras,
+              _marked(plan, _no_units(plan), plan.all_units()))
 
     def unit_step(g, f, mu, nu):
-      """One unit's Adam step in its eigenbasis."""
+      """One unit's Adam step in its eigenbasis; also returns the sums of the
+      squared rotated gradient over the other axes, per factored axis."""
       rotated = _engine.rotate(g, f)
+      sums = _factored.axis_sums_of_squares(rotated)
       new_mu = b1 * mu.astype(g.dtype) + (1 - b1) * rotated
       if factored:
-        nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(
-            nu, _factored.axis_sums_of_squares(rotated)))
+        nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(nu, sums))
         second_moment = _factored.factored_second_moment(nu)
       else:
         nu = (b2 * nu[0] + (1 - b2) * rotated**2,)
@@ -504,7 +569,8 @@ def scale_by_rotated_adam(
         direction = direction / (
             1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
       scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
-      return scale * direction, new_mu.astype(mu.dtype), nu
+      return (scale * direction, new_mu.astype(mu.dtype), nu,
+              tuple(sums[axis] for axis in f.layout.factored_axes))
 
     def carry_first_moment(mu, old, new):
       """``m`` in the new basis: ``rotate_new(unrotate_old(m))``."""
@@ -516,18 +582,27 @@ def scale_by_rotated_adam(
       steps = [jax.vmap(unit_step)(g, f, mu, nu)
                for g, f, mu, nu in zip(stacked_grads, factors, state.mu, nus)]
       directions = [_keep_rejected(ok, d, jnp.zeros_like(d))
-                    for ok, (d, _, _) in zip(accepted, steps)]
+                    for ok, (d, _, _, _) in zip(accepted, steps)]
+      # diag(Q^T GG Q) with the factors that absorbed G, in the bases G was
+      # rotated in (see _engine.staleness).
+      quotients = [
+          _keep_rejected(ok, tuple(
+              factor_beta * q + (1 - factor_beta) * new
+              for q, new in zip(old, sums)), old)
+          for ok, (_, _, _, sums), old in zip(
+              accepted, steps, plan.split(state.eigenbasis.quotients))]
       operands = (
           absorbed,
           [_keep_rejected(ok, m, old)
-           for ok, (_, m, _), old in zip(accepted, steps, state.mu)],
+           for ok, (_, m, _, _), old in zip(accepted, steps, state.mu)],
           [_keep_rejected(ok, n, old)
-           for ok, (_, _, n), old in zip(accepted, steps, nus)],
-          jnp.zeros([], jnp.int32))
+           for ok, (_, _, n, _), old in zip(accepted, steps, nus)],
+          jnp.zeros([], jnp.int32), quotients, _no_units(plan))
 
       def refresh(operands, units):
-        old_factors, mus, nus, _ = operands
+        old_factors, mus, nus, failures, quotients, masks = operands
         new_factors, new_mus, new_nus = list(old_factors), list(mus), list(nus)
+        quotients = list(quotients)
         active, selected, divided = _refreshed_stacks(
             old_factors, units, plan)
         refreshed = _engine.refresh_power_qr(selected, divided)
@@ -542,16 +617,27 @@ def scale_by_rotated_adam(
                   _permute_second_moment, layout=old.layout,
                   factored=factored))(nu, orders=order), units[s])
           new_factors[s] = _stacks.put_units(old_factors[s], new, units[s])
-        return new_factors, new_mus, new_nus, refreshed.failures
+          quotients[s] = tuple(
+              _stacks.put_units(q, jax.vmap(_engine.rayleigh_quotients)(
+                  stat, basis), units[s])
+              for q, stat, basis in zip(quotients[s], new.stats, new.bases))
+        return (new_factors, new_mus, new_nus,
+                failures + refreshed.failures, quotients,
+                _marked(plan, masks, units))
 
-      if any(stack.layout.factored_axes for stack in plan.stacks):
+      if adaptive is not None:
+        operands = _on_stale_stacks(plan, due_stacks, refresh, operands)
+      elif any(stack.layout.factored_axes for stack in plan.stacks):
         operands = _on_refresh_schedule(
-            plan, t, precondition_frequency, refresh, lambda x: x, operands)
-      new_factors, new_mus, new_nus, failures = operands
-      return directions, new_mus, new_nus, new_factors, failures
+            plan, t, frequency, refresh, lambda x: x, operands)
+      new_factors, new_mus, new_nus, failures, quotients, masks = operands
+      return (directions, new_mus, new_nus, new_factors, failures, quotients,
+              masks)
 
-    directions, mus, nus, factors, failures = jax.lax.cond(
-        t == 0, initialize, adam_step)
+    due_stacks = (None if adaptive is None
+                  else _stale_stacks(state.eigenbasis, adaptive))
+    directions, mus, nus, factors, failures, quotients, refreshed = (
+        jax.lax.cond(t == 0, initialize, adam_step))
     if factored:
       nu = tuple(s for per_stack in nus for s in per_stack)
     else:
@@ -560,7 +646,8 @@ def scale_by_rotated_adam(
         mu=tuple(mus), nu=nu,
         eigenbasis=_stacks.pack(
             state.eigenbasis, factors, skipped=_count_rejected(accepted),
-            failed_refreshes=failures))
+            failed_refreshes=failures, quotients=quotients,
+            refreshed=refreshed))
     return (_outputs(directions, plan, grads, treedef),
             _stacks.place_state(new_state, plan))
 
@@ -602,19 +689,24 @@ class ScaleByShampooEigenbasisState(NamedTuple):
     rayleigh_quotients: ``diag(Q_k^T GG_k Q_k)`` with the current factors and
       bases, shaped like ``eigenvalues`` (equal to them on a refresh call,
       updated every call from the rotated gradient).
+    damping: with ``precondition_frequency=FoamRefresh(...)``, FOAM's
+      damping ``ε`` of every factor, ``(U,)`` per stack and factored axis,
+      flat like the engine's factors (``eps`` after a refresh); otherwise
+      empty.
   """
 
   eigenbasis: _stacks.EigenbasisState
   diagonals: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
   rayleigh_quotients: tuple[jax.Array, ...]
+  damping: tuple[jax.Array, ...] = ()
 
 
 def scale_by_shampoo_eigenbasis(
     shampoo_beta: jax.typing.ArrayLike = 0.95,
     exponent: jax.typing.ArrayLike = 0.5,
     eps: jax.typing.ArrayLike = 1e-12,
-    precondition_frequency: int = 1,
+    precondition_frequency: Any = 1,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -684,7 +776,14 @@ def scale_by_shampoo_eigenbasis(
     shampoo_beta: decay of the factors, in [0, 1).
     exponent: the inverse power ``e`` (0.5: Shampoo^(1/2); 0.25: classic).
     eps: added to the eigenvalues, >= 0.
-    precondition_frequency: refresh every this many calls (integer >= 1).
+    precondition_frequency: refresh every this many calls (integer >= 1);
+      ``"adaptive"`` / an :class:`soap_optax.AdaptiveRefresh` (see
+      :func:`scale_by_rotated_adam`); or a :class:`soap_optax.FoamRefresh`:
+      FOAM's rule, every ``check_interval`` calls a damping ``ε_k`` per
+      factor, used instead of ``eps`` (which is its base value ``ε_0``), is
+      raised with the measured staleness, and a stack is decomposed afresh
+      (``eigh`` or ``refresh``'s method) when one of its ``ε_k`` passes
+      ``max_damping``; its ``ε_k`` then go back to ``eps``.
     max_precond_dim: axes longer than this get a diagonal preconditioner.
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a full factor.
@@ -718,12 +817,15 @@ def scale_by_shampoo_eigenbasis(
   _checks.check_nonnegative('exponent', exponent)
   _checks.check_nonnegative('eps', eps)
   _check_mesh(mesh, shard_axes)
-  _check_eigenbasis_args(
-      precondition_frequency, max_precond_dim, block_size,
+  frequency = _check_eigenbasis_args(
+      precondition_frequency, max_precond_dim, block_size, foam_allowed=True,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
       trace_normalize=trace_normalize, staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor, rayleigh_floor=rayleigh_floor)
   _check_refresh(refresh)
+  foam = frequency if isinstance(frequency, _refresh_policy.FoamRefresh) else None
+  adaptive = (frequency if isinstance(frequency, _refresh_policy.AdaptiveRefresh)
+              else None)
 
   def init_fn(params):
     eigenbasis = _init_eigenbasis(
@@ -743,9 +845,38 @@ def scale_by_shampoo_eigenbasis(
         diagonals=_stacks.zeros_per_axis(eigenbasis.plan, 'unfactored'),
         eigenvalues=_stacks.zeros_per_axis(eigenbasis.plan, 'all'),
         rayleigh_quotients=_stacks.zeros_per_axis(eigenbasis.plan, 'all'),
+        damping=() if foam is None else tuple(
+            _stacks.place(jnp.full(stat.shape[:1], eps, stat.dtype),
+                          eigenbasis.plan)
+            for stat in eigenbasis.stats),
     )
 
-  def precondition(g, f, values, quotients, due):
+  def foam_check(factors, eigenvalues, damping):
+    """FOAM's damping update of every factor (see :class:`FoamRefresh`)."""
+    update = jax.vmap(functools.partial(
+        _engine.foam_damping, exponent=exponent, tau=foam.tau,
+        base_damping=eps))
+    return [
+        tuple(update(stat, basis, values[axis], d) for stat, basis, axis, d
+              in zip(f.stats, f.bases, f.layout.factored_axes, damp))
+        for f, values, damp in zip(factors, eigenvalues, damping)]
+
+  def foam_due(plan, eigenbasis, damping, checked):
+    """Per stack: a factor's damping passed ``max_damping`` on a check call,
+    or the stack is ``max_interval`` calls from its last refresh."""
+    due = []
+    for s, (age, damp) in enumerate(zip(eigenbasis.age, damping)):
+      real = jnp.asarray(plan.real_slots(s))
+      over = functools.reduce(jnp.logical_or, [
+          jnp.any(real & (d > foam.max_damping)) for d in damp],
+                              jnp.zeros([], bool))
+      stale = checked & over
+      if foam.max_interval is not None:
+        stale |= jnp.max(jnp.where(real, age, 0)) + 1 >= foam.max_interval
+      due.append(stale)
+    return due
+
+  def precondition(g, f, values, quotients, due, damping):
     """One unit: ``G ×_k P_k`` in its eigenbasis, times the trace factor.
 
     Returns the direction and the unit's new Rayleigh quotients.
@@ -760,7 +891,8 @@ def scale_by_shampoo_eigenbasis(
     if rounding_floor:
       values = _engine.with_separable_rounding_floor(values)
     scaled = rotated * _factored.outer_product(
-        [_factored.inverse_power(v + eps, exponent) for v in values])
+        [_factored.inverse_power(v + (eps if d is None else d), exponent)
+         for v, d in zip(values, damping)])
     direction = _engine.unrotate(scaled, f)
     if trace_normalize:
       total = jnp.maximum(jnp.sum(values[0]), 0.0)
@@ -785,18 +917,40 @@ def scale_by_shampoo_eigenbasis(
                     stack.layout))), diag)
         for ok, diag, g, stack in zip(
             accepted, old_diagonals, stacked_grads, plan.stacks)]
+    old_values = plan.split_axes(state.eigenvalues)
+    if foam is not None:
+      checked = (count > 0) & (count % foam.check_interval == 0)
+      damping = jax.lax.cond(
+          checked, lambda: foam_check(factors, old_values,
+                                      plan.split(state.damping)),
+          lambda: plan.split(state.damping))
+      due_stacks = foam_due(plan, state.eigenbasis, damping, checked)
+    else:
+      damping = [() for _ in plan.stacks]
+      due_stacks = (None if adaptive is None
+                    else _stale_stacks(state.eigenbasis, adaptive))
     factors, fresh, due, failures = _refresh_if_due(
-        factors, count, precondition_frequency, refresh, plan)
+        factors, count, frequency, refresh, plan, due_stacks)
+    # Damping back to eps where refreshed; eps for axes without a factor.
+    damping = [tuple(jnp.where(due_units, eps, d) for d in damp)
+               for damp, due_units in zip(damping, due)]
+    # Per axis: the factor's FOAM damping, or None for ``eps``.
+    per_axis_damping = [
+        _per_axis(stack.layout,
+                  damp or (None,) * len(stack.layout.factored_axes),
+                  (None,) * (len(stack.layout.merged_shape)
+                             - len(stack.layout.factored_axes)))
+        for stack, damp in zip(plan.stacks, damping)]
     eigenvalues = [
         tuple(jnp.where(due_units[:, None], new, old) for new, old in zip(
             _per_axis(stack.layout, fresh_k, diag), old_values))
         for stack, fresh_k, diag, old_values, due_units in zip(
-            plan.stacks, fresh, diagonals, plan.split_axes(state.eigenvalues),
-            due)]
+            plan.stacks, fresh, diagonals, old_values, due)]
     old_quotients = plan.split_axes(state.rayleigh_quotients)
-    steps = [jax.vmap(precondition)(g, f, values, quotients, due_units)
-             for g, f, values, quotients, due_units in zip(
-                 stacked_grads, factors, eigenvalues, old_quotients, due)]
+    steps = [jax.vmap(precondition)(g, f, values, quotients, due_units, damp)
+             for g, f, values, quotients, due_units, damp in zip(
+                 stacked_grads, factors, eigenvalues, old_quotients, due,
+                 per_axis_damping)]
     directions = [_keep_rejected(ok, d, jnp.zeros_like(d))
                   for ok, (d, _) in zip(accepted, steps)]
     quotients = [_keep_rejected(ok | due_units, new, old)
@@ -806,11 +960,14 @@ def scale_by_shampoo_eigenbasis(
     new_state = ScaleByShampooEigenbasisState(
         eigenbasis=_stacks.pack(
             state.eigenbasis, factors, skipped=_count_rejected(accepted),
-            failed_refreshes=failures),
+            failed_refreshes=failures, refreshed=due, quotients=[
+                tuple(r[axis] for axis in stack.layout.factored_axes)
+                for r, stack in zip(quotients, plan.stacks)]),
         diagonals=tuple(d for per_stack in diagonals for d in per_stack),
         eigenvalues=tuple(v for per_stack in eigenvalues for v in per_stack),
         rayleigh_quotients=tuple(r for per_stack in quotients
                                  for r in per_stack),
+        damping=tuple(d for per_stack in damping for d in per_stack),
     )
     return (_outputs(directions, plan, grads, treedef),
             _stacks.place_state(new_state, plan))
@@ -841,7 +998,7 @@ class ScaleByAdafactorInEigenbasisState(NamedTuple):
 def scale_by_adafactor_in_eigenbasis(
     b2: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-30,
-    precondition_frequency: int = 1,
+    precondition_frequency: Any = 1,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
@@ -888,7 +1045,9 @@ def scale_by_adafactor_in_eigenbasis(
   Args:
     b2: decay of the statistics and of the factors, in [0, 1).
     eps: added to ``V`` inside the square root, >= 0.
-    precondition_frequency: refresh every this many calls (integer >= 1).
+    precondition_frequency: refresh every this many calls (integer >= 1),
+      or ``"adaptive"`` / an :class:`soap_optax.AdaptiveRefresh` (see
+      :func:`scale_by_rotated_adam`).
     max_precond_dim: axes longer than this keep the identity basis.
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a factor.
@@ -918,11 +1077,12 @@ def scale_by_adafactor_in_eigenbasis(
   _checks.check_beta('b2', b2)
   _checks.check_nonnegative('eps', eps)
   _check_mesh(mesh, shard_axes)
-  _check_eigenbasis_args(
+  frequency = _check_eigenbasis_args(
       precondition_frequency, max_precond_dim, block_size,
       merge_dims=merge_dims, precondition_1d=precondition_1d,
       staggered_refresh=staggered_refresh, rounding_floor=rounding_floor)
   _check_refresh(refresh)
+  adaptive = frequency if _refresh_policy.is_policy(frequency) else None
 
   def init_fn(params):
     eigenbasis = _init_eigenbasis(
@@ -951,7 +1111,9 @@ def scale_by_adafactor_in_eigenbasis(
     factors = [_keep_rejected(ok, new, old) for ok, new, old in zip(
         accepted, _accumulate(factors, stacked_grads, b2), factors)]
     factors, fresh, due, failures = _refresh_if_due(
-        factors, count, precondition_frequency, refresh, plan)
+        factors, count, frequency, refresh, plan,
+        None if adaptive is None
+        else _stale_stacks(state.eigenbasis, adaptive))
 
     def unit_step(g, f, old_stats, fresh_k, due):
       # Rotated in the current bases (new ones on a refresh call): the
@@ -986,7 +1148,9 @@ def scale_by_adafactor_in_eigenbasis(
     new_state = ScaleByAdafactorInEigenbasisState(
         eigenbasis=_stacks.pack(
             state.eigenbasis, factors, skipped=_count_rejected(accepted),
-            failed_refreshes=failures),
+            failed_refreshes=failures, refreshed=due, quotients=[
+                tuple(per_axis[axis] for axis in stack.layout.factored_axes)
+                for per_axis, stack in zip(stats, plan.stacks)]),
         axis_stats=tuple(s for per_stack in stats for s in per_stack))
     return (_outputs(directions, plan, grads, treedef),
             _stacks.place_state(new_state, plan))

@@ -97,11 +97,13 @@ def run_optimizer(
     optimizer,
     num_steps: int,
     key: jax.Array,
-) -> jax.Array:
+    return_state: bool = False,
+) -> Any:
   """Runs ``optimizer`` on stochastic gradients; returns the exact loss curve.
 
   The whole run is one ``lax.scan`` under ``jit``. Entry ``k`` of the result is
   the (noise-free) loss after ``k`` updates; entry 0 is the initial loss.
+  With ``return_state``, returns ``(curve, final optimizer state)``.
   """
 
   def step(carry, step_key):
@@ -114,9 +116,10 @@ def run_optimizer(
   @jax.jit
   def run(key):
     keys = jax.random.split(key, num_steps)
-    _, losses = jax.lax.scan(
+    (_, state), losses = jax.lax.scan(
         step, (problem.init, optimizer.init(problem.init)), keys)
-    return jnp.concatenate([problem.loss(problem.init)[None], losses])
+    curve = jnp.concatenate([problem.loss(problem.init)[None], losses])
+    return (curve, state) if return_state else curve
 
   return run(key)
 

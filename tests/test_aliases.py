@@ -111,18 +111,21 @@ def test_state_sizes_match_the_formulas(m, n):
   """Optimizer-state elements for one m x n layer, counters aside."""
   params = {'w': jnp.zeros((m, n))}
   small = min(m, n)
+  # Every eigenbasis state also keeps diag(Q^T GG Q) per factor (d each) and
+  # two per-unit counters (refresh age and count).
+  both, one = m + n + 2, small + 2
   expected = {
-      'soap': (soap_optax.soap(), 2 * m * m + 2 * n * n + 2 * m * n),
+      'soap': (soap_optax.soap(), 2 * m * m + 2 * n * n + 2 * m * n + both),
       'one-sided soap': (soap_optax.soap(one_sided=True),
-                         2 * small**2 + 2 * m * n),
+                         2 * small**2 + 2 * m * n + one),
       'factorized soap': (soap_optax.factorized_soap(),
-                          2 * m * m + 2 * n * n + m * n + m + n),
+                          2 * m * m + 2 * n * n + m * n + m + n + both),
       'factorized one-sided soap': (
           soap_optax.factorized_soap(one_sided=True),
-          2 * small**2 + m * n + m + n),
+          2 * small**2 + m * n + m + n + one),
       'adamw': (optax.adamw(1e-3), 2 * m * n),
       'shampoo eigenbasis': (soap_optax.scale_by_shampoo_eigenbasis(),
-                             2 * m * m + 2 * n * n + 2 * (m + n)),
+                             2 * m * m + 2 * n * n + 2 * (m + n) + both),
   }
   for name, (opt, size) in expected.items():
     assert soap_optax.state_size(opt.init(params)) == size, name
@@ -135,9 +138,10 @@ def test_state_sizes_match_the_formulas(m, n):
 def test_state_nbytes_counts_float32_state():
   params = {'w': jnp.zeros((8, 16))}
   state = soap_optax.scale_by_rotated_adam().init(params)
-  elements = 2 * 8 * 8 + 2 * 16 * 16 + 2 * 8 * 16
-  # + int32 count, skipped and failed_refreshes.
-  assert soap_optax.state_nbytes(state) == 4 * elements + 3 * 4
+  elements = 2 * 8 * 8 + 2 * 16 * 16 + 2 * 8 * 16 + (8 + 16)
+  # + int32 count, skipped and failed_refreshes, and the unit's refresh age
+  # and count.
+  assert soap_optax.state_nbytes(state) == 4 * elements + 5 * 4
 
 
 def test_adam_grafting_gives_each_parameter_the_adam_norm():
