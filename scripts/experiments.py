@@ -54,6 +54,8 @@ SCHEDULES = (1, 10, 30, 100, 'adaptive')
 # thresholds are in units of the factors' eigenvalues (see FoamRefresh).
 FOAM = dict(check_interval=10, tau=0.75, max_damping=3e-7)
 MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+# Muon's matrices take larger rates (its Adam part stays at AdamW's best).
+MUON_OWN_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
 # The Kronecker grid: powers of two around the rates that worked in the tests.
 KRONECKER_GRID = tuple(2.5e-3 * 2**k for k in range(-2, 8))  # 6.25e-4 .. 0.32
 LM_GRID = (1e-3, 3e-3, 1e-2)
@@ -255,19 +257,22 @@ def run_lm(quick: bool, out_dir: pathlib.Path):
                            for s in seeds]) for lr in grid}
     return min(finals, key=lambda lr: finals[lr]), finals
 
-  for name in ('adamw', 'soap', 'shampoo'):
+  # --quick (CI) checks the plumbing with two optimizers.
+  tuned = ('adamw', 'soap') if quick else ('adamw', 'soap', 'shampoo')
+  variants = () if quick else ('soap_one_sided', 'factorized_soap')
+  for name in tuned:
     for lr in grid:
       for seed in seeds:
         train(name, lr, seed)
   soap_lr, _ = best_lr('soap')
-  for name in ('soap_one_sided', 'factorized_soap'):
+  for name in variants:
     for seed in seeds:
       train(name, soap_lr, seed)
   adamw_lr, _ = best_lr('adamw')
   targets = {s: records[('adamw', adamw_lr, s)]['valid_loss'][-1]
              for s in seeds}
   rows = []
-  for name in ('adamw', 'soap', 'shampoo', 'soap_one_sided', 'factorized_soap'):
+  for name in tuned + variants:
     if name in ('soap_one_sided', 'factorized_soap'):
       lr, finals = soap_lr, {}
     else:
@@ -321,6 +326,8 @@ def refresh_factory(name, schedule, **options):
   import soap_optax  # pylint: disable=g-import-not-at-top
   if schedule == 'foam':
     schedule = soap_optax.FoamRefresh(**FOAM)
+  elif schedule == 'foam, checked every step':
+    schedule = soap_optax.FoamRefresh(**dict(FOAM, check_interval=1))
   alias = {'soap': soap_optax.soap, 'shampoo': soap_optax.shampoo,
            'shampoo_ungrafted': lambda lr, **kw: soap_optax.shampoo(
                lr, grafting='none', rayleigh_floor=False, **kw)}[name]
@@ -344,10 +351,14 @@ def run_refresh_kronecker(jax, quick: bool):
   problem_seeds = (0, 1)
   num_noise = 2 if quick else 4
   grid = KRONECKER_GRID[3:6] if quick else KRONECKER_GRID
-  schedules = (10, 'adaptive') if quick else SCHEDULES
-  runs = [(name, sched) for name in ('soap', 'shampoo') for sched in schedules]
-  runs += [('shampoo', 'foam'), ('shampoo_ungrafted', 10),
-           ('shampoo_ungrafted', 'foam')]
+  if quick:
+    runs = [('soap', 10), ('soap', 'adaptive'), ('shampoo', 'foam')]
+  else:
+    runs = [(name, sched) for name in ('soap', 'shampoo')
+            for sched in SCHEDULES]
+    runs += [('shampoo', 'foam'), ('shampoo_ungrafted', 10),
+             ('shampoo_ungrafted', 'foam'),
+             ('shampoo_ungrafted', 'foam, checked every step')]
   rows = []
   for name, schedule in runs:
     print(f'  refresh/kronecker: {name} {schedule_name(schedule)}', flush=True)
@@ -397,17 +408,23 @@ def run_refresh_kronecker(jax, quick: bool):
               noise_seeds=num_noise, grid=list(grid), foam=FOAM, rows=rows)
 
 
-def run_refresh_lm(quick: bool, out_dir: pathlib.Path, learning_rate: float):
+def run_refresh_lm(quick: bool, out_dir: pathlib.Path, learning_rate: float,
+                   every_10=None):
   """SOAP on the main job's model at its default size, one rate, with each
-  schedule: final validation loss, decompositions and wall-clock."""
-  import train_lm  # pylint: disable=g-import-not-at-top
+  schedule: final validation loss, decompositions and wall-clock.
+  ``every_10``: the record of the fixed interval 10 at this rate, if the
+  'muon' part ran it already."""
   sizes = LM_QUICK if quick else LM_MAIN
   schedules = (10, 'adaptive') if quick else SCHEDULES
   rows = []
   for schedule in schedules:
     print(f'  refresh/lm: soap {schedule_name(schedule)}', flush=True)
-    record = train_lm_run('soap', learning_rate, 0, sizes, out_dir / 'refresh',
-                          precondition_frequency=schedule)
+    if schedule == 10 and every_10 is not None:
+      record = every_10
+    else:
+      record = train_lm_run('soap', learning_rate, 0, sizes,
+                            out_dir / 'refresh',
+                            precondition_frequency=schedule)
     rows.append(dict(
         schedule=schedule_name(schedule), final_valid_loss=record['valid_loss'][-1],
         decompositions=record['decompositions'][-1],
@@ -451,20 +468,27 @@ def run_muon(quick: bool, out_dir: pathlib.Path):
   steps and wall-clock to reach AdamW's best final validation loss."""
   import train_lm  # pylint: disable=g-import-not-at-top
   sizes = LM_QUICK if quick else LM_MAIN
-  grid = MUON_GRID[1:3] if quick else MUON_GRID
-  candidates = (('adamw', 10), ('soap', 10), ('soap', 'adaptive'),
-                ('muon', 10))
+  grids = {'adamw': MUON_GRID, 'soap': MUON_GRID, 'muon': MUON_OWN_GRID,
+           'muon_shared_lr': MUON_GRID}
+  if quick:
+    grids = {name: grid[2:3] for name, grid in grids.items()}
+  candidates = (('adamw', 10), ('soap', 10), ('muon', 10),
+                ('muon_shared_lr', 10))
+  if quick:
+    candidates = candidates[:3]
   results = {}
   for name, schedule in candidates:
     label = name if name != 'soap' else f'soap ({schedule_name(schedule)})'
-    for lr in grid:
+    for lr in grids[name]:
       print(f'  muon: {label} lr={lr:g}', flush=True)
       results[(label, lr)] = train_lm_run(name, lr, 0, sizes, out_dir / 'muon',
                                           precondition_frequency=schedule)
   labels = list(dict.fromkeys(label for label, _ in results))
+  grid_of = {label: [lr for l, lr in results if l == label] for label in labels}
 
   def best(label):
-    return min(grid, key=lambda lr: results[(label, lr)]['valid_loss'][-1])
+    return min(grid_of[label],
+               key=lambda lr: results[(label, lr)]['valid_loss'][-1])
 
   target = results[('adamw', best('adamw'))]['valid_loss'][-1]
   rows = []
@@ -472,6 +496,7 @@ def run_muon(quick: bool, out_dir: pathlib.Path):
     lr = best(label)
     r = results[(label, lr)]
     reached = train_lm.steps_to_reach(r, target)
+    grid = grid_of[label]
     rows.append(dict(
         optimizer=label, best_lr=lr,
         interior=lr not in (grid[0], grid[-1]),
@@ -485,8 +510,9 @@ def run_muon(quick: bool, out_dir: pathlib.Path):
         decompositions=(r['decompositions'][-1] if r['decompositions']
                         else None),
         curve_steps=r['steps'], curve=r['valid_loss']))
-  return dict(sizes=sizes, grid=list(grid), adamw_best_final=target,
-              rows=rows)
+  return dict(sizes=sizes, grids=grid_of, adamw_best_final=target,
+              rows=rows, soap_best_record=results[('soap (every 10)',
+                                                   best('soap (every 10)'))])
 
 
 def refresh_tables(results) -> str:
@@ -497,7 +523,8 @@ def refresh_tables(results) -> str:
         f'Kronecker problem {k["m"]}×{k["n"]}, {k["steps"]} steps, problem '
         f'seeds {k["problem_seeds"]} (each the mean of {k["noise_seeds"]} '
         'noise seeds), best rate of the grid per schedule; FOAM: '
-        f'{k["foam"]} with eps = ε0 = 1e-12.', '',
+        f'{k["foam"]} with eps = ε0 = 1e-12; `shampoo_ungrafted` is classic '
+        'Shampoo (`grafting="none", rayleigh_floor=False`).', '',
         '| optimizer | schedule | best lr | final loss / initial | '
         'decompositions | s per run | lr diverged or > initial |',
         '| --- | --- | --- | --- | --- | --- | --- |']
@@ -526,7 +553,9 @@ def refresh_tables(results) -> str:
     lines += [
         '', f'Main job\'s model (d={s["d_model"]}, {s["num_layers"]} layers, '
         f'batch {s["batch_size"]}×{s["seq_len"]}, {s["steps"]} steps, '
-        f'evaluated every {s["eval_every"]}), grid {mu["grid"]}, seed 0; '
+        f'evaluated every {s["eval_every"]}), seed 0; `muon` is optax\'s '
+        'Muon with its Adam part at 3e-3, `muon_shared_lr` optax\'s default '
+        '(one rate for both parts); '
         f'target: AdamW\'s best final validation loss '
         f'{mu["adamw_best_final"]:.4f}.', '',
         '| optimizer | best lr | final valid loss | steps to target | '
@@ -655,12 +684,13 @@ def main(argv) -> int:
       text += ['', '### SOAP, AdamW and Muon on the main job', '',
                refresh_tables({'muon': results[part]})]
     else:
-      soap_lr = 3e-3
+      soap_lr, every_10 = 3e-3, None
       if 'muon' in results:
-        soap_lr = [r['best_lr'] for r in results['muon']['rows']
-                   if r['optimizer'] == 'soap (every 10)'][0]
-      results[part] = dict(kronecker=run_refresh_kronecker(jax, args.quick),
-                           lm=run_refresh_lm(args.quick, out_dir, soap_lr))
+        every_10 = results['muon'].pop('soap_best_record')
+        soap_lr = every_10['learning_rate']
+      results[part] = dict(
+          kronecker=run_refresh_kronecker(jax, args.quick),
+          lm=run_refresh_lm(args.quick, out_dir, soap_lr, every_10))
       text += ['', '### Refresh schedules', '',
                refresh_tables({'refresh': results[part]})]
     results[part]['seconds'] = time.perf_counter() - tick

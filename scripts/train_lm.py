@@ -34,23 +34,30 @@ import sysconfig
 import time
 from typing import Any, Callable
 
-OPTIMIZERS = ('soap', 'adamw', 'muon', 'shampoo', 'factorized_soap',
+OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_shared_lr', 'shampoo',
+              'factorized_soap',
               # For the numerics comparisons (BENCHMARKS.md section 7):
               'soap_no_floor', 'shampoo_ungrafted')
 
 # Learning rates used when none is given: 3e-3, SOAP's default, for every
-# optimizer but Muon, whose orthogonalized updates have another scale (1e-2,
-# the best of the grid {1e-3, 3e-3, 1e-2, 3e-2} on this model; see the
-# README). --lr-grid sweeps a grid instead.
+# optimizer but Muon; for adamw, soap and muon_shared_lr it is also the best
+# of the grid {1e-3, 3e-3, 1e-2, 3e-2} on the default model, and 3e-2 is
+# muon's best of {3e-3, 1e-2, 3e-2, 1e-1} (README). --lr-grid sweeps a grid
+# instead.
 DEFAULT_LEARNING_RATES = {
     'adamw': 3e-3,
-    'muon': 1e-2,
+    'muon': 3e-2,
+    'muon_shared_lr': 3e-3,
     'soap': 3e-3,
     'shampoo': 3e-3,
     'factorized_soap': 3e-3,
     'soap_no_floor': 3e-3,
     'shampoo_ungrafted': 3e-3,
 }
+
+
+# The rate of the Adam part of 'muon': AdamW's best of the grid on this model.
+MUON_ADAM_LEARNING_RATE = 3e-3
 
 
 class UsageError(Exception):
@@ -291,8 +298,14 @@ def build(config: Config):
         'adamw': lambda: optax.adamw(learning_rate, b1=0.9, b2=0.95,
                                      weight_decay=wd),
         # optax's Muon: Newton-Schulz-orthogonalized momentum on the
-        # matrices, Adam on the rest, the same decoupled weight decay.
+        # matrices, Adam on the rest (vectors, and the 3-D attention
+        # kernels), the same decoupled weight decay. 'muon' gives the Adam
+        # part AdamW's best rate on this model (3e-3) and the matrices their
+        # own; 'muon_shared_lr' is optax's default, one rate for both.
         'muon': lambda: optax.contrib.muon(
+            learning_rate, weight_decay=wd, adam_weight_decay=wd,
+            adam_learning_rate=MUON_ADAM_LEARNING_RATE),
+        'muon_shared_lr': lambda: optax.contrib.muon(
             learning_rate, weight_decay=wd, adam_weight_decay=wd),
         'soap': lambda: soap_optax.soap(
             learning_rate, weight_decay=wd, precondition_frequency=freq),

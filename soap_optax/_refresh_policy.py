@@ -65,6 +65,14 @@ class AdaptiveRefresh:
   The first step always decomposes every factor. With ``tolerance=1`` (``s``
   never exceeds 1) this is the fixed interval ``max_interval``.
 
+  The defaults come from ``scripts/experiments.py --parts refresh`` (README,
+  "Adaptive refresh"): after SOAP's power-iteration + QR refresh a basis is
+  not exact (``s`` of 0.1 to 0.3 right after it), and minibatch noise alone
+  raises ``s`` to about 0.15 (Kronecker problem) or 0.4 (the main job's
+  model) within 10 steps, so a tolerance below about 0.3 refreshes at every
+  ``min_interval``; ``min_interval=10`` keeps the stale stacks on the usual
+  interval and lets the fresh ones wait up to ``max_interval``.
+
   Attributes:
     tolerance: staleness above which a stack is refreshed, in (0, 1].
     min_interval: fewest steps between two refreshes of a stack (>= 1).
@@ -77,8 +85,8 @@ class AdaptiveRefresh:
     relative off-diagonal criterion).
   """
 
-  tolerance: float = 0.2
-  min_interval: int = 5
+  tolerance: float = 0.3
+  min_interval: int = 10
   max_interval: int = 100
 
   def __post_init__(self):

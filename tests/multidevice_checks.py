@@ -88,7 +88,7 @@ def param_sharding(mesh, leaf):
   return NamedSharding(mesh, P(*spec))
 
 
-def optimizers(**kwargs):
+def optimizers(adaptive=False, **kwargs):
   # max_precond_dim=16: only axes of length <= 16 carry a factor, and each of
   # them is the shorter side of its unit, so every factor is full rank from
   # the first gradient on. (A rank-deficient factor's null-space basis is
@@ -96,13 +96,20 @@ def optimizers(**kwargs):
   # the last bit could not be compared.)
   common = dict(precondition_frequency=5, dimension_numbers=DIMENSION_NUMBERS,
                 max_precond_dim=16, **kwargs)
-  return {
+  txs = {
       'soap': soap_optax.soap(learning_rate=1e-2, **common),
       'factorized_soap': soap_optax.factorized_soap(
           learning_rate=1e-2, **common),
       'shampoo': soap_optax.shampoo(learning_rate=1e-2, refresh='eigh',
                                     **common),
   }
+  if adaptive:
+    # Refresh decisions per stack from staleness read on the sharded state
+    # (padding slots excluded).
+    txs['soap_adaptive'] = soap_optax.soap(learning_rate=1e-2, **dict(
+        common, precondition_frequency=soap_optax.AdaptiveRefresh(
+            tolerance=0.1, min_interval=2, max_interval=4)))
+  return txs
 
 
 def train(tx, params, steps, shardings=None):
@@ -161,6 +168,7 @@ def check_parity(dtype_name):
       'soap': [((8,), 'auto', None), ((2, 4), 'explicit', 'data')],
       'factorized_soap': [((8,), 'explicit', None), ((2, 4), 'auto', None)],
       'shampoo': [((4, 2), 'auto', None), ((2, 4), 'explicit', None)],
+      'soap_adaptive': [((8,), 'explicit', None)],
   }
   if dtype == jnp.float32:
     meshes = {'soap': [((4, 2), 'explicit', None)],
@@ -168,13 +176,17 @@ def check_parity(dtype_name):
               'shampoo': [((8,), 'explicit', None)]}
   params = init_params(dtype)
   results = {}
-  for name, tx in optimizers().items():
-    reference, _, _ = train(tx, params, 12)
+  for name, tx in optimizers(adaptive=True).items():
+    if name not in meshes:
+      continue
+    reference, reference_state, _ = train(tx, params, 12)
+    expected = {k: np.asarray(v) for k, v in
+                soap_optax.diagnostics(reference_state).items()}
     for shape, axis_type, axes in meshes[name]:
       mesh = make_mesh(shape, axis_type)
       placed = jax.tree.map(
           lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
-      sharded_tx = optimizers(mesh=mesh, shard_axes=axes)[name]
+      sharded_tx = optimizers(adaptive=True, mesh=mesh, shard_axes=axes)[name]
       out, state, _ = train(sharded_tx, placed, 12)
       key = f'{name} {shape} {axis_type} shard_axes={axes}'
       engines = eigenbasis_states(state)
@@ -185,6 +197,12 @@ def check_parity(dtype_name):
           'engines': len(engines),
           'refreshes_failed': sum(int(e.failed_refreshes) for e in engines),
           'skipped': sum(int(e.skipped) for e in engines),
+          'refresh_counts': sorted({int(v) for k, v in expected.items()
+                                    if k.startswith('refreshes/')}),
+          'diagnostics_differ': sorted(
+              k for k, v in soap_optax.diagnostics(state).items()
+              if not np.allclose(np.asarray(v), expected[k], rtol=1e-5,
+                                 atol=1e-6)),
       }
   return results
 

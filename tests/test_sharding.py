@@ -234,11 +234,18 @@ def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
   (each optimizer on each shape, over the two dtypes), Auto and Explicit,
   12 steps with refreshes at 0, 5 and 10."""
   results = _run_check('parity', dtype)
-  assert len(results) == (6 if dtype == 'float64' else 3)
+  assert len(results) == (7 if dtype == 'float64' else 3)
   for key, r in results.items():
     assert r['relative_error'] <= tolerance, f'{key}: {r}'
     assert r['engines'] == 1, f'{key}: {r}'
     assert r['refreshes_failed'] == 0 and r['skipped'] == 0, f'{key}: {r}'
+    # soap_optax.diagnostics reads the sharded state as the unsharded one.
+    assert not r['diagnostics_differ'], f'{key}: {r}'
+  if dtype == 'float64':
+    adaptive = [r for k, r in results.items() if k.startswith('soap_adaptive')]
+    # 12 calls, refreshes at least every 4 and at most every 2 calls.
+    assert len(adaptive) == 1, results
+    assert all(3 <= n <= 6 for n in adaptive[0]['refresh_counts']), adaptive
 
 
 def test_state_shardings_jit_orbax_and_bytes_per_device():

@@ -34,6 +34,17 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert row['final_valid_loss'] < 5.545  # below uniform bytes, ln(256).
     assert row['wall_clock_s'] > 0 and row['optimizer_step_share'] > 0
   assert str(out / 'results.json') in result.stdout
+  # soap_optax.diagnostics, logged every step and at every evaluation.
+  soap = results['records']['soap']
+  steps = results['config']['steps']
+  assert len(soap['staleness']) == len(soap['decompositions']) == steps
+  assert all(0 <= s <= 1 for s in soap['staleness'])
+  assert soap['decompositions'] == sorted(soap['decompositions'])
+  assert soap['decompositions'][0] > 0  # the first step decomposes.
+  assert [d['step'] for d in soap['diagnostics']] == soap['steps'][1:]
+  assert soap['diagnostics'][-1]['failed_refreshes'] == 0
+  assert results['records']['adamw']['staleness'] == []
+  assert (out / 'diagnostics.png').stat().st_size > 10_000
 
 
 def test_interrupted_and_resumed_run_reproduces_the_losses_bitwise(tmp_path):
