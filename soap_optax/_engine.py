@@ -391,8 +391,12 @@ def staleness(stat: jax.Array, quotients: jax.Array) -> jax.Array:
   Returns:
     The scalar ``s`` in [0, 1].
   """
-  total = jnp.sum(jnp.square(stat))
-  diagonal = jnp.sum(jnp.square(quotients))
+  # Scaled by the largest entry first, so that squaring neither overflows
+  # nor underflows the dtype.
+  scale = jnp.max(jnp.abs(stat))
+  scale = jnp.where(scale > 0, scale, 1)
+  total = jnp.sum(jnp.square(stat / scale))
+  diagonal = jnp.sum(jnp.square(quotients / scale))
   share = jnp.where(total > 0, 1 - diagonal / jnp.where(total > 0, total, 1),
                     0)
   return jnp.sqrt(jnp.clip(share, 0, 1))
@@ -426,7 +430,8 @@ def foam_damping(
   alpha = jnp.where(norm > 0, jnp.max(inverse_root) / jnp.where(
       norm > 0, norm, 1), 0)
   proxy = relative * alpha * exponent
-  return jnp.maximum(base_damping, damping * proxy / tau)
+  return jnp.maximum(jnp.asarray(base_damping, damping.dtype),
+                     (damping * proxy / tau).astype(damping.dtype))
 
 
 def _eigh_basis_checked(stat, old_basis):

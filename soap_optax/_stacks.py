@@ -903,15 +903,16 @@ def init_eigenbasis(
                          plan))
       bases.append(place(jnp.broadcast_to(
           jnp.eye(n, dtype=stack.dtype), (stack.num_slots, n, n)), plan))
-  per_unit = tuple(place(jnp.zeros((stack.num_slots,), jnp.int32), plan)
-                   for stack in plan.stacks)
+  def per_unit():  # distinct buffers: a state may be donated.
+    return tuple(place(jnp.zeros((stack.num_slots,), jnp.int32), plan)
+                 for stack in plan.stacks)
   return EigenbasisState(
       count=jnp.zeros([], jnp.int32), plan=plan, stats=tuple(stats),
       bases=tuple(bases), skipped=jnp.zeros([], jnp.int32),
       failed_refreshes=jnp.zeros([], jnp.int32),
       quotients=tuple(place(jnp.zeros(s.shape[:2], s.dtype), plan)
                       for s in stats),
-      age=per_unit, refreshes=per_unit)
+      age=per_unit(), refreshes=per_unit())
 
 
 def _leaf_paths(tree: Any) -> tuple[str, ...]:

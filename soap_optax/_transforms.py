@@ -217,6 +217,11 @@ def _stale_stacks(eigenbasis: _stacks.EigenbasisState,
   stale = _stacks.staleness_per_stack(eigenbasis)
   due = []
   for s, age in enumerate(eigenbasis.age):
+    if not plan.stacks[s].layout.factored_axes:
+      # Nothing to decompose: "refreshed" every call (Shampoo's axes without
+      # a factor then take their current diagonals as eigenvalues).
+      due.append(jnp.ones([], bool))
+      continue
     real = jnp.asarray(plan.real_slots(s))
     interval = jnp.max(jnp.where(real, age, 0)) + 1
     over = jnp.any(real & (stale[s] > policy.tolerance))
@@ -423,7 +428,8 @@ def scale_by_rotated_adam(
 
   State for an ``m x n`` matrix: ``m`` and ``v`` (``2mn``; ``mn + m + n`` when
   factored) plus ``GG`` and ``Q`` for each rotated axis (``2m^2 + 2n^2``; only
-  ``2 min(m, n)^2`` one-sided). Cost per step: about ``6 m n (m + n)`` flops
+  ``2 min(m, n)^2`` one-sided), plus the engine's tracked ``diag(Q^T GG Q)``
+  (``m + n``) and two counters per unit (refresh age and count). Cost per step: about ``6 m n (m + n)`` flops
   (4 rotations, 2 factor products); a refresh adds about
   ``14/3 (m^3 + n^3)`` every ``precondition_frequency`` steps. Statistics,
   bases and moments are float32, or the parameter dtype where that is wider;
@@ -824,6 +830,11 @@ def scale_by_shampoo_eigenbasis(
       rounding_floor=rounding_floor, rayleigh_floor=rayleigh_floor)
   _check_refresh(refresh)
   foam = frequency if isinstance(frequency, _refresh_policy.FoamRefresh) else None
+  if foam is not None and not isinstance(eps, jax.core.Tracer) and not (
+      float(eps) > 0):
+    raise ValueError(
+        f'eps must be > 0 with precondition_frequency=FoamRefresh(...): it is '
+        f'the damping FOAM starts from and multiplies, got {eps!r}.')
   adaptive = (frequency if isinstance(frequency, _refresh_policy.AdaptiveRefresh)
               else None)
 
@@ -866,6 +877,9 @@ def scale_by_shampoo_eigenbasis(
     or the stack is ``max_interval`` calls from its last refresh."""
     due = []
     for s, (age, damp) in enumerate(zip(eigenbasis.age, damping)):
+      if not plan.stacks[s].layout.factored_axes:
+        due.append(jnp.ones([], bool))  # as in _stale_stacks.
+        continue
       real = jnp.asarray(plan.real_slots(s))
       over = functools.reduce(jnp.logical_or, [
           jnp.any(real & (d > foam.max_damping)) for d in damp],
@@ -932,7 +946,8 @@ def scale_by_shampoo_eigenbasis(
     factors, fresh, due, failures = _refresh_if_due(
         factors, count, frequency, refresh, plan, due_stacks)
     # Damping back to eps where refreshed; eps for axes without a factor.
-    damping = [tuple(jnp.where(due_units, eps, d) for d in damp)
+    damping = [tuple(jnp.where(due_units, jnp.asarray(eps, d.dtype), d)
+                     for d in damp)
                for damp, due_units in zip(damping, due)]
     # Per axis: the factor's FOAM damping, or None for ``eps``.
     per_axis_damping = [
