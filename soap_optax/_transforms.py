@@ -264,7 +264,7 @@ def _refreshed_stacks(factors, units, plan):
 def _divided(plan, masks):
   """The refresh of the stacks with these slot masks, divided over the
   plan's mesh; None for an unsharded plan."""
-  if plan.sharding is None:
+  if plan.sharding is None or not masks:  # nothing to refresh, or unsharded.
     return None
   return _engine.DividedRefresh(
       plan.sharding.mesh, plan.sharding.axes, list(masks))
