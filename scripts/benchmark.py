@@ -533,25 +533,26 @@ def formula_numbers(name: str, shape) -> int:
   axis; factorized SOAP keeps m plus one vector per axis; Shampoo keeps
   ``GG_i``, ``Q_i`` per rotated axis, ``diag(GG)`` per other axis, eigenvalues
   and Rayleigh quotients per axis, the Adam graft's v and the momentum
-  (``2 numel``).
+  (``2 numel``). Every eigenbasis optimizer also tracks ``diag(Q_i^T GG_i
+  Q_i)`` (``d_i``) per rotated axis, for the staleness, and two counters
+  per unit (the parameter here; each block with ``block_size``).
   """
   size = numel(shape)
   axes = shape if shape else (1,)
-  rotated = rotated_axes(shape, one_sided=name == 'soap_one_sided')
+  one_sided = name in ('soap_one_sided', 'factorized_soap_one_sided')
+  rotated = rotated_axes(shape, one_sided=one_sided)
   factors = sum(2 * d * d for d in rotated)
+  tracking = sum(rotated) + 2
   if name == 'adamw':
     return 2 * size
   if name in ('soap', 'soap_one_sided'):
-    return factors + 2 * size
-  if name == 'factorized_soap':
-    return factors + size + sum(axes)
-  if name == 'factorized_soap_one_sided':
-    one_sided = sum(2 * d * d for d in rotated_axes(shape, one_sided=True))
-    return one_sided + size + sum(axes)
+    return factors + 2 * size + tracking
+  if name in ('factorized_soap', 'factorized_soap_one_sided'):
+    return factors + size + sum(axes) + tracking
   if name == 'shampoo':
     unrotated = len(axes) - len(rotated)
     diagonals = sum(axes) - sum(rotated) if unrotated else 0
-    return factors + diagonals + 2 * sum(axes) + 2 * size
+    return factors + diagonals + 2 * sum(axes) + 2 * size + tracking
   raise ValueError(name)
 
 

@@ -202,9 +202,14 @@ def check_parity(dtype_name):
           'refresh_counts': sorted({
               int(v) for k, v in got.items() if k.startswith('refreshes/')
               and f'staleness/{k.split("/", 1)[1]}/' in ' '.join(got)}),
+          # Staleness is the square root of a difference: in float32 its
+          # rounding is about sqrt(30 ulps) = 2e-3 absolute.
           'diagnostics_differ': sorted(
               k for k, v in got.items()
-              if not np.allclose(v, expected[k], rtol=1e-5, atol=1e-6)),
+              if not np.allclose(v, expected[k], rtol=(
+                  1e-5 if dtype == jnp.float64 else 1e-4), atol=(
+                      2e-3 if dtype == jnp.float32 and 'staleness' in k
+                      else 1e-6))),
       }
   return results
 
