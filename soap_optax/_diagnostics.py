@@ -1,5 +1,6 @@
 """Inspecting optimizer states."""
 
+import functools
 from typing import Any
 
 import jax
@@ -112,16 +113,12 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
     plan = eigenbasis.plan
     prefix = f'tx{k}/' if len(found) > 1 else ''
     stale = _stacks.staleness_per_factor(eigenbasis)
-    damping = plan.split(getattr(owner, 'damping', ()) or ()) if getattr(
-        owner, 'damping', ()) else None
+    damping = getattr(owner, 'damping', ())
+    damping = plan.split(damping) if damping else None
     decompositions = jnp.zeros([], jnp.int32)
     for s, stack in enumerate(plan.stacks):
       name = _stack_name(plan, s, k, len(found))
-      real = jnp.asarray(plan.real_slots(s))
-
-      def largest(x, real=real):
-        return jnp.max(jnp.where(real, x, jnp.zeros_like(x)))
-
+      largest = functools.partial(plan.largest_over_units, s)
       quotients = plan.split(eigenbasis.quotients)[s]
       for i, axis in enumerate(stack.layout.factored_axes):
         out[f'staleness/{name}/axis{axis}'] = largest(stale[s][i])
@@ -132,7 +129,7 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
       out[f'steps_since_refresh/{name}'] = largest(eigenbasis.age[s])
       out[f'refreshes/{name}'] = largest(eigenbasis.refreshes[s])
       decompositions += len(stack.layout.factored_axes) * jnp.sum(
-          jnp.where(real, eigenbasis.refreshes[s], 0))
+          jnp.where(plan.real_slots(s), eigenbasis.refreshes[s], 0))
     out[f'{prefix}decompositions'] = decompositions
     out[f'{prefix}failed_refreshes'] = eigenbasis.failed_refreshes
     out[f'{prefix}skipped_units'] = eigenbasis.skipped

@@ -300,6 +300,12 @@ class EigenbasisPlan:
       return np.ones((self.stacks[s].num_slots,), bool)
     return self.sharding.slot_mask(s, range(self.stacks[s].size))
 
+  def largest_over_units(self, s: int, x: jax.Array) -> jax.Array:
+    """The largest entry of a ``(U,)`` array of stack ``s`` over the slots
+    that hold a unit (padding counts as 0)."""
+    real = jnp.asarray(self.real_slots(s))
+    return jnp.max(jnp.where(real, x, jnp.zeros_like(x)))
+
   def split(self, flat: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Groups a flat per-factor sequence into one tuple per stack."""
     return _split(flat, [len(s.layout.factored_axes) for s in self.stacks])

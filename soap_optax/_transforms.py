@@ -215,18 +215,31 @@ def _stale_stacks(eigenbasis: _stacks.EigenbasisState,
   """
   plan = eigenbasis.plan
   stale = _stacks.staleness_per_stack(eigenbasis)
+  return _due_stacks(
+      eigenbasis, lambda s: plan.largest_over_units(s, stale[s])
+      > policy.tolerance, policy.min_interval, policy.max_interval)
+
+
+def _due_stacks(eigenbasis, over, min_interval, max_interval):
+  """Per stack, the refresh decision of a policy: ``over(s)`` (a traced
+  boolean) once the stack was refreshed ``min_interval`` calls ago, or in
+  any case ``max_interval`` calls after (``None``: never). The interval
+  counts calls since the stack's last refresh, ``age + 1`` if refreshed
+  now; padding slots of a sharded stack do not count. A stack without a
+  factor has nothing to decompose and is "refreshed" every call (Shampoo's
+  axes without a factor then take their current diagonals as eigenvalues).
+  """
+  plan = eigenbasis.plan
   due = []
   for s, age in enumerate(eigenbasis.age):
     if not plan.stacks[s].layout.factored_axes:
-      # Nothing to decompose: "refreshed" every call (Shampoo's axes without
-      # a factor then take their current diagonals as eigenvalues).
       due.append(jnp.ones([], bool))
       continue
-    real = jnp.asarray(plan.real_slots(s))
-    interval = jnp.max(jnp.where(real, age, 0)) + 1
-    over = jnp.any(real & (stale[s] > policy.tolerance))
-    due.append((over & (interval >= policy.min_interval))
-               | (interval >= policy.max_interval))
+    interval = plan.largest_over_units(s, age) + 1
+    decision = over(s) & (interval >= min_interval)
+    if max_interval is not None:
+      decision |= interval >= max_interval
+    due.append(decision)
   return due
 
 
@@ -875,20 +888,11 @@ def scale_by_shampoo_eigenbasis(
   def foam_due(plan, eigenbasis, damping, checked):
     """Per stack: a factor's damping passed ``max_damping`` on a check call,
     or the stack is ``max_interval`` calls from its last refresh."""
-    due = []
-    for s, (age, damp) in enumerate(zip(eigenbasis.age, damping)):
-      if not plan.stacks[s].layout.factored_axes:
-        due.append(jnp.ones([], bool))  # as in _stale_stacks.
-        continue
-      real = jnp.asarray(plan.real_slots(s))
-      over = functools.reduce(jnp.logical_or, [
-          jnp.any(real & (d > foam.max_damping)) for d in damp],
-                              jnp.zeros([], bool))
-      stale = checked & over
-      if foam.max_interval is not None:
-        stale |= jnp.max(jnp.where(real, age, 0)) + 1 >= foam.max_interval
-      due.append(stale)
-    return due
+    def over(s):
+      return checked & functools.reduce(jnp.logical_or, [
+          plan.largest_over_units(s, d) > foam.max_damping
+          for d in damping[s]], jnp.zeros([], bool))
+    return _due_stacks(eigenbasis, over, 1, foam.max_interval)
 
   def precondition(g, f, values, quotients, due, damping):
     """One unit: ``G ×_k P_k`` in its eigenbasis, times the trace factor.
