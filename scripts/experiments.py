@@ -15,6 +15,12 @@
     policies (soap_optax.AdaptiveRefresh, and FoamRefresh for Shampoo) on the
     Kronecker problem and the main job's model: final loss, factor
     decompositions, wall-clock.
+(f) 'soap_vs_muon': SOAP tuned against Muon on the main job's model: each
+    setting (refresh frequency, b2 = shampoo_beta, warmup+cosine, which
+    parameters SOAP handles, one-sided) alone and combined, every grid
+    extended until its best rate is interior; the best of each optimizer on
+    two seeds and at a 4x larger batch; factorized SOAP and Shampoo with the
+    best settings (README "Choosing and tuning").
 
 Every optimizer runs with weight decay 0 on the Kronecker problem (a quadratic
 with a known optimum) and with the main job's settings on the language model.
@@ -24,12 +30,15 @@ noise seeds) or the last evaluation (language model). Seeds: problem seeds
 
 Examples::
 
-  python scripts/experiments.py              # ~15 min on 2 CPU cores
+  python scripts/experiments.py              # ~2 h on 2 CPU cores
+  python scripts/experiments.py --parts soap_vs_muon   # ~75 min
   python scripts/experiments.py --quick      # tiny sizes (CI)
   python scripts/experiments.py --parts kronecker
 
 Outputs under ``--out``: ``results.json``, ``tables.md``, ``kronecker.png``,
-``frequency.png``, ``lm.png``, ``muon.png`` and ``refresh.png``.
+``frequency.png``, ``lm.png``, ``muon.png``, ``refresh.png`` and
+``soap_vs_muon.png``; the 'soap_vs_muon' part keeps each run as JSON under
+``soap_vs_muon/`` there and reads it back when run again.
 """
 
 import argparse
@@ -46,7 +55,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PARTS = ('kronecker', 'lm', 'muon', 'refresh')
+PARTS = ('kronecker', 'lm', 'muon', 'refresh', 'soap_vs_muon')
 FREQUENCIES = (1, 10, 30, 100)
 # Part 'refresh': the fixed intervals against the adaptive policies.
 SCHEDULES = (1, 10, 30, 100, 'adaptive')
@@ -445,15 +454,18 @@ _LM_LIBS = {}
 
 
 def train_lm_run(name, learning_rate, seed, sizes, out_dir,
-                 precondition_frequency=10):
-  """One run of the main job's model (built once per size and schedule)."""
+                 precondition_frequency=10, **options):
+  """One run of the main job's model (built once per size and settings);
+  ``options``: other train_lm.Config fields (schedule, soap_b2, ...)."""
   import train_lm  # pylint: disable=g-import-not-at-top
   config = train_lm.Config(
       optimizers=(name,), learning_rates=(learning_rate,), weight_decay=0.01,
       precondition_frequency=precondition_frequency, seed=seed,
-      corpus='stdlib', **sizes)
-  key = (tuple(sorted(sizes.items())), precondition_frequency)
+      corpus='stdlib', **sizes, **options)
+  key = (tuple(sorted(sizes.items())), precondition_frequency,
+         tuple(sorted(options.items())))
   if key not in _LM_LIBS:
+    _LM_LIBS.clear()  # one compiled model at a time.
     _LM_LIBS[key] = (train_lm.build(config), train_lm.split_corpus(
         train_lm.load_corpus(None), sizes['seq_len']))
   lib, data = _LM_LIBS[key]
@@ -513,6 +525,356 @@ def run_muon(quick: bool, out_dir: pathlib.Path):
   return dict(sizes=sizes, grids=grid_of, adamw_best_final=target,
               rows=rows, soap_best_record=results[('soap (every 10)',
                                                    best('soap (every 10)'))])
+
+
+# ------------------------------------------------------------------------------
+# Part 'soap_vs_muon': SOAP tuned against Muon on the main job.
+
+# The learning-rate ladder every grid is cut from (half-decades).
+LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# The main job's settings before this sweep (train_lm's defaults until then).
+SOAP_BASE = dict(precondition_frequency=10, soap_b2=0.95, schedule='constant',
+                 soap_params='all', one_sided=False)
+# Each varied alone from SOAP_BASE (at the base's best rate; the schedule
+# over its own grid, since warmup and decay move the best rate).
+SOAP_AXES = (('soap_b2', (0.9, 0.99)),
+             ('precondition_frequency', (1, 2, 5)),
+             ('schedule', ('cosine',)),
+             ('soap_params', ('matrices', 'hidden')),
+             ('one_sided', (True,)))
+SOAP_AXES_QUICK = (('soap_params', ('hidden',)),)
+# Larger batch (4x the tokens per step, same steps): the SOAP paper's claim
+# that its advantage grows with the batch.
+LARGE_BATCH = 128
+
+
+def _options_label(name, options):
+  """'soap f=1 b2=0.9 cosine hidden one-sided': the settings that differ from
+  SOAP_BASE (for the eigenbasis optimizers) or the schedule (others)."""
+  parts = [name]
+  if name in ('soap', 'factorized_soap', 'shampoo'):
+    if options['precondition_frequency'] != 10:
+      parts.append(f'f={options["precondition_frequency"]}')
+    if options['soap_b2'] != 0.95:
+      parts.append(f'b2={options["soap_b2"]:g}')
+    if options['soap_params'] != 'all':
+      parts.append(f'{options["soap_params"]} only')
+    if options['one_sided']:
+      parts.append('one-sided')
+  if options['schedule'] != 'constant':
+    parts.append('warmup+cosine')
+  return ' '.join(parts)
+
+
+class LmSweep:
+  """Runs of the main job's model, each kept as JSON under ``directory`` so
+  an interrupted sweep continues where it stopped."""
+
+  def __init__(self, sizes, directory: pathlib.Path):
+    self.sizes, self.directory = sizes, directory
+    self.records = {}  # (name, lr, seed, options tuple) -> record
+    directory.mkdir(parents=True, exist_ok=True)
+
+  def run(self, name, lr, seed=0, **options):
+    options = {**SOAP_BASE, **options}
+    if options['schedule'] == 'cosine':
+      options['warmup_steps'] = self.sizes['steps'] // 10
+    key = (name, lr, seed, tuple(sorted(options.items())))
+    if key in self.records:
+      return self.records[key]
+    label = _options_label(name, options)
+    path = self.directory / (
+        f'{label.replace(" ", "_").replace("=", "")}_lr{lr:g}_seed{seed}'
+        f'_b{self.sizes["batch_size"]}.json')
+    if path.exists():
+      record = json.loads(path.read_text())
+    else:
+      print(f'  soap_vs_muon: {label} lr={lr:g} seed={seed} batch '
+            f'{self.sizes["batch_size"]}', flush=True)
+      record = train_lm_run(name, lr, seed, self.sizes,
+                            self.directory / 'scratch', **options)
+      record = {k: v for k, v in record.items() if k != 'diagnostics'}
+      record.update(label=label, options=options, seed=seed)
+      path.write_text(json.dumps(record))
+    self.records[key] = record
+    return record
+
+  def grid(self, name, rates, extend=2, **options):
+    """Runs ``rates``; while the best is at an edge, adds the next rung of
+    LR_LADDER beyond it (at most ``extend`` times). Returns lr -> record."""
+    rates = sorted(rates)
+    runs = {lr: self.run(name, lr, **options) for lr in rates}
+    for _ in range(extend):
+      best = min(runs, key=lambda lr: runs[lr]['valid_loss'][-1])
+      if len(runs) > 1 and best not in (min(runs), max(runs)):
+        break
+      rung = LR_LADDER.index(best)
+      step = -1 if best == min(runs) else 1
+      if not 0 <= rung + step < len(LR_LADDER):
+        break
+      lr = LR_LADDER[rung + step]
+      runs[lr] = self.run(name, lr, **options)
+    return dict(sorted(runs.items()))
+
+
+def _best(runs):
+  return min(runs, key=lambda lr: runs[lr]['valid_loss'][-1])
+
+
+def _score(record, target):
+  """Sort key: steps to the target (never: infinite), then final loss."""
+  import train_lm  # pylint: disable=g-import-not-at-top
+  reached = train_lm.steps_to_reach(record, target)
+  return (float('inf') if reached is None else reached,
+          record['valid_loss'][-1])
+
+
+def _row(record, target, grid=None):
+  import train_lm  # pylint: disable=g-import-not-at-top
+  reached = train_lm.steps_to_reach(record, target)
+  row = dict(
+      label=record['label'], optimizer=record['optimizer'],
+      options=record['options'], lr=record['learning_rate'],
+      seed=record['seed'], final_valid_loss=record['valid_loss'][-1],
+      steps_to_target=reached,
+      seconds_to_target=(None if reached is None else
+                         record['wall_clock'][record['steps'].index(reached)]),
+      seconds=record['wall_clock'][-1],
+      optimizer_step_share=record['optimizer_step_share'],
+      decompositions=(record['decompositions'][-1]
+                      if record['decompositions'] else None),
+      curve_steps=record['steps'], curve=record['valid_loss'])
+  if grid is not None:
+    row['grid_final_losses'] = {f'{lr:g}': r['valid_loss'][-1]
+                                for lr, r in grid.items()}
+    row['interior'] = min(grid) < record['learning_rate'] < max(grid)
+  return row
+
+
+def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
+  """SOAP against Muon and AdamW on the main job's model at its default size.
+
+  1. AdamW and Muon over their grids, constant and warmup+cosine; the target
+     is AdamW's best final validation loss over both.
+  2. SOAP from SOAP_BASE over its grid, then each setting of SOAP_AXES alone,
+     then the combination of every axis's winner over its own grid. Winner:
+     fewest steps to the target, then the lower final loss.
+  3. The best of each optimizer on more seeds (each seed's target: AdamW's
+     best configuration on that seed).
+  4. The three at LARGE_BATCH sequences per step, at their best rate and one
+     rung above.
+  """
+  sizes = LM_QUICK if quick else LM_MAIN
+  sweep = LmSweep(sizes, out_dir / 'soap_vs_muon')
+  grid3 = (3e-3,) if quick else (1e-3, 3e-3, 1e-2)
+  muon_grid = (3e-2,) if quick else MUON_OWN_GRID
+  extend = 0 if quick else 2
+  schedules = ('constant',) if quick else ('constant', 'cosine')
+  seeds = (0,) if quick else (0, 1)
+
+  def tuned(name, base_grid, **options):
+    """Best over the grid per schedule: (record, its grid)."""
+    found = []
+    for schedule in schedules:
+      start = base_grid
+      if found:  # the other schedule: around the first's best rate.
+        rung = LR_LADDER.index(found[0][0]['learning_rate'])
+        start = LR_LADDER[max(0, rung - 1):rung + 2]
+      runs = sweep.grid(name, start, extend=extend, schedule=schedule,
+                        **options)
+      found.append((runs[_best(runs)], runs))
+    return found
+
+  adamw = tuned('adamw', grid3)
+  target = min(r['valid_loss'][-1] for r, _ in adamw)
+  muon = tuned('muon', muon_grid)
+  best_adamw = min(adamw, key=lambda f: f[0]['valid_loss'][-1])
+  best_muon = min(muon, key=lambda f: _score(f[0], target))
+
+  base_runs = sweep.grid('soap', grid3, extend=extend)
+  base = base_runs[_best(base_runs)]
+  base_lr = base['learning_rate']
+  axis_rows, winners = [], {}
+  for axis, values in (SOAP_AXES_QUICK if quick else SOAP_AXES):
+    candidates = [(SOAP_BASE[axis], base)]
+    for value in values:
+      if axis == 'schedule':
+        rung = LR_LADDER.index(base_lr)
+        runs = sweep.grid('soap', LR_LADDER[max(0, rung - 1):rung + 2],
+                          extend=extend, schedule=value)
+        record = runs[_best(runs)]
+        axis_rows.append(_row(record, target, runs))
+      else:
+        record = sweep.run('soap', base_lr, **{axis: value})
+        axis_rows.append(_row(record, target))
+      candidates.append((value, record))
+    winners[axis] = min(candidates, key=lambda c: _score(c[1], target))[0]
+  combined = {k: v for k, v in winners.items() if v != SOAP_BASE[k]}
+  start_lr = base_lr
+  if combined.get('schedule') == 'cosine':
+    start_lr = [r for r in axis_rows if r['options']['schedule'] == 'cosine'
+                ][0]['lr']
+  rung = LR_LADDER.index(start_lr)
+  finalist_runs = sweep.grid(
+      'soap', (start_lr,) if quick else LR_LADDER[max(0, rung - 1):rung + 2],
+      extend=extend, **combined)
+  finalist = finalist_runs[_best(finalist_runs)]
+  # Leave-one-out: the combination without each of its changes (at its rate;
+  # without the schedule, over the constant schedule's own grid).
+  ablations = []
+  for axis in combined if len(combined) > 1 else ():
+    options = {k: v for k, v in combined.items() if k != axis}
+    if axis == 'schedule':
+      rung = LR_LADDER.index(base_lr)
+      runs = sweep.grid('soap', LR_LADDER[max(0, rung - 1):rung + 2],
+                        extend=extend, **options)
+      ablations.append(_row(runs[_best(runs)], target, runs))
+    else:
+      ablations.append(_row(sweep.run('soap', finalist['learning_rate'],
+                                      **options), target))
+  # The best SOAP of everything tried (the combination need not win).
+  soap_candidates = [(finalist, finalist_runs), (base, base_runs)] + [
+      (sweep.records[k], None) for k in list(sweep.records)
+      if k[0] == 'soap' and k[2] == 0]
+  best_soap, best_soap_grid = min(soap_candidates,
+                                  key=lambda c: _score(c[0], target))
+
+  def settings(record):
+    options = dict(record['options'])
+    options.pop('warmup_steps', None)
+    return record['optimizer'], record['learning_rate'], options
+
+  # SOAP's relatives with the best SOAP's settings, from its rate and one
+  # rung above (Shampoo preferred larger rates at the smaller size, section
+  # 4), extended like every grid.
+  relatives = []
+  for name in () if quick else ('factorized_soap', 'shampoo'):
+    _, lr, options = settings(best_soap)
+    if name == 'shampoo':
+      options['one_sided'] = False
+    rung = LR_LADDER.index(lr)
+    runs = sweep.grid(name, (lr, LR_LADDER[rung + 1]), extend=extend,
+                      **options)
+    relatives.append((runs[_best(runs)], runs))
+
+  finalists = {'adamw': best_adamw[0], 'muon': best_muon[0],
+               'soap': best_soap}
+  # The best relative joins the seeds (not the larger batch).
+  on_seeds = dict(finalists)
+  if relatives:
+    on_seeds['relative'] = min(relatives, key=lambda c: _score(c[0], target))[0]
+  seed_rows = []
+  for seed in seeds:
+    records = {n: sweep.run(*settings(r)[:2], seed=seed, **settings(r)[2])
+               for n, r in on_seeds.items()}
+    seed_target = records['adamw']['valid_loss'][-1]
+    seed_rows += [_row(r, seed_target) for r in records.values()]
+
+  large = LmSweep(dict(sizes, batch_size=(16 if quick else LARGE_BATCH)),
+                  out_dir / 'soap_vs_muon')
+  large_rows = []
+  large_runs = {}
+  for n, r in finalists.items():
+    name, lr, options = settings(r)
+    rung = LR_LADDER.index(lr)
+    if quick and n != 'adamw':
+      continue  # --quick: the target's run only.
+    rates = (lr,) if quick or n == 'adamw' else (lr, LR_LADDER[rung + 1])
+    large_runs[n] = {x: large.run(name, x, **options) for x in rates}
+  large_target = min(r['valid_loss'][-1] for r in large_runs['adamw'].values())
+  for n, runs in large_runs.items():
+    large_rows.append(_row(runs[_best(runs)], large_target, runs))
+
+  return dict(
+      sizes=sizes, large_batch=large.sizes['batch_size'], target=target,
+      soap_base=SOAP_BASE, winners=winners,
+      adamw=[_row(r, target, g) for r, g in adamw],
+      muon=[_row(r, target, g) for r, g in muon],
+      soap_base_row=_row(base, target, base_runs), soap_axes=axis_rows,
+      soap_combined=_row(finalist, target, finalist_runs),
+      soap_ablations=ablations,
+      relatives=[_row(r, target, g) for r, g in relatives],
+      best=dict(adamw=_row(best_adamw[0], target, best_adamw[1]),
+                muon=_row(best_muon[0], target, best_muon[1]),
+                soap=_row(best_soap, target, best_soap_grid)),
+      seeds=list(seeds), seed_rows=seed_rows,
+      large_target=large_target, large_rows=large_rows)
+
+
+def _steps_cell(row):
+  return str(row['steps_to_target'] or 'never')
+
+
+def _seconds_cell(value):
+  return '–' if value is None else f'{value:.0f}'
+
+
+def soap_vs_muon_tables(section) -> str:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  s = section['sizes']
+  head = ('| configuration | lr | final valid loss | steps to target | '
+          'wall-clock to target s | wall-clock s | optimizer share | '
+          'decompositions | final loss per lr |')
+  rule = '| --- ' * 9 + '|'
+
+  def line(r):
+    per_lr = ', '.join(f'{k}: {v:.3f}' for k, v in
+                       r.get('grid_final_losses', {}).items()) or '–'
+    edge = '' if r.get('interior', True) else ' (edge)'
+    count = r['decompositions']
+    return (f'| {r["label"]} | {r["lr"]:g}{edge} | '
+            f'{r["final_valid_loss"]:.4f} | {_steps_cell(r)} | '
+            f'{_seconds_cell(r["seconds_to_target"])} | {r["seconds"]:.0f} | '
+            f'{r["optimizer_step_share"]:.0%} | '
+            f'{"–" if count is None else f"{count:.0f}"} | {per_lr} |')
+
+  lines = [
+      f'Main job\'s model (d={s["d_model"]}, {s["num_layers"]} layers, batch '
+      f'{s["batch_size"]}×{s["seq_len"]}, {s["steps"]} steps, evaluated every '
+      f'{s["eval_every"]}), seed 0. Target: AdamW\'s best final validation '
+      f'loss over its grid and both schedules, {section["target"]:.4f}. '
+      'Warmup+cosine: linear warmup over 10% of the steps, cosine decay to '
+      'a tenth of the peak. Muon: optax.contrib.muon, its Adam part at 3e-3 '
+      '(same schedule).', '', '**Tuned baselines and SOAP**', '', head, rule]
+  lines += [line(r) for r in section['adamw'] + section['muon']]
+  lines += [line(section['soap_base_row'])]
+  lines += [line(r) for r in section['soap_axes']]
+  lines += [line(section['soap_combined'])]
+  lines += [line(r) for r in section['soap_ablations']]
+  lines += [line(r) for r in section['relatives']]
+  winners = ', '.join(f'{k}={v}' for k, v in section['winners'].items())
+  lines += ['', f'Each SOAP setting varied alone from the base '
+            f'(f=10, b2=0.95, constant, all parameters, two-sided) at its '
+            f'best rate {section["soap_base_row"]["lr"]:g}; winners per axis: '
+            f'{winners}; the next row combines them over its own grid, the '
+            'rows after it leave one change out each, and '
+            'factorized SOAP and Shampoo (Adam-grafted) follow with the best '
+            'SOAP\'s settings over their own grids.']
+  lines += ['', f'**Best of each on seeds {section["seeds"]}** (target per '
+            'seed: AdamW\'s best configuration on that seed)', '',
+            '| configuration | lr | steps to target per seed | mean | '
+            'final loss per seed | mean | wall-clock to target s (mean) |',
+            '| --- ' * 7 + '|']
+  for label in dict.fromkeys(r['label'] for r in section['seed_rows']):
+    mine = [r for r in section['seed_rows'] if r['label'] == label]
+    steps = [r['steps_to_target'] for r in mine]
+    reached = [x for x in steps if x is not None]
+    times = [r['seconds_to_target'] for r in mine
+             if r['seconds_to_target'] is not None]
+    finals = [r['final_valid_loss'] for r in mine]
+    mean_steps = (f'{np.mean(steps):.0f}' if len(reached) == len(steps)
+                  else 'never')
+    lines.append(
+        f'| {label} | {mine[0]["lr"]:g} | '
+        f'{", ".join(str(x or "never") for x in steps)} | {mean_steps} | '
+        f'{", ".join(f"{x:.3f}" for x in finals)} | {np.mean(finals):.3f} | '
+        f'{_seconds_cell(np.mean(times) if times else None)} |')
+  lines += ['', f'**Batch {section["large_batch"]}×{s["seq_len"]}** (4× the '
+            f'tokens per step, {s["steps"]} steps, seed 0; each best '
+            'configuration at its rate and one rung above; target: AdamW\'s '
+            f'final loss here, {section["large_target"]:.4f})', '', head, rule]
+  lines += [line(r) for r in section['large_rows']]
+  return '\n'.join(lines)
 
 
 def refresh_tables(results) -> str:
@@ -637,6 +999,28 @@ def plot(results, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(benchmark.save_figure(fig, out_dir / 'muon.png'))
+  if 'soap_vs_muon' in results:
+    section = results['soap_vs_muon']
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, rows, target in (
+        (axes[0], list(section['best'].values()), section['target']),
+        (axes[1], section['large_rows'], section['large_target'])):
+      for r in rows:
+        ax.plot(r['curve_steps'], r['curve'],
+                label=f'{r["label"]} (lr {r["lr"]:g})')
+      ax.axhline(target, color='k', ls='--', lw=0.8,
+                 label="AdamW's best final")
+      ax.set_xlabel('step')
+      ax.set_ylabel('validation loss (nats/byte)')
+      ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    s = section['sizes']
+    axes[0].set_title(f'batch {s["batch_size"]}×{s["seq_len"]}, seed 0',
+                      fontsize=9)
+    axes[1].set_title(f'batch {section["large_batch"]}×{s["seq_len"]}',
+                      fontsize=9)
+    paths.append(benchmark.save_figure(fig, out_dir / 'soap_vs_muon.png'))
   if 'refresh' in results:
     rows = results['refresh']['lm']['rows']
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.9 * len(rows)),
@@ -679,6 +1063,10 @@ def main(argv) -> int:
     elif part == 'lm':
       results[part] = run_lm(args.quick, out_dir)
       text += ['', '### Language model', '', lm_table(results[part])]
+    elif part == 'soap_vs_muon':
+      results[part] = run_soap_vs_muon(args.quick, out_dir)
+      text += ['', '### SOAP against Muon, tuned', '',
+               soap_vs_muon_tables(results[part])]
     elif part == 'muon':
       results[part] = run_muon(args.quick, out_dir)
       text += ['', '### SOAP, AdamW and Muon on the main job', '',

@@ -17,6 +17,7 @@ Examples::
 
   python scripts/train_lm.py                       # soap, adamw, muon
   python scripts/train_lm.py --precondition-frequency adaptive
+  python scripts/train_lm.py --soap-params matrices --schedule cosine
   python scripts/train_lm.py --optimizers soap,adamw,shampoo,factorized_soap
   python scripts/train_lm.py --checkpoint-every 100 --out runs/a
   python scripts/train_lm.py --resume runs/a       # continue an interrupted run
@@ -56,8 +57,28 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
-# The rate of the Adam part of 'muon': AdamW's best of the grid on this model.
-MUON_ADAM_LEARNING_RATE = 3e-3
+# The rate of the Adam part of 'muon', and of the AdamW part of the
+# eigenbasis optimizers under --soap-params matrices/hidden: AdamW's best of
+# the grid on this model.
+ADAM_PART_LEARNING_RATE = 3e-3
+
+SCHEDULES = ('constant', 'cosine')
+# Which parameters the eigenbasis optimizers (soap, factorized_soap, shampoo)
+# handle; the others go to AdamW (optax.partition):
+#   all      -- every parameter (vectors get the transforms' unrotated Adam);
+#   matrices -- every weight matrix (or 3-D attention kernel), the vectors
+#               (biases, norm scales) to AdamW;
+#   hidden   -- the matrices of the transformer blocks only; the embedding,
+#               the position table, the output head and the vectors to AdamW.
+SOAP_PARAMS = ('all', 'matrices', 'hidden')
+# The main job's defaults for the eigenbasis optimizers: the best SOAP
+# configuration of `python scripts/experiments.py --parts soap_vs_muon` on
+# this model (README "Choosing and tuning"): a refresh every 2 steps,
+# b2 = shampoo_beta = 0.9, SOAP on the blocks' matrices and AdamW on the
+# rest, constant rate 3e-3. (Config's own defaults are the library's.)
+TUNED_SOAP = dict(precondition_frequency=2, soap_b2=0.9, soap_params='hidden')
+EIGENBASIS_OPTIMIZERS = ('soap', 'factorized_soap', 'shampoo', 'soap_no_floor',
+                         'shampoo_ungrafted')
 
 
 class UsageError(Exception):
@@ -82,6 +103,16 @@ class Config:
   precondition_frequency: int | str
   seed: int
   corpus: str
+  # Learning-rate schedule of every optimizer: 'constant' (after a linear
+  # warmup of warmup_steps from 0) or 'cosine' (the same warmup, then a
+  # cosine decay to a tenth of the peak at the last step).
+  schedule: str = 'constant'
+  warmup_steps: int = 0
+  # Decay of the second moment and of the Kronecker factors of the
+  # eigenbasis optimizers (soap's b2 = shampoo_beta; shampoo's shampoo_beta).
+  soap_b2: float = 0.95
+  soap_params: str = 'all'
+  one_sided: bool = False
 
 
 # ------------------------------------------------------------------------------
@@ -109,10 +140,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--eval-every', type=int, default=25)
   parser.add_argument('--eval-batches', type=int, default=8)
   parser.add_argument('--weight-decay', type=float, default=0.01)
-  parser.add_argument('--precondition-frequency', default='10',
+  parser.add_argument('--precondition-frequency',
+                      default=str(TUNED_SOAP['precondition_frequency']),
                       help='refresh interval of the eigenbasis optimizers '
                       '(an integer), or "adaptive" (soap_optax.'
-                      'AdaptiveRefresh: refresh a stack when it is stale)')
+                      'AdaptiveRefresh: refresh a stack when it is stale); '
+                      'default %(default)s')
+  parser.add_argument('--schedule', default='constant', choices=SCHEDULES,
+                      help='learning-rate schedule of every optimizer: '
+                      'constant, or cosine decay to a tenth of the peak')
+  parser.add_argument('--warmup-steps', type=int, default=None,
+                      help='linear warmup from 0 (default: 10%% of --steps '
+                      'with --schedule cosine, none with constant)')
+  parser.add_argument('--soap-b2', type=float, default=TUNED_SOAP['soap_b2'],
+                      help='second-moment and Kronecker-factor decay of the '
+                      'eigenbasis optimizers (soap: b2 = shampoo_beta); '
+                      'default %(default)s')
+  parser.add_argument('--soap-params', default=TUNED_SOAP['soap_params'],
+                      choices=SOAP_PARAMS,
+                      help='parameters the eigenbasis optimizers handle; the '
+                      'rest get AdamW at '
+                      f'{ADAM_PART_LEARNING_RATE:g}: all, matrices (vectors '
+                      'to AdamW) or hidden (the blocks\' matrices only); '
+                      'default %(default)s')
+  parser.add_argument('--one-sided', action='store_true',
+                      help='soap and factorized_soap rotate only the shorter '
+                      'axis of each matrix')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--text-file', default=None,
                       help='train on this UTF-8/bytes file instead of the '
@@ -174,6 +227,16 @@ def build_config(args: argparse.Namespace) -> Config:
                      f'--num-heads ({args.num_heads})')
   if args.weight_decay < 0:
     raise UsageError('--weight-decay must be >= 0')
+  if args.warmup_steps is None:
+    args.warmup_steps = args.steps // 10 if args.schedule == 'cosine' else 0
+  if not 0 <= args.warmup_steps < args.steps:
+    raise UsageError('--warmup-steps must be >= 0 and below --steps '
+                     f'({args.steps}), got {args.warmup_steps}')
+  if not 0 <= args.soap_b2 < 1:
+    raise UsageError(f'--soap-b2 must be in [0, 1), got {args.soap_b2}')
+  if args.one_sided and any(o.startswith('shampoo') for o in optimizers):
+    raise UsageError('--one-sided: soap and factorized_soap only (shampoo '
+                     'has no one-sided variant)')
   learning_rates = dict(DEFAULT_LEARNING_RATES)
   for item in filter(None, (s.strip() for s in args.lr.split(','))):
     name, _, value = item.partition('=')
@@ -189,7 +252,10 @@ def build_config(args: argparse.Namespace) -> Config:
       num_heads=args.num_heads, eval_every=args.eval_every,
       eval_batches=args.eval_batches, weight_decay=args.weight_decay,
       precondition_frequency=args.precondition_frequency, seed=args.seed,
-      corpus=os.path.abspath(args.text_file) if args.text_file else 'stdlib')
+      corpus=os.path.abspath(args.text_file) if args.text_file else 'stdlib',
+      schedule=args.schedule, warmup_steps=args.warmup_steps,
+      soap_b2=args.soap_b2, soap_params=args.soap_params,
+      one_sided=args.one_sided)
 
 
 def _positive_float(flag: str, text: str) -> float:
@@ -291,36 +357,75 @@ def build(config: Config):
         x = block(x, mask)
       return self.head(self.norm(x))
 
+  def schedule(peak: float):
+    """The learning rate of every optimizer (see Config.schedule)."""
+    warmup = config.warmup_steps
+    if config.schedule == 'cosine':
+      return optax.warmup_cosine_decay_schedule(
+          0.0, peak, warmup_steps=warmup, decay_steps=config.steps,
+          end_value=0.1 * peak)
+    if warmup:
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, peak, warmup),
+           optax.constant_schedule(peak)], [warmup])
+    return peak
+
+  def adamw(learning_rate):
+    return optax.adamw(schedule(learning_rate), b1=0.9, b2=0.95,
+                       weight_decay=config.weight_decay)
+
+  def soap_labels(params):
+    """'eigenbasis' or 'adamw' per parameter (Config.soap_params)."""
+    def label(path, leaf):
+      names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+      # Vectors: biases (the attention's are (heads, head_dim)) and norm
+      # scales.
+      vector = leaf.ndim < 2 or 'bias' in names or 'scale' in names
+      if config.soap_params == 'all' or not vector and (
+          config.soap_params == 'matrices' or names[0] == 'blocks'):
+        return 'eigenbasis'
+      return 'adamw'
+    return jax.tree_util.tree_map_with_path(label, params)
+
   def make_optimizer(name: str, learning_rate: float):
     wd = config.weight_decay
     freq = config.precondition_frequency
+    lr = schedule(learning_rate)
+    b2 = config.soap_b2
     factories: dict[str, Callable[[], Any]] = {
-        'adamw': lambda: optax.adamw(learning_rate, b1=0.9, b2=0.95,
-                                     weight_decay=wd),
+        'adamw': lambda: adamw(learning_rate),
         # optax's Muon: Newton-Schulz-orthogonalized momentum on the
         # matrices, Adam on the rest (vectors, and the 3-D attention
         # kernels), the same decoupled weight decay. 'muon' gives the Adam
         # part AdamW's best rate on this model (3e-3) and the matrices their
         # own; 'muon_shared_lr' is optax's default, one rate for both.
         'muon': lambda: optax.contrib.muon(
-            learning_rate, weight_decay=wd, adam_weight_decay=wd,
-            adam_learning_rate=MUON_ADAM_LEARNING_RATE),
+            lr, weight_decay=wd, adam_weight_decay=wd,
+            adam_learning_rate=schedule(ADAM_PART_LEARNING_RATE)),
         'muon_shared_lr': lambda: optax.contrib.muon(
-            learning_rate, weight_decay=wd, adam_weight_decay=wd),
+            lr, weight_decay=wd, adam_weight_decay=wd),
         'soap': lambda: soap_optax.soap(
-            learning_rate, weight_decay=wd, precondition_frequency=freq),
+            lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
+            one_sided=config.one_sided),
         'factorized_soap': lambda: soap_optax.factorized_soap(
-            learning_rate, weight_decay=wd, precondition_frequency=freq),
+            lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
+            one_sided=config.one_sided),
         'shampoo': lambda: soap_optax.shampoo(
-            learning_rate, weight_decay=wd, precondition_frequency=freq),
+            lr, shampoo_beta=b2, weight_decay=wd,
+            precondition_frequency=freq),
         'soap_no_floor': lambda: soap_optax.soap(
-            learning_rate, weight_decay=wd, precondition_frequency=freq,
-            rounding_floor=False),
+            lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
+            one_sided=config.one_sided, rounding_floor=False),
         'shampoo_ungrafted': lambda: soap_optax.shampoo(
-            learning_rate, weight_decay=wd, precondition_frequency=freq,
-            grafting='none'),
+            lr, shampoo_beta=b2, weight_decay=wd,
+            precondition_frequency=freq, grafting='none'),
     }
-    return factories[name]()
+    tx = factories[name]()
+    if name in EIGENBASIS_OPTIMIZERS and config.soap_params != 'all':
+      tx = optax.partition(
+          {'eigenbasis': tx, 'adamw': adamw(ADAM_PART_LEARNING_RATE)},
+          soap_labels)
+    return tx
 
   def loss_fn(model, batch):
     logits = model(batch[:, :-1])
@@ -345,6 +450,7 @@ def build(config: Config):
 
   return dict(jax=jax, jnp=jnp, nnx=nnx, optax=optax,
               ByteTransformer=ByteTransformer, make_optimizer=make_optimizer,
+              soap_labels=soap_labels, schedule=schedule,
               loss_fn=loss_fn, train_step=train_step, eval_loss=eval_loss)
 
 
@@ -569,7 +675,12 @@ def report(config, records, out_dir, total_seconds):
         f'{share:.0%}' if share is not None else 'n/a',
         '–' if row['decompositions'] is None
         else f'{row["decompositions"]:.0f}']))
-  table = '\n'.join(lines)
+  settings = (f'schedule {config.schedule} (warmup {config.warmup_steps}); '
+              'eigenbasis optimizers: precondition_frequency '
+              f'{config.precondition_frequency}, b2 {config.soap_b2:g}, '
+              f'parameters: {config.soap_params}'
+              + (', one-sided' if config.one_sided else ''))
+  table = settings + '\n\n' + '\n'.join(lines)
 
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')

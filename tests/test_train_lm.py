@@ -1,6 +1,7 @@
 """The main job, scripts/train_lm.py, in its reduced (--quick) size."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_interrupted_and_resumed_run_reproduces_the_losses_bitwise(tmp_path):
     (['--steps', '0'], '--steps must be a positive integer'),
     (['--batch-size', '-3'], '--batch-size must be a positive integer'),
     (['--lr', 'soap=fast'], 'is not a number'),
+    (['--warmup-steps', '20'], '--warmup-steps must be >= 0 and below'),
+    (['--soap-b2', '1.0'], '--soap-b2 must be in [0, 1)'),
+    (['--one-sided', '--optimizers', 'shampoo'], '--one-sided: soap and'),
+    (['--soap-params', 'embeddings'], 'invalid choice'),
 ])
 def test_bad_input_gets_one_clear_line_and_exit_status_2(args, message):
   result = run('--quick', *args)
@@ -92,3 +97,100 @@ def test_empty_or_unreadable_text_file_and_foreign_resume_dir(tmp_path):
   assert result.returncode == 2
   assert 'different configuration' in result.stderr and 'steps' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+# ------------------------------------------------------------------------------
+# The tuning settings (--schedule, --warmup-steps, --soap-params, --soap-b2,
+# --one-sided), checked in-process on the quick model.
+
+sys.path.insert(0, str(SCRIPT.parent))
+import train_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _build(*flags):
+  config = train_lm.build_config(train_lm.parse_args(['--quick', *flags]))
+  return config, train_lm.build(config)
+
+
+# The quick model's weight matrices (and 3-D attention kernels), by path.
+BLOCK_MATRICES = {f'blocks/0/attention/{p}/kernel'
+                  for p in ('query', 'key', 'value', 'out')} | {
+                      'blocks/0/up/kernel', 'blocks/0/down/kernel'}
+OUTER_MATRICES = {'embed/embedding', 'position', 'head/kernel'}
+
+
+def _labels(lib):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  params = nnx.state(lib['ByteTransformer'](nnx.Rngs(0)), nnx.Param)
+  labels = {}
+  for path, label in jax.tree_util.tree_flatten_with_path(
+      lib['soap_labels'](params))[0]:
+    keys = [str(k.key) for k in path  # not the Variables' '.value'.
+            if not isinstance(k, jax.tree_util.GetAttrKey)]
+    labels['/'.join(keys)] = label
+  return labels
+
+
+@pytest.mark.parametrize('soap_params, expected', [
+    ('all', None), ('matrices', BLOCK_MATRICES | OUTER_MATRICES),
+    ('hidden', BLOCK_MATRICES)])
+def test_soap_params_selects_the_parameters_of_the_eigenbasis_part(
+    soap_params, expected):
+  _, lib = _build('--soap-params', soap_params)
+  labels = _labels(lib)
+  assert len(labels) == 22  # every parameter of the 1-layer model.
+  eigenbasis = {p for p, label in labels.items() if label == 'eigenbasis'}
+  assert eigenbasis == (set(labels) if expected is None else expected)
+  assert set(labels.values()) <= {'eigenbasis', 'adamw'}
+
+
+def test_the_adamw_part_is_optax_adamw_at_the_adam_part_rate():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  config, lib = _build('--soap-params', 'hidden')
+  params = nnx.state(lib['ByteTransformer'](nnx.Rngs(0)), nnx.Param)
+  params = jax.tree.map(lambda x: x, nnx.to_pure_dict(params))
+  grads = jax.tree.map(lambda x: np.cos(3.0 * x) + 0.1, params)
+  tx = lib['make_optimizer']('soap', 1e-2)
+  reference = optax.adamw(train_lm.ADAM_PART_LEARNING_RATE, b1=0.9, b2=0.95,
+                          weight_decay=config.weight_decay)
+  state, ref_state = tx.init(params), reference.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    expected, ref_state = reference.update(grads, ref_state, params)
+  for path in ('embed', 'position', 'head', 'norm'):
+    for got, want in zip(jax.tree.leaves(updates[path]),
+                         jax.tree.leaves(expected[path]), strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  for got, want in zip(jax.tree.leaves(updates['blocks'][0]['norm1']),
+                       jax.tree.leaves(expected['blocks'][0]['norm1'])):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  # The blocks' kernels are SOAP's: not AdamW's.
+  assert not np.allclose(updates['blocks'][0]['up']['kernel'],
+                         expected['blocks'][0]['up']['kernel'])
+
+
+@pytest.mark.parametrize('schedule, warmup', [('constant', 0),
+                                              ('constant', 5),
+                                              ('cosine', None)])
+def test_learning_rate_schedule_against_its_formula(schedule, warmup):
+  flags = ['--schedule', schedule]
+  if warmup is not None:
+    flags += ['--warmup-steps', str(warmup)]
+  config, lib = _build(*flags)
+  total, w = config.steps, config.warmup_steps
+  assert w == (total // 10 if warmup is None else warmup)
+  rate = lib['schedule'](0.3)
+  for t in range(total + 3):
+    if t < w:
+      expected = 0.3 * t / w
+    elif schedule == 'constant':
+      expected = 0.3
+    else:
+      progress = min(1.0, (t - w) / (total - w))
+      expected = 0.03 + 0.27 * 0.5 * (1 + math.cos(math.pi * progress))
+    got = rate(t) if callable(rate) else rate
+    assert abs(float(got) - expected) < 1e-6 * 0.3, (t, got, expected)
