@@ -549,13 +549,14 @@ LARGE_BATCH = 128
 
 
 def _options_label(name, options):
-  """'soap f=1 b2=0.9 cosine hidden one-sided': the settings that differ from
-  SOAP_BASE (for the eigenbasis optimizers) or the schedule (others)."""
+  """'soap f=1 b2=0.9 hidden only one-sided warmup+cosine': the settings
+  that differ from SOAP_BASE (the eigenbasis optimizers), or the schedule
+  alone (AdamW, Muon)."""
   parts = [name]
   if name in ('soap', 'factorized_soap', 'shampoo'):
-    if options['precondition_frequency'] != 10:
+    if options['precondition_frequency'] != SOAP_BASE['precondition_frequency']:
       parts.append(f'f={options["precondition_frequency"]}')
-    if options['soap_b2'] != 0.95:
+    if options['soap_b2'] != SOAP_BASE['soap_b2']:
       parts.append(f'b2={options["soap_b2"]:g}')
     if options['soap_params'] != 'all':
       parts.append(f'{options["soap_params"]} only')
