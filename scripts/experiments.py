@@ -577,9 +577,10 @@ class LmSweep:
     directory.mkdir(parents=True, exist_ok=True)
 
   def run(self, name, lr, seed=0, **options):
+    import train_lm  # pylint: disable=g-import-not-at-top
     options = {**SOAP_BASE, **options}
-    if options['schedule'] == 'cosine':
-      options['warmup_steps'] = self.sizes['steps'] // 10
+    options['warmup_steps'] = train_lm.default_warmup_steps(
+        options['schedule'], self.sizes['steps'])
     key = (name, lr, seed, tuple(sorted(options.items())))
     if key in self.records:
       return self.records[key]
@@ -606,7 +607,7 @@ class LmSweep:
     rates = sorted(rates)
     runs = {lr: self.run(name, lr, **options) for lr in rates}
     for _ in range(extend):
-      best = min(runs, key=lambda lr: runs[lr]['valid_loss'][-1])
+      best = _best(runs)
       if len(runs) > 1 and best not in (min(runs), max(runs)):
         break
       rung = LR_LADDER.index(best)
@@ -620,6 +621,12 @@ class LmSweep:
 
 def _best(runs):
   return min(runs, key=lambda lr: runs[lr]['valid_loss'][-1])
+
+
+def _rungs_around(lr):
+  """``lr`` and its neighbours on LR_LADDER (a grid to start from)."""
+  rung = LR_LADDER.index(lr)
+  return LR_LADDER[max(0, rung - 1):rung + 2]
 
 
 def _score(record, target):
@@ -679,8 +686,7 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
     for schedule in schedules:
       start = base_grid
       if found:  # the other schedule: around the first's best rate.
-        rung = LR_LADDER.index(found[0][0]['learning_rate'])
-        start = LR_LADDER[max(0, rung - 1):rung + 2]
+        start = _rungs_around(found[0][0]['learning_rate'])
       runs = sweep.grid(name, start, extend=extend, schedule=schedule,
                         **options)
       found.append((runs[_best(runs)], runs))
@@ -700,9 +706,8 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
     candidates = [(SOAP_BASE[axis], base)]
     for value in values:
       if axis == 'schedule':
-        rung = LR_LADDER.index(base_lr)
-        runs = sweep.grid('soap', LR_LADDER[max(0, rung - 1):rung + 2],
-                          extend=extend, schedule=value)
+        runs = sweep.grid('soap', _rungs_around(base_lr), extend=extend,
+                          schedule=value)
         record = runs[_best(runs)]
         axis_rows.append(_row(record, target, runs))
       else:
@@ -715,9 +720,8 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
   if combined.get('schedule') == 'cosine':
     start_lr = [r for r in axis_rows if r['options']['schedule'] == 'cosine'
                 ][0]['lr']
-  rung = LR_LADDER.index(start_lr)
   finalist_runs = sweep.grid(
-      'soap', (start_lr,) if quick else LR_LADDER[max(0, rung - 1):rung + 2],
+      'soap', (start_lr,) if quick else _rungs_around(start_lr),
       extend=extend, **combined)
   finalist = finalist_runs[_best(finalist_runs)]
   # Leave-one-out: the combination without each of its changes (at its rate;
@@ -726,9 +730,8 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
   for axis in combined if len(combined) > 1 else ():
     options = {k: v for k, v in combined.items() if k != axis}
     if axis == 'schedule':
-      rung = LR_LADDER.index(base_lr)
-      runs = sweep.grid('soap', LR_LADDER[max(0, rung - 1):rung + 2],
-                        extend=extend, **options)
+      runs = sweep.grid('soap', _rungs_around(base_lr), extend=extend,
+                        **options)
       ablations.append(_row(runs[_best(runs)], target, runs))
     else:
       ablations.append(_row(sweep.run('soap', finalist['learning_rate'],
@@ -766,8 +769,10 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
     on_seeds['relative'] = min(relatives, key=lambda c: _score(c[0], target))[0]
   seed_rows = []
   for seed in seeds:
-    records = {n: sweep.run(*settings(r)[:2], seed=seed, **settings(r)[2])
-               for n, r in on_seeds.items()}
+    records = {}
+    for n, r in on_seeds.items():
+      name, lr, options = settings(r)
+      records[n] = sweep.run(name, lr, seed=seed, **options)
     seed_target = records['adamw']['valid_loss'][-1]
     seed_rows += [_row(r, seed_target) for r in records.values()]
 
@@ -776,11 +781,10 @@ def run_soap_vs_muon(quick: bool, out_dir: pathlib.Path):
   large_rows = []
   large_runs = {}
   for n, r in finalists.items():
-    name, lr, options = settings(r)
-    rung = LR_LADDER.index(lr)
     if quick and n != 'adamw':
       continue  # --quick: the target's run only.
-    rates = (lr,) if quick or n == 'adamw' else (lr, LR_LADDER[rung + 1])
+    name, lr, options = settings(r)
+    rates = (lr,) if n == 'adamw' else (lr, LR_LADDER[LR_LADDER.index(lr) + 1])
     large_runs[n] = {x: large.run(name, x, **options) for x in rates}
   large_target = min(r['valid_loss'][-1] for r in large_runs['adamw'].values())
   for n, runs in large_runs.items():

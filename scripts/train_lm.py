@@ -228,7 +228,7 @@ def build_config(args: argparse.Namespace) -> Config:
   if args.weight_decay < 0:
     raise UsageError('--weight-decay must be >= 0')
   if args.warmup_steps is None:
-    args.warmup_steps = args.steps // 10 if args.schedule == 'cosine' else 0
+    args.warmup_steps = default_warmup_steps(args.schedule, args.steps)
   if not 0 <= args.warmup_steps < args.steps:
     raise UsageError('--warmup-steps must be >= 0 and below --steps '
                      f'({args.steps}), got {args.warmup_steps}')
@@ -256,6 +256,12 @@ def build_config(args: argparse.Namespace) -> Config:
       schedule=args.schedule, warmup_steps=args.warmup_steps,
       soap_b2=args.soap_b2, soap_params=args.soap_params,
       one_sided=args.one_sided)
+
+
+def default_warmup_steps(schedule: str, steps: int) -> int:
+  """--warmup-steps when not given: 10% of the steps for 'cosine', none for
+  'constant'."""
+  return steps // 10 if schedule == 'cosine' else 0
 
 
 def _positive_float(flag: str, text: str) -> float:
