@@ -1,10 +1,8 @@
 """soap_optax: Shampoo-family optimizers as composable optax transformations."""
 
+from soap_optax._adafactor import scale_by_adafactor_in_eigenbasis
+from soap_optax._adafactor import ScaleByAdafactorInEigenbasisState
 from soap_optax._aliases import factorized_soap
-from soap_optax._aliases import AdamGraftState
-from soap_optax._aliases import GraftingState
-from soap_optax._aliases import scale_by_adam_graft
-from soap_optax._aliases import scale_by_grafting
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
 from soap_optax._diagnostics import diagnostics
@@ -12,19 +10,22 @@ from soap_optax._diagnostics import stack_names
 from soap_optax._diagnostics import state_nbytes
 from soap_optax._diagnostics import state_nbytes_per_device
 from soap_optax._diagnostics import state_size
-from soap_optax._refresh_policy import AdaptiveRefresh
-from soap_optax._refresh_policy import FoamRefresh
+from soap_optax._dimension_numbers import EigenbasisDimensionNumbers
 from soap_optax._flax import dimension_numbers_from_axis_names
+from soap_optax._grafting import AdamGraftState
+from soap_optax._grafting import GraftingState
+from soap_optax._grafting import scale_by_adam_graft
+from soap_optax._grafting import scale_by_grafting
+from soap_optax._refresh import AdaptiveRefresh
+from soap_optax._refresh import FoamRefresh
+from soap_optax._rotated_adam import scale_by_rotated_adam
+from soap_optax._rotated_adam import ScaleByRotatedAdamState
+from soap_optax._shampoo import scale_by_shampoo_eigenbasis
+from soap_optax._shampoo import ScaleByShampooEigenbasisState
 from soap_optax._sharding import state_shardings
-from soap_optax._stacks import EigenbasisDimensionNumbers
-from soap_optax._transforms import scale_by_adafactor_in_eigenbasis
-from soap_optax._transforms import scale_by_rotated_adam
-from soap_optax._transforms import scale_by_shampoo_eigenbasis
-from soap_optax._transforms import ScaleByAdafactorInEigenbasisState
-from soap_optax._transforms import ScaleByRotatedAdamState
-from soap_optax._transforms import ScaleByShampooEigenbasisState
 
 __all__ = (
+    'AdamGraftState',
     'AdaptiveRefresh',
     'EigenbasisDimensionNumbers',
     'FoamRefresh',
@@ -36,6 +37,7 @@ __all__ = (
     'dimension_numbers_from_axis_names',
     'factorized_soap',
     'scale_by_adafactor_in_eigenbasis',
+    'scale_by_adam_graft',
     'scale_by_grafting',
     'scale_by_rotated_adam',
     'scale_by_shampoo_eigenbasis',

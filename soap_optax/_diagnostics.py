@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soap_optax import _state
+
 
 def state_size(state: Any) -> int:
   """Number of array elements in an optimizer state, scalars (counters,
@@ -36,15 +38,9 @@ def state_nbytes_per_device(state: Any) -> dict[Any, int]:
 def _eigenbasis_states(state: Any) -> list[tuple[Any, Any]]:
   """Every ``(transform state, EigenbasisState)`` pair in a (chained,
   injected, wrapped) optimizer state, in tree order."""
-  # Local import: the transforms import the engine, not this module.
-  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
-
-  def holds_eigenbasis(x):
-    return isinstance(getattr(x, 'eigenbasis', None), _stacks.EigenbasisState)
-
   found = []
-  for node in jax.tree.leaves(state, is_leaf=holds_eigenbasis):
-    if holds_eigenbasis(node):
+  for node in jax.tree.leaves(state, is_leaf=_state.is_eigenbasis_state):
+    if _state.is_eigenbasis_state(node):
       found.append((node, node.eigenbasis))
   return found
 
@@ -76,9 +72,7 @@ def _stack_name(plan, s: int, which: int, how_many: int) -> str:
 def diagnostics(state: Any) -> dict[str, jax.Array]:
   r"""Scalars that say what the eigenbasis optimizers in ``state`` are doing.
 
-  Works on any state that holds the states of :func:`scale_by_rotated_adam`,
-  :func:`scale_by_shampoo_eigenbasis` or
-  :func:`scale_by_adafactor_in_eigenbasis` (chained, injected, inside
+  Works on any state that holds eigenbasis transforms' states (chained, injected, inside
   ``flax.nnx.Optimizer``'s ``opt_state``, sharded or not), and under ``jit``.
   Per stack of same-shape units (named ``stack{s}_{shape}``, prefixed by
   ``tx{k}/`` when the state holds several such transforms; see
@@ -106,13 +100,12 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
   Returns:
     A flat ``dict[str, jax.Array]`` of scalars, ready for a logger.
   """
-  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
   out: dict[str, jax.Array] = {}
   found = _eigenbasis_states(state)
   for k, (owner, eigenbasis) in enumerate(found):
     plan = eigenbasis.plan
     prefix = f'tx{k}/' if len(found) > 1 else ''
-    stale = _stacks.staleness_per_factor(eigenbasis)
+    stale = _state.staleness_per_factor(eigenbasis)
     damping = getattr(owner, 'damping', ())
     damping = plan.split(damping) if damping else None
     decompositions = jnp.zeros([], jnp.int32)

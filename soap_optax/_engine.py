@@ -362,7 +362,9 @@ def _all_finite(x: jax.Array) -> jax.Array:
 
 def rayleigh_quotients(stat: jax.Array, basis: jax.Array) -> jax.Array:
   """``diag(Q^T GG Q)``: the factor's eigenvalue estimates in basis ``Q``."""
-  return jnp.einsum('ij,ij->j', basis, stat @ basis, precision=HIGHEST)
+  return jnp.einsum('ij,ij->j', basis,
+                    jnp.matmul(stat, basis, precision=HIGHEST),
+                    precision=HIGHEST)
 
 
 def staleness(stat: jax.Array, quotients: jax.Array) -> jax.Array:
@@ -434,221 +436,90 @@ def foam_damping(
                      (damping * proxy / tau).astype(damping.dtype))
 
 
-def _eigh_basis_checked(stat, old_basis):
-  """:func:`eigh_basis` and whether the decomposition was finite."""
+class Solution(NamedTuple):
+  """What a solver returns for one factor ``GG`` with current basis ``Q``.
+
+  Attributes:
+    basis: the new orthonormal basis (columns by decreasing eigenvalue
+      estimate); the old one where the solver's result was not finite.
+    values: the eigenvalue estimates matching the new basis's columns.
+    order: the order of the old basis's columns that the new ones follow:
+      ``argsort(diag(Q^T GG Q))``, descending. Per-column quantities kept in
+      the old basis (SOAP's second moment) are permuted by it.
+    ok: whether the result was finite.
+  """
+
+  basis: jax.Array
+  values: jax.Array
+  order: jax.Array
+  ok: jax.Array
+
+
+def _descending_order(estimates: jax.Array) -> jax.Array:
+  return jnp.argsort(estimates, descending=True, stable=True)
+
+
+def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """A full symmetric eigendecomposition of one factor (about ``9 d^3``
+  flops); eigenvalues descending. When it is not finite, the old basis and
+  its Rayleigh quotients ``diag(Q^T GG Q)`` are returned."""
   eigenvalues, basis = jnp.linalg.eigh(stat)
   eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
   ok = _all_finite(basis) & _all_finite(eigenvalues)
   old_values = rayleigh_quotients(stat, old_basis)
-  return (jnp.where(ok, basis, old_basis),
-          jnp.where(ok, eigenvalues, old_values), ok)
+  return Solution(jnp.where(ok, basis, old_basis),
+                  jnp.where(ok, eigenvalues, old_values),
+                  _descending_order(old_values), ok)
+
+
+def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """One step of power iteration warm-started from the current basis, then
+  QR (about ``14/3 d^3`` flops), as in the SOAP reference implementation:
+  ``est = diag(Q^T GG Q)``, ``order`` sorts ``est`` descending (stable),
+  ``Q <- qr(GG Q[:, order]).Q``; the values are ``diag(Q_new^T GG Q_new)``.
+  When the new basis is not finite, the old one is kept (identity order)."""
+  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
+  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
+  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
+  order = _descending_order(estimates)
+  new_basis, _ = jnp.linalg.qr(power[:, order])
+  ok = _all_finite(new_basis)
+  basis = jnp.where(ok, new_basis, old_basis)
+  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
+  return Solution(basis, rayleigh_quotients(stat, basis),
+                  jnp.where(ok, order, identity_order), ok)
+
+
+def keep_basis(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """The solution of a factor that is not refreshed: its basis unchanged.
+
+  Built from ``old_basis``, so that inside ``shard_map`` it varies over the
+  mesh as a solver's output does (the branches of a ``lax.cond`` must agree).
+  """
+  del stat
+  zeros = jnp.zeros_like(old_basis[0])
+  order = jnp.arange(zeros.shape[0]) + zeros.astype(jnp.arange(1).dtype)
+  return Solution(old_basis, zeros, order, jnp.isfinite(zeros[0]) | True)
+
+
+# The solvers a refresh can use, by the name the transforms' ``refresh=``
+# takes. A new solver is one entry here.
+SOLVERS: dict[str, Callable[[jax.Array, jax.Array], Solution]] = {
+    'eigh': solve_eigh,
+    'qr': solve_power_qr,
+}
 
 
 def eigh_basis(
     stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigenvectors and eigenvalues (descending) of one factor.
-
-  Returns:
-    ``(new_basis, eigenvalues)``. When the decomposition is not finite,
-    ``old_basis`` and its Rayleigh quotients ``diag(Q^T GG Q)`` are returned.
-  """
-  return _eigh_basis_checked(stat, old_basis)[:2]
-
-
-def _power_qr_basis_checked(stat, old_basis):
-  """:func:`power_qr_basis` and whether the new basis was finite."""
-  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
-  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
-  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
-  order = jnp.argsort(estimates, descending=True, stable=True)
-  new_basis, _ = jnp.linalg.qr(power[:, order])
-  ok = _all_finite(new_basis)
-  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
-  return (jnp.where(ok, new_basis, old_basis),
-          jnp.where(ok, order, identity_order), ok)
+  """``(new_basis, eigenvalues)`` of :func:`solve_eigh`."""
+  solution = solve_eigh(stat, old_basis)
+  return solution.basis, solution.values
 
 
 def power_qr_basis(
     stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One warm-started power-iteration step followed by QR, for one factor.
-
-  ``est = diag(Q^T GG Q)``; ``order`` sorts ``est`` descending (stable);
-  the new basis is ``qr(GG Q[:, order]).Q``.
-
-  Returns:
-    ``(new_basis, order)``; ``order`` must be applied to every quantity kept
-    per column of the old basis (e.g. the rotated second moment). When the new
-    basis is not finite, ``(old_basis, arange)`` is returned.
-  """
-  return _power_qr_basis_checked(stat, old_basis)[:2]
-
-
-class Refreshed(NamedTuple):
-  """What a batched refresh returns.
-
-  Attributes:
-    factors: per stack, the factors with their new bases.
-    extras: per stack, a tuple with one array per factored axis (eigenvalues
-      or column orders, see the refresh functions).
-    failures: int32 scalar, the number of factors whose new basis was not
-      finite and which kept their old one.
-  """
-
-  factors: list[KroneckerFactors]
-  extras: list[tuple[jax.Array, ...]]
-  failures: jax.Array
-
-
-def _refresh(
-    basis_fn: Callable[[jax.Array, jax.Array],
-                       tuple[jax.Array, jax.Array, jax.Array]],
-    factors: Sequence[KroneckerFactors],
-    divided: 'DividedRefresh | None' = None,
-) -> Refreshed:
-  """Runs ``basis_fn(GG_i, Q_i) -> (new Q_i, aux, ok)`` on every factor,
-  batched by size (see :func:`map_by_size`), or divided over a mesh (see
-  :class:`DividedRefresh`)."""
-  stats = [s for f in factors for s in f.stats]
-  bases = [q for f in factors for q in f.bases]
-  if divided is not None:
-    masks = [m for f, m in zip(factors, divided.masks) for _ in f.stats]
-    outputs, failures = _refresh_divided(basis_fn, stats, bases, masks,
-                                         divided)
-  else:
-    outputs = map_by_size(basis_fn, stats, bases) if stats else []
-    failures = _count_failures(outputs)
-  new_factors, extras, start = [], [], 0
-  for f in factors:
-    mine = outputs[start:start + len(f.bases)]
-    start += len(f.bases)
-    new_factors.append(f._replace(bases=tuple(q for q, _, _ in mine)))
-    extras.append(tuple(aux for _, aux, _ in mine))
-  return Refreshed(new_factors, extras, failures)
-
-
-def _count_failures(outputs) -> jax.Array:
-  """The number of ``(basis, aux, ok)`` outputs whose ``ok`` is false."""
-  return sum((jnp.sum(~ok, dtype=jnp.int32) for _, _, ok in outputs),
-             jnp.zeros([], jnp.int32))
-
-
-class DividedRefresh(NamedTuple):
-  """How to divide a refresh over a mesh.
-
-  Every stacked argument has its leading axis (the slots of a stack) sharded
-  over ``axes`` of ``mesh``; ``masks`` holds, per stack, a static boolean
-  mask over the slots: the factors to refresh (padding slots and, with a
-  staggered schedule, the units not due are false).
-
-  Attributes:
-    mesh: the ``jax.sharding.Mesh``.
-    axes: the mesh axes the slots are sharded over.
-    masks: per stack, a NumPy boolean array with one entry per slot.
-  """
-
-  mesh: Any
-  axes: tuple[str, ...]
-  masks: Sequence[Any]
-
-
-def _refresh_divided(basis_fn, stats, bases, masks, divided):
-  """The refresh as one ``jax.shard_map``: each device refreshes its slots.
-
-  Inside, a device sees only its own slots of every stack: it concatenates
-  them by factor size (one loop per size, as :func:`map_by_size` does for the
-  whole stack), and runs ``basis_fn`` on each slot whose mask is true (a
-  ``lax.cond`` per slot inside a ``lax.map``, so a padding slot or a unit not
-  due costs nothing). No solver operand is ever partitioned, and the only
-  collective is the sum of the failure counts.
-  """
-  # Local import: _stacks imports this module.
-  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
-  spec = jax.sharding.PartitionSpec(divided.axes)
-  mask_arrays = [_stacks.constrain(jnp.asarray(m), divided.mesh, spec)
-                 for m in masks]
-
-  def keep(stat, basis):
-    del stat
-    # Built from ``basis``, so that they vary over the mesh as the solver's
-    # outputs do (shard_map's check of the branches' types).
-    first_row = basis[0]
-    return (basis, _keep_extra(basis_fn, first_row),
-            jnp.isfinite(first_row[0]) | True)
-
-  def one(stat, basis, due):
-    return jax.lax.cond(due, basis_fn, keep, stat, basis)
-
-  def local(stats, bases, masks):
-    results = map_by_size(
-        one, stats, bases, masks,
-        batched_call=lambda fn, args: jax.lax.map(
-            lambda item: fn(*item), tuple(args)))
-    return results, jax.lax.psum(_count_failures(results), divided.axes)
-
-  results_spec = [(spec, spec, spec) for _ in stats]
-  return jax.shard_map(
-      local, mesh=_stacks.context_mesh(divided.mesh),
-      in_specs=([spec] * len(stats), [spec] * len(stats),
-                [spec] * len(stats)),
-      out_specs=(results_spec, jax.sharding.PartitionSpec()),
-  )(list(stats), list(bases), mask_arrays)
-
-
-def _keep_extra(basis_fn, row):
-  """The extra output of a slot that is not refreshed, shaped like a row of
-  its basis: zero eigenvalues (``eigh``), or the identity column order
-  (power iteration + QR)."""
-  zeros = jnp.zeros_like(row)
-  if basis_fn is _power_qr_basis_checked:
-    return jnp.arange(row.shape[0]) + zeros.astype(jnp.arange(1).dtype)
-  return zeros
-
-
-def refresh_eigh(factors: Sequence[KroneckerFactors],
-                 divided: DividedRefresh | None = None) -> Refreshed:
-  """Replaces every basis by the eigenvectors of its factor, batched by size
-  (or divided over a mesh: see :class:`DividedRefresh`).
-
-  Returns:
-    A :class:`Refreshed` whose extras are the eigenvalues (descending,
-    matching the basis columns) of each factored axis.
-  """
-  return _refresh(_eigh_basis_checked, factors, divided)
-
-
-def refresh_power_qr(factors: Sequence[KroneckerFactors],
-                     divided: DividedRefresh | None = None) -> Refreshed:
-  """Refreshes every basis by power iteration + QR, batched by size (or
-  divided over a mesh).
-
-  Returns:
-    A :class:`Refreshed` whose extras are the column order applied to each
-    factored axis (see :func:`power_qr_basis`).
-  """
-  return _refresh(_power_qr_basis_checked, factors, divided)
-
-
-def refresh_with_eigenvalues(
-    factors: Sequence[KroneckerFactors], method: str,
-    divided: DividedRefresh | None = None) -> Refreshed:
-  """Refreshes every basis and returns eigenvalue estimates in the new bases.
-
-  Args:
-    factors: per stack, factors with a leading unit axis.
-    method: ``"eigh"`` (eigenvalues from the decomposition) or ``"qr"``
-      (power iteration + QR; the estimates are the Rayleigh quotients
-      ``diag(Q_new^T GG Q_new)``).
-
-  Returns:
-    A :class:`Refreshed` whose extras are one eigenvalue vector per factored
-    axis, matching the columns of the new bases.
-  """
-  if method == 'eigh':
-    return refresh_eigh(factors, divided)
-  refreshed = refresh_power_qr(factors, divided)
-  eigenvalues = [
-      tuple(jax.vmap(rayleigh_quotients)(s, q)
-            for s, q in zip(f.stats, f.bases))
-      for f in refreshed.factors
-  ]
-  return refreshed._replace(extras=eigenvalues)
+  """``(new_basis, order)`` of :func:`solve_power_qr`; ``order`` must be
+  applied to every quantity kept per column of the old basis."""
+  solution = solve_power_qr(stat, old_basis)
+  return solution.basis, solution.order

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import jax
 
+from soap_optax import _dimension_numbers
 from soap_optax import _stacks
 
 try:  # flax is optional: the helper needs it only to recognise its boxes.
@@ -88,7 +89,7 @@ def dimension_numbers_from_axis_names(
   def numbers(x):
     names = _axis_names(x) or ()
     axes = tuple(i for i, name in enumerate(names) if is_batch(name))
-    return _stacks.EigenbasisDimensionNumbers(batch_axes=axes) if axes else None
+    return _dimension_numbers.EigenbasisDimensionNumbers(batch_axes=axes) if axes else None
 
   return jax.tree.map(numbers, params, is_leaf=_is_box)
 

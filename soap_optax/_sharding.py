@@ -13,25 +13,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from soap_optax import _stacks
-from soap_optax import _transforms
-
-# The states whose arrays are all stacked (or scalars), with their plan at
-# ``.eigenbasis.plan``.
-_STACKED_STATES = (
-    _transforms.ScaleByRotatedAdamState,
-    _transforms.ScaleByShampooEigenbasisState,
-    _transforms.ScaleByAdafactorInEigenbasisState,
-)
+from soap_optax import _dimension_numbers
+from soap_optax import _state
 
 
 def _is_stacked_state(x: Any) -> bool:
-  return isinstance(x, _STACKED_STATES)
+  """An eigenbasis transform's state (the protocol of
+  :mod:`soap_optax._state`: an ``eigenbasis`` field holding an
+  :class:`EigenbasisState`), whose arrays are all stacked or scalars."""
+  return _state.is_eigenbasis_state(x)
 
 
 def _names(path: Any) -> tuple[Any, ...]:
   """A key path as plain names, without the ``.value`` of Flax boxes."""
-  return _stacks._key_path(tuple(  # pylint: disable=protected-access
+  return _dimension_numbers.key_path(tuple(
       k for k in path if not (
           isinstance(k, jax.tree_util.GetAttrKey) and k.name == 'value')))
 
@@ -47,10 +42,8 @@ def state_shardings(tx: Any, params: Any) -> Any:
 
   Rules, per array of the state:
 
-  * inside a state of :func:`soap_optax.scale_by_rotated_adam`,
-    :func:`soap_optax.scale_by_shampoo_eigenbasis` or
-    :func:`soap_optax.scale_by_adafactor_in_eigenbasis` built with a
-    ``mesh``: stacked arrays have their leading axis divided over the
+  * inside the state of an eigenbasis transform (any rule of the skeleton)
+    built with a ``mesh``: stacked arrays have their leading axis divided over the
     transform's ``shard_axes`` (each device holds its own units), scalars
     are replicated; without a ``mesh`` everything there is replicated;
   * an array whose key path ends with a parameter's key path and that has

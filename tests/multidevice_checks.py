@@ -134,8 +134,8 @@ def train(tx, params, steps, shardings=None):
 
 def eigenbasis_states(state):
   """Every EigenbasisState inside an optimizer state."""
-  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
-  is_state = lambda x: isinstance(x, _stacks.EigenbasisState)
+  from soap_optax import _state  # pylint: disable=g-import-not-at-top
+  is_state = lambda x: isinstance(x, _state.EigenbasisState)
   return [x for x in jax.tree.leaves(state, is_leaf=is_state)
           if is_state(x)]
 

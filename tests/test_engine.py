@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from soap_optax import _engine
-from soap_optax import _stacks
+from soap_optax import _refresh
+from soap_optax import _state
 from tests.oracle import soap_numpy
 
 
@@ -160,20 +161,30 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
       'd': jnp.zeros((4, 8, 16)), 'e': jnp.zeros((32,)), 'f': jnp.zeros(()),
       'g': jnp.zeros((8, 16)),
   }
-  state = _stacks.init_eigenbasis(
+  state = _state.init_eigenbasis(
       params, max_precond_dim=10000, merge_dims=False, precondition_1d=True)
-  factors = _stacks.unpack(state)
+  factors = _state.unpack(state)
   sizes = {n for f in factors for n in f.layout.factor_sizes}
   assert sizes == {4, 8, 16, 32}
   n_factors = sum(len(f.bases) * f.bases[0].shape[0]
                   for f in factors if f.bases)
   assert n_factors == 12  # 2 * 2 (a, g stacked) + 2 + 2 + 3 + 1 + 0
 
-  qr_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_power_qr(fs))(factors)
-  eigh_jaxpr = jax.make_jaxpr(lambda fs: _engine.refresh_eigh(fs))(factors)
+  due = _refresh.Due(
+      units=[jnp.ones(f.stats[0].shape[:1] if f.stats else (1,), bool)
+             for f in factors],
+      initializing=[jnp.zeros(f.stats[0].shape[:1] if f.stats else (1,), bool)
+                    for f in factors])
+  def refresh(method):
+    return jax.make_jaxpr(
+        lambda fs: _refresh.refresh(fs, due, method, state.plan))(factors)
+  qr_jaxpr, eigh_jaxpr = refresh('qr'), refresh('eigh')
+  # With "qr", a unit's first refresh is still a full eigh: one call of each
+  # solver per size. With "eigh", no QR at all.
   assert count_primitives(qr_jaxpr.jaxpr, 'qr') == len(sizes)
-  assert count_primitives(qr_jaxpr.jaxpr, 'eigh') == 0
+  assert count_primitives(qr_jaxpr.jaxpr, 'eigh') == len(sizes)
   assert count_primitives(eigh_jaxpr.jaxpr, 'eigh') == len(sizes)
+  assert count_primitives(eigh_jaxpr.jaxpr, 'qr') == 0
 
 
 def test_map_by_size_keeps_input_order():

@@ -12,7 +12,9 @@ import pytest
 
 import soap_optax
 from soap_optax import _engine
+from soap_optax import _refresh
 from soap_optax import _stacks
+from soap_optax import _state
 from soap_optax import problems
 from soap_optax import problems
 
@@ -34,7 +36,7 @@ EVERYTHING = {**TRANSFORMS, **ALIASES}
 
 def _eigenbasis_states(state):
   """Every :class:`EigenbasisState` inside an optimizer state."""
-  is_eigenbasis = lambda x: isinstance(x, _stacks.EigenbasisState)
+  is_eigenbasis = lambda x: isinstance(x, _state.EigenbasisState)
   return [x for x in jax.tree.leaves(state, is_leaf=is_eigenbasis)
           if is_eigenbasis(x)]
 
@@ -263,8 +265,12 @@ def test_failed_refreshes_are_counted():
   good = jnp.eye(3)[None]
   factors = _engine.KroneckerFactors(
       layout, (jnp.full((1, 3, 3), jnp.inf), good), (good, good))
-  for refreshed in (_engine.refresh_eigh([factors]),
-                    _engine.refresh_power_qr([factors])):
+  plan = _stacks.EigenbasisPlan((), (_stacks.Stack((3, 3), 'float32', 1,
+                                                    layout),))
+  for method, initializing in (('eigh', True), ('qr', False)):
+    due = _refresh.Due([jnp.ones((1,), bool)],
+                       [jnp.full((1,), initializing)])
+    refreshed = _refresh.refresh([factors], due, method, plan)
     assert int(refreshed.failures) == 1
     np.testing.assert_array_equal(np.asarray(refreshed.factors[0].bases[0]),
                                   np.asarray(good))

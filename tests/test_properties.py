@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import numpy as np
 
 import soap_optax
-from soap_optax import _stacks
+from soap_optax import _state
 
 LENGTHS = (1, 2, 3, 5, 9)  # 5 and 9 exceed max_precond_dim=4 when drawn.
 BETAS = st.floats(0.0, 0.99)
@@ -82,8 +82,8 @@ def test_updates_state_and_bases_keep_their_invariants(configuration):
                if jnp.issubdtype(x.dtype, jnp.floating))
   assert update._cache_size() == 1  # pylint: disable=protected-access
   eigenbasis = [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, _stacks.EigenbasisState))
-                if isinstance(x, _stacks.EigenbasisState)][0]
+      state, is_leaf=lambda x: isinstance(x, _state.EigenbasisState))
+                if isinstance(x, _state.EigenbasisState)][0]
   for bases in eigenbasis.bases:
     q = np.asarray(bases, np.float64)
     gram = np.einsum('uij,uik->ujk', q, q)

@@ -13,6 +13,7 @@ import pytest
 
 import soap_optax
 from soap_optax import _engine
+from soap_optax import _state
 from soap_optax import problems
 
 TRANSFORMS = {
@@ -50,8 +51,8 @@ def _run(tx, params, grads):
 
 def _engine_state(state):
   return [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, soap_optax._stacks.EigenbasisState))
-          if isinstance(s, soap_optax._stacks.EigenbasisState)][0]
+      state, is_leaf=lambda x: isinstance(x, _state.EigenbasisState))
+          if isinstance(s, _state.EigenbasisState)][0]
 
 
 def test_staleness_closed_form_of_a_rotated_factor():

@@ -20,6 +20,7 @@ import pytest
 
 import soap_optax
 from soap_optax import _engine
+from soap_optax import _mesh
 from soap_optax import _stacks
 
 CHECKS = os.path.join(os.path.dirname(__file__), 'multidevice_checks.py')
@@ -110,7 +111,7 @@ def test_assign_shards_divides_every_stack_evenly_and_spreads_the_rest():
   mesh = jax.sharding.AbstractMesh((8,), ('data',))
   stacks = [_stack(1, (512, 64)), _stack(1, (256, 64)), _stack(41, (64, 64)),
             _stack(3, (128, 128)), _stack(16, (32, 32)), _stack(0, (8,))]
-  layout = _stacks.assign_shards(stacks, mesh, ('data',))
+  layout = _mesh.assign_shards(stacks, mesh, ('data',))
   assert layout.num_shards == 8
   loads = np.zeros(8)
   for stack, counts in zip(stacks, layout.units_per_shard):
@@ -131,7 +132,7 @@ def test_assign_shards_divides_every_stack_evenly_and_spreads_the_rest():
 def test_slots_round_trip_and_padding_is_zero():
   mesh = jax.sharding.AbstractMesh((4,), ('data',))
   stacks = [_stack(6, (3,), (3,)), _stack(1, (2,), (2,))]
-  layout = _stacks.assign_shards(stacks, mesh, ('data',))
+  layout = _mesh.assign_shards(stacks, mesh, ('data',))
   plan = _stacks.EigenbasisPlan((), tuple(stacks), sharding=layout)
   units = jnp.arange(18.0).reshape(6, 3) + 1
   slots = _stacks._to_slots(units, plan, 0)  # pylint: disable=protected-access

@@ -1,0 +1,162 @@
+"""Adafactor (no first moment) in the eigenbasis of Shampoo's factors (a rule
+of the skeleton, :mod:`soap_optax._skeleton`)."""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from soap_optax import _checks
+from soap_optax import _engine
+from soap_optax import _factored
+from soap_optax import _skeleton
+from soap_optax import _state
+
+
+class ScaleByAdafactorInEigenbasisState(NamedTuple):
+  """State of :func:`scale_by_adafactor_in_eigenbasis`.
+
+  Attributes:
+    eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
+      ``eigenbasis.count`` is the number of calls so far.
+    axis_stats: Adafactor's statistic ``s_k`` for every (merged) axis of every
+      stack, ``(U, d_k)``, in the rotated basis, flat.
+  """
+
+  eigenbasis: _state.EigenbasisState
+  axis_stats: tuple[jax.Array, ...]
+
+
+class _AdafactorStack(NamedTuple):
+  axis_stats: tuple[jax.Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdafactorRule(_skeleton.Rule):
+  """Absorb, refresh, then Adafactor's step in the unit's (new) bases."""
+
+  factor_beta: Any
+  eps: Any
+  rounding_floor: bool
+
+  State = ScaleByAdafactorInEigenbasisState
+
+  def init_stack(self, stack):
+    return _AdafactorStack(tuple(
+        jnp.zeros((stack.num_slots, d), stack.dtype)
+        for d in stack.layout.merged_shape))
+
+  def unit_step(self, g, factors, state, quotients, refreshed, count):
+    del quotients, count
+    b2, layout = self.factor_beta, factors.layout
+    # Rotated in the current bases (new ones on a refresh call): the
+    # statistic of an unrotated axis does not depend on the other axes'
+    # rotation, and the rotated axes' statistics are re-estimated anyway.
+    rotated = _engine.rotate(g, factors)
+    running = tuple(b2 * s + (1 - b2) * new for s, new in zip(
+        state.axis_stats, _factored.axis_sums_of_squares(rotated)))
+    fresh = dict(zip(layout.factored_axes, refreshed.values))
+    stats = tuple(
+        jnp.where(refreshed.due, fresh[axis], s) if axis in fresh else s
+        for axis, s in enumerate(running))
+    second_moment = _factored.factored_second_moment(
+        _engine.with_separable_rounding_floor(stats) if self.rounding_floor
+        else stats)
+    direction = _engine.unrotate(
+        rotated * _factored.inverse_power(second_moment + self.eps, 0.5),
+        factors)
+    return _skeleton.UnitStep(
+        direction=direction, state=_AdafactorStack(stats),
+        quotients=tuple(stats[axis] for axis in layout.factored_axes))
+
+
+def scale_by_adafactor_in_eigenbasis(
+    b2: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-30,
+    precondition_frequency: Any = 1,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    refresh: str = 'eigh',
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+) -> optax.GradientTransformation:
+  r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
+
+  Per unit (a parameter, a slice along its batch axes or a block; see
+  :func:`scale_by_rotated_adam`), with ``G' = rotate(G)`` in the current
+  bases, per (merged) axis ``k``:
+
+  .. math::
+
+    s_k \leftarrow b_2 s_k + (1 - b_2) \sum_{\text{other axes}} G'^2, \qquad
+    V = \frac{s_0 \otimes \cdots \otimes s_{N-1}}{(\sum s_0)^{N-1}}, \qquad
+    U = unrotate\big(G' \,(V + \epsilon)^{-1/2}\big)
+
+  (for a matrix ``V = r c^T / sum(r)``; with ``rounding_floor`` each ``s_k``
+  enters ``V`` as ``s_k + (κ ε)^2 sum(s_k)``, the separable rounding-noise
+  floor of :func:`soap_optax._engine.with_separable_rounding_floor`, the same
+  as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
+  same ``b2``. On a refresh (same schedule and order as
+  :func:`scale_by_shampoo_eigenbasis`: statistics absorb the gradient, then
+  the refresh, then the preconditioning) the statistic of each rotated axis is
+  re-estimated in the new basis, ``s_k = diag(Q_k^T GG_k Q_k)``: after an
+  ``eigh`` refresh that is ``Λ_k``. Between refreshes the basis is fixed and
+  the running average keeps ``s_k = diag(Q_k^T GG_k Q_k)`` exactly, now with
+  the *current* ``GG_k``, while Shampoo's ``Λ_k`` stay frozen.
+
+  Hence the identity: with ``precondition_frequency=1``, ``refresh="eigh"``,
+  ``b2`` equal to Shampoo's ``shampoo_beta`` and ``eps=0``, the update equals
+  ``scale_by_shampoo_eigenbasis(exponent=0.5, trace_normalize=True, eps=0)``:
+  ``G'_{ij} / sqrt(Λ_{L,i} Λ_{R,j} / tr GG_L)`` is Shampoo^(1/2) written in its
+  eigenbasis. Axes without a Kronecker factor keep the identity basis (their
+  ``s_k`` is Shampoo's diagonal ``Λ_k``). ``V + eps <= 0`` gives a zero update
+  for that entry.
+
+  Args:
+    b2: decay of the statistics and of the factors, in [0, 1).
+    eps: added to ``V`` inside the square root, >= 0.
+    precondition_frequency: an integer, ``"adaptive"`` or an
+      :class:`soap_optax.AdaptiveRefresh`.
+    max_precond_dim: axes longer than this keep the identity basis.
+    merge_dims: merge consecutive axes before factoring.
+    precondition_1d: give 1-D parameters a factor.
+    refresh: ``"eigh"`` or ``"qr"``.
+    dimension_numbers: batch axes per parameter.
+    block_size: cut longer axes into blocks.
+    staggered_refresh: spread the refreshes over the ``precondition_frequency``
+      calls.
+    rounding_floor: floor each statistic at the rotation's rounding level
+      (above); the same rule as :func:`scale_by_shampoo_eigenbasis`'s, so the
+      identity holds with it on.
+    mesh: divide the state and the work over this ``jax.sharding.Mesh``.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
+
+    The engine options are described in full at
+    :class:`soap_optax._skeleton.EngineConfig`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 3,
+    the Shampoo–Adafactor identity); Shazeer and Stern, `Adafactor
+    <https://arxiv.org/abs/1804.04235>`_, 2018.
+  """
+  _checks.check_beta('b2', b2)
+  _checks.check_nonnegative('eps', eps)
+  config = _skeleton.EngineConfig(
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, dimension_numbers=dimension_numbers,
+      block_size=block_size, staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor, refresh=refresh, mesh=mesh,
+      shard_axes=shard_axes)
+  return _skeleton.eigenbasis_transform(_AdafactorRule(
+      factor_beta=b2, eps=eps, rounding_floor=rounding_floor), config)

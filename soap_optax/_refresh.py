@@ -1,0 +1,397 @@
+"""When and how the eigenbases are refreshed: the policies, the per-unit
+decision and the one driver every transform uses.
+
+A transform's ``precondition_frequency`` is one of
+
+* an integer ``f``: every basis is refreshed every ``f`` calls (the published
+  SOAP and Shampoo schedule), or with ``staggered_refresh`` each unit on its
+  own phase of the ``f`` calls;
+* :class:`AdaptiveRefresh` (or the string ``"adaptive"``, its defaults): a
+  stack of same-shape units is refreshed when the basis of one of its factors
+  no longer diagonalizes the factor well, the rule of "Purifying Shampoo";
+* :class:`FoamRefresh` (Shampoo only): FOAM's rule, which damps a stale
+  preconditioner and refreshes only when the damping it needed grew too large.
+
+Staleness of a factor ``GG`` with basis ``Q``, ``B = Q^T GG Q``:
+
+.. math::
+
+  s = \\frac{\\lVert B - \\operatorname{diag} B \\rVert_F}{\\lVert B \\rVert_F}
+    = \\sqrt{1 - \\frac{\\lVert \\operatorname{diag} B \\rVert^2}
+                      {\\lVert GG \\rVert_F^2}}
+
+(``B`` and ``GG`` have the same Frobenius norm). ``s`` is 0 when ``Q``
+diagonalizes ``GG`` and at most 1. The engine keeps ``diag B`` current at no
+extra cost (see :func:`soap_optax._engine.staleness`).
+
+Whatever the policy, a unit is refreshed only on a call that accepted its
+gradient (see :mod:`soap_optax._skeleton`): the first accepted call
+initializes it (a full ``eigh``), and with an integer frequency a refresh that
+fell due on a rejected call is done on the unit's next accepted call.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soap_optax import _checks
+from soap_optax import _engine
+from soap_optax import _mesh
+from soap_optax import _stacks
+from soap_optax import _state
+
+
+def _check_number(owner: str, name: str, value: Any, low: float,
+                  low_inclusive: bool, high: float = np.inf) -> None:
+  ok = (isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool) and np.isfinite(value)
+        and (value >= low if low_inclusive else value > low) and value <= high)
+  if not ok:
+    bound = f'{">=" if low_inclusive else ">"} {low:g}'
+    if np.isfinite(high):
+      bound += f' and <= {high:g}'
+    raise ValueError(f'{owner}: {name} must be a finite number {bound}, '
+                     f'got {value!r}.')
+
+
+def _check_interval(owner: str, name: str, value: Any, minimum: int) -> None:
+  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+      or value < minimum):
+    raise ValueError(f'{owner}: {name} must be an integer >= {minimum}, '
+                     f'got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRefresh:
+  """Refresh a stack when its bases have gone stale (Purifying Shampoo's rule).
+
+  Before each step, every factor's staleness ``s`` (module docstring) is read
+  from the state; a stack of same-shape units is refreshed, all its units in
+  one batched decomposition, when
+
+  * some factor of some unit has ``s > tolerance`` and the stack was last
+    refreshed at least ``min_interval`` steps ago, or
+  * it was last refreshed ``max_interval`` steps ago.
+
+  The first step always decomposes every factor. With ``tolerance=1`` (``s``
+  never exceeds 1) this is the fixed interval ``max_interval``.
+
+  The defaults come from ``scripts/experiments.py --parts refresh`` (README,
+  "Adaptive refresh"): after SOAP's power-iteration + QR refresh a basis is
+  not exact (``s`` of 0.1 to 0.3 right after it), and minibatch noise alone
+  raises ``s`` to about 0.15 (Kronecker problem) or 0.4 (the main job's
+  model) within 10 steps, so a tolerance below about 0.3 refreshes at every
+  ``min_interval``; ``min_interval=10`` keeps the stale stacks on the usual
+  interval and lets the fresh ones wait up to ``max_interval``.
+
+  Attributes:
+    tolerance: staleness above which a stack is refreshed, in (0, 1].
+    min_interval: fewest steps between two refreshes of a stack (>= 1).
+    max_interval: most steps between two refreshes of a stack
+      (>= ``min_interval``).
+
+  References:
+    Eschenhagen et al., "Purifying Shampoo: Investigating Shampoo's
+    Heuristics by Decomposing its Preconditioner", NeurIPS 2025 (the
+    relative off-diagonal criterion).
+  """
+
+  tolerance: float = 0.3
+  min_interval: int = 10
+  max_interval: int = 100
+
+  def __post_init__(self):
+    _check_number('AdaptiveRefresh', 'tolerance', self.tolerance, 0.0, False,
+                  1.0)
+    _check_interval('AdaptiveRefresh', 'min_interval', self.min_interval, 1)
+    _check_interval('AdaptiveRefresh', 'max_interval', self.max_interval,
+                    self.min_interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoamRefresh:
+  """FOAM's damping and refresh rule, for :func:`scale_by_shampoo_eigenbasis`.
+
+  Every ``check_interval`` steps, per factor ``A`` with basis ``Q`` and
+  eigenvalues ``D`` from its last decomposition, ``B = Q^T A Q``, Shampoo
+  exponent ``e = 1/p`` and current damping ``ε``:
+
+  .. math::
+
+    RC &= \\lVert (D + ε)^{-1/2} (B - D) (D + ε)^{-1/2} \\rVert_F, \\qquad
+    α = \\frac{\\max \\tilde λ}{\\lVert \\tilde λ \\rVert_2}, \\quad
+    \\tilde λ = (D + ε)^{-1/p} \\\\
+    h &= RC \\cdot α / p, \\qquad ε \\leftarrow \\max(ε_0, ε\\, h / τ)
+
+  and the preconditioner uses ``(D + ε)^{-e}`` for that factor. A stack one
+  of whose factors has ``ε > max_damping`` is decomposed afresh, and its
+  factors' damping goes back to ``ε_0``, the transform's ``eps``. Entries of
+  ``D + ε`` that are not positive count as zero in the inverse powers.
+
+  Attributes:
+    check_interval: ``f``, steps between two checks (>= 1).
+    tau: ``τ``, the target level of the proxy ``h`` (> 0).
+    max_damping: ``ε_max``, the damping beyond which the factor is
+      decomposed afresh (> 0).
+    max_interval: refresh a stack at the latest this many steps after its
+      last refresh; ``None``: only when the damping says so.
+
+  Published settings ``(f, τ, ε_max, ε_0)``: ``(20, 0.75, 3e-7, 1e-9)`` for
+  ViT-S on ImageNet and ``(50, 0.4, 1e-7, 1e-9)`` for a Conformer on
+  LibriSpeech. ``ε`` is in the units of the factors' eigenvalues (squared
+  gradients), so these values depend on the scale of the gradients.
+
+  References:
+    Nam and Ahn, FOAM (ICML 2026, arXiv 2606.02365).
+  """
+
+  check_interval: int = 20
+  tau: float = 0.75
+  max_damping: float = 3e-7
+  max_interval: int | None = None
+
+  def __post_init__(self):
+    _check_interval('FoamRefresh', 'check_interval', self.check_interval, 1)
+    _check_number('FoamRefresh', 'tau', self.tau, 0.0, False)
+    _check_number('FoamRefresh', 'max_damping', self.max_damping, 0.0, False)
+    if self.max_interval is not None:
+      _check_interval('FoamRefresh', 'max_interval', self.max_interval, 1)
+
+
+def resolve(precondition_frequency: Any, *, foam_allowed: bool,
+            staggered_refresh: bool = False) -> Any:
+  """``precondition_frequency`` checked: an integer, an :class:`AdaptiveRefresh`
+  (``"adaptive"`` gives the defaults) or, where allowed, a
+  :class:`FoamRefresh`. Raises a ValueError naming the accepted values."""
+  if isinstance(precondition_frequency, str):
+    if precondition_frequency != 'adaptive':
+      raise ValueError(
+          'precondition_frequency must be an integer >= 1, "adaptive", or a '
+          'soap_optax.AdaptiveRefresh' + (
+              ' or soap_optax.FoamRefresh' if foam_allowed else '') +
+          f', got {precondition_frequency!r}.')
+    precondition_frequency = AdaptiveRefresh()
+  if isinstance(precondition_frequency, FoamRefresh) and not foam_allowed:
+    raise ValueError(
+        'precondition_frequency=FoamRefresh(...) is Shampoo\'s rule (it damps '
+        'Shampoo\'s eigenvalues); use an integer, "adaptive" or '
+        'soap_optax.AdaptiveRefresh here.')
+  if isinstance(precondition_frequency, (AdaptiveRefresh, FoamRefresh)):
+    if staggered_refresh:
+      raise ValueError(
+          'staggered_refresh=True needs an integer precondition_frequency '
+          '(it spreads a fixed interval); an adaptive policy decides per '
+          'stack already.')
+    return precondition_frequency
+  _checks.check_int('precondition_frequency', precondition_frequency, 1)
+  return precondition_frequency
+
+
+def is_policy(precondition_frequency: Any) -> bool:
+  return isinstance(precondition_frequency, (AdaptiveRefresh, FoamRefresh))
+
+
+# ------------------------------------------------------------------------------
+# The decision: which units refresh on this call.
+
+
+def due_stacks(eigenbasis: _state.EigenbasisState, over: Any,
+               min_interval: int, max_interval: int | None
+               ) -> list[jax.Array]:
+  """Per stack, a policy's refresh decision: ``over(s)`` (a traced boolean)
+  once the stack was refreshed ``min_interval`` calls ago, or in any case
+  ``max_interval`` calls after (``None``: never). The interval counts calls
+  since the stack's last refresh, ``age + 1`` if refreshed now; padding slots
+  of a sharded stack do not count. A stack without a factor has nothing to
+  decompose and is "refreshed" every call (Shampoo's axes without a factor
+  then take their current diagonals as eigenvalues).
+  """
+  plan = eigenbasis.plan
+  due = []
+  for s, age in enumerate(eigenbasis.age):
+    if not plan.stacks[s].layout.factored_axes:
+      due.append(jnp.ones([], bool))
+      continue
+    interval = plan.largest_over_units(s, age) + 1
+    decision = over(s) & (interval >= min_interval)
+    if max_interval is not None:
+      decision |= interval >= max_interval
+    due.append(decision)
+  return due
+
+
+def stale_stacks(eigenbasis: _state.EigenbasisState,
+                 policy: AdaptiveRefresh) -> list[jax.Array]:
+  """Per stack, whether :class:`AdaptiveRefresh` refreshes it this call.
+
+  Read from the state as the previous call left it: the staleness of every
+  factor (:func:`soap_optax._engine.staleness`) and the calls since the
+  stack's last refresh.
+  """
+  plan = eigenbasis.plan
+  stale = _state.staleness_per_stack(eigenbasis)
+  return due_stacks(
+      eigenbasis, lambda s: plan.largest_over_units(s, stale[s])
+      > policy.tolerance, policy.min_interval, policy.max_interval)
+
+
+class Due(NamedTuple):
+  """Per stack, ``(U,)`` boolean masks over the slots.
+
+  Attributes:
+    units: the units refreshed on this call.
+    initializing: the units never refreshed before (their first refresh is
+      always a full ``eigh``).
+  """
+
+  units: list[jax.Array]
+  initializing: list[jax.Array]
+
+
+def due_units(eigenbasis: _state.EigenbasisState, frequency: Any,
+              accepted: Sequence[jax.Array],
+              decided: Sequence[jax.Array] | None = None) -> Due:
+  """The units to refresh on this call.
+
+  A unit is due when its gradient was accepted, it holds a unit (not
+  padding), and either it was never refreshed, or the schedule says so:
+  with an integer ``frequency``, when ``count % frequency == 0`` (with
+  staggering: when ``count % frequency`` is its phase) or when it missed a
+  refresh on a rejected call (its age reached ``frequency``); with a policy,
+  when its stack's entry of ``decided`` (or, for :class:`AdaptiveRefresh`,
+  :func:`stale_stacks`) is true.
+  """
+  plan, count = eigenbasis.plan, eigenbasis.count
+  if decided is None and isinstance(frequency, AdaptiveRefresh):
+    decided = stale_stacks(eigenbasis, frequency)
+  units, initializing = [], []
+  for s, (ok, age, refreshes) in enumerate(
+      zip(accepted, eigenbasis.age, eigenbasis.refreshes)):
+    if decided is not None:
+      scheduled = decided[s]
+    else:
+      if plan.refresh_phases is not None:
+        phases = jnp.asarray(plan.per_slot(s, plan.refresh_phases[s], -1))
+        scheduled = phases == count % plan.refresh_frequency
+      else:
+        scheduled = count % frequency == 0
+      scheduled = scheduled | (age >= frequency)
+    never = refreshes == 0
+    live = ok & jnp.asarray(plan.real_slots(s))
+    units.append(live & (scheduled | never))
+    initializing.append(live & never)
+  return Due(units, initializing)
+
+
+# ------------------------------------------------------------------------------
+# The driver: one refresh program per factor size.
+
+
+class Refreshed(NamedTuple):
+  """What :func:`refresh` returns, per stack.
+
+  Attributes:
+    factors: the factors with their new bases (the old ones where not due).
+    values: per factored axis, ``(U, d)`` eigenvalue estimates matching the
+      new bases' columns (zeros where not due).
+    orders: per factored axis, ``(U, d)``: the old columns the new ones
+      follow (see :class:`soap_optax._engine.Solution`).
+    failures: int32 scalar, the number of due factors whose result was not
+      finite (they kept their old basis).
+  """
+
+  factors: list[_engine.KroneckerFactors]
+  values: list[tuple[jax.Array, ...]]
+  orders: list[tuple[jax.Array, ...]]
+  failures: jax.Array
+
+
+def _lax_map(fn, args):
+  return jax.lax.map(lambda item: fn(*item), tuple(args))
+
+
+def _vmap(fn, args):
+  return jax.vmap(fn)(*args)
+
+
+def _count_failures(solutions) -> jax.Array:
+  return sum((jnp.sum(~solution.ok, dtype=jnp.int32)
+              for solution in solutions), jnp.zeros([], jnp.int32))
+
+
+def _solve_due(solver, stats, bases, masks, layout, batched: bool):
+  """``solver`` on every due factor, batched by factor size; a factor not
+  due keeps its basis (:func:`soap_optax._engine.keep_basis`)."""
+  def conditional(stat, basis, due):
+    return jax.lax.cond(due, solver, _engine.keep_basis, stat, basis)
+
+  def selected(stat, basis, due):  # Under vmap: computed, then selected.
+    return jax.tree.map(lambda new, old: jnp.where(due, new, old),
+                        solver(stat, basis), _engine.keep_basis(stat, basis))
+
+  def local(fn, *lists):
+    solutions = _engine.map_by_size(fn, *lists, batched_call=(
+        _vmap if batched else _lax_map))
+    return solutions, _count_failures(solutions)
+
+  if layout is None:
+    return local(selected if batched else conditional, stats, bases, masks)
+  return _mesh.divided_map(conditional, layout, (stats, bases, masks), local)
+
+
+def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
+            method: str, plan: _stacks.EigenbasisPlan) -> Refreshed:
+  """Refreshes the bases of the due units; one program per factor size.
+
+  Every factor of the same size and dtype, from every stack, goes through one
+  batched solver call, inside one ``lax.cond`` that skips the whole refresh
+  on calls where nothing is due. A call where some due unit initializes uses
+  ``eigh`` for every due unit; other calls use ``method`` (a key of
+  :data:`soap_optax._engine.SOLVERS`). On CPU, with staggering and on a mesh
+  the solver runs per factor under ``lax.map`` and a ``lax.cond`` skips the
+  factors not due (on a mesh inside one ``shard_map``, each device solving
+  its own units); on an accelerator without them it is one ``vmap``-ed call
+  whose results are selected.
+  """
+  active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
+  stats = [stat for s in active for stat in factors[s].stats]
+  bases = [basis for s in active for basis in factors[s].bases]
+  masks = [due.units[s] for s in active for _ in factors[s].stats]
+  batched = (plan.sharding is None and plan.refresh_phases is None
+             and jax.default_backend() != 'cpu')
+
+  def solve(name):
+    return lambda: _solve_due(_engine.SOLVERS[name], stats, bases, masks,
+                              plan.sharding, batched)
+
+  def keep():
+    solutions = [jax.vmap(lambda b: _engine.keep_basis(None, b))(b)
+                 for b in bases]
+    return solutions, jnp.zeros([], jnp.int32)
+
+  if stats:
+    any_due = functools.reduce(jnp.logical_or, [jnp.any(m) for m in masks])
+    if method == 'eigh':
+      body = solve('eigh')
+    else:
+      initializing = functools.reduce(jnp.logical_or, [
+          jnp.any(due.initializing[s]) for s in active])
+      body = lambda: jax.lax.cond(initializing, solve('eigh'), solve(method))
+    solutions, failures = jax.lax.cond(any_due, body, keep)
+  else:
+    solutions, failures = [], jnp.zeros([], jnp.int32)
+  new_factors, values, orders = list(factors), [()] * len(factors), [
+      ()] * len(factors)
+  start = 0
+  for s in active:
+    mine = solutions[start:start + len(factors[s].bases)]
+    start += len(mine)
+    new_factors[s] = factors[s]._replace(
+        bases=tuple(solution.basis for solution in mine))
+    values[s] = tuple(solution.values for solution in mine)
+    orders[s] = tuple(solution.order for solution in mine)
+  return Refreshed(new_factors, values, orders, failures)

@@ -1,0 +1,243 @@
+"""SOAP: Adam run in the eigenbasis of Shampoo's preconditioner (a rule of the
+skeleton, :mod:`soap_optax._skeleton`)."""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from soap_optax import _checks
+from soap_optax import _engine
+from soap_optax import _factored
+from soap_optax import _skeleton
+from soap_optax import _state
+
+
+class ScaleByRotatedAdamState(NamedTuple):
+  """State of :func:`scale_by_rotated_adam`.
+
+  Every array is stacked (see :mod:`soap_optax._stacks`): one entry per stack
+  of same-shape units, with a leading unit axis ``U``.
+
+  Attributes:
+    mu: first moment in the rotated basis, one ``(U, *merged_shape)`` array
+      per stack, in ``mu_dtype``.
+    nu: second moment in the rotated basis, shaped like ``mu``; with
+      ``factored=True`` instead one ``(U, d_k)`` array per (merged) axis of
+      each stack (Adafactor's row and column statistics).
+    eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
+      Adam step ``t`` once the first call has initialized the preconditioner.
+  """
+
+  mu: tuple[jax.Array, ...]
+  nu: tuple[jax.Array, ...]
+  eigenbasis: _state.EigenbasisState
+
+
+class _RotatedAdamStack(NamedTuple):
+  mu: jax.Array
+  nu: tuple[jax.Array, ...]  # (v,), or (s_0, ..., s_{N-1}) when factored.
+
+
+@dataclasses.dataclass(frozen=True)
+class _RotatedAdamRule(_skeleton.Rule):
+  """Adam's step in the unit's current bases; a refresh carries ``m`` into
+  the new bases and permutes ``v`` with their columns."""
+
+  b1: Any
+  b2: Any
+  factor_beta: Any
+  eps: Any
+  normalize_grads: bool
+  factored: bool
+  rounding_floor: bool
+  mu_dtype: Any
+
+  State = ScaleByRotatedAdamState
+  refresh_first = False
+  initializes_first = True
+
+  def init_stack(self, stack):
+    shape = (stack.num_slots,) + stack.layout.merged_shape
+    if self.factored:
+      nu = tuple(jnp.zeros((stack.num_slots, d), stack.dtype)
+                 for d in stack.layout.merged_shape)
+    else:
+      nu = (jnp.zeros(shape, stack.dtype),)
+    return _RotatedAdamStack(
+        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype), nu=nu)
+
+  def unit_step(self, g, factors, state, quotients, refreshed, count):
+    del refreshed
+    b1, b2 = self.b1, self.b2
+    rotated = _engine.rotate(g, factors)
+    sums = _factored.axis_sums_of_squares(rotated)
+    mu = b1 * state.mu.astype(g.dtype) + (1 - b1) * rotated
+    if self.factored:
+      nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(state.nu, sums))
+      second_moment = _factored.factored_second_moment(nu)
+    else:
+      nu = (b2 * state.nu[0] + (1 - b2) * rotated**2,)
+      second_moment = nu[0]
+    if self.rounding_floor:
+      second_moment = second_moment + _engine.rounding_floor_squared(
+          second_moment, factors.layout)
+    direction = _engine.unrotate(
+        mu / (jnp.sqrt(second_moment) + self.eps), factors)
+    if self.normalize_grads:  # Normalized first, bias-corrected after.
+      direction = direction / (
+          1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
+    t = count  # The first call initialized; count - 1 earlier Adam steps.
+    scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
+    return _skeleton.UnitStep(
+        direction=scale * direction,
+        state=_RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu),
+        quotients=tuple(
+            self.factor_beta * q + (1 - self.factor_beta) * sums[axis]
+            for q, axis in zip(quotients, factors.layout.factored_axes)))
+
+  def on_refresh(self, state, old, new, orders):
+    """``m <- rotate_new(unrotate_old(m))`` (exact); ``v`` (or each factored
+    axis's statistic) permuted with the columns, not rotated."""
+    mu = _engine.rotate(
+        _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
+    if self.factored:
+      nu = list(state.nu)
+      for axis, order in zip(old.layout.factored_axes, orders):
+        nu[axis] = nu[axis][order]
+      nu = tuple(nu)
+    else:
+      nu = (_engine.permute_axes(state.nu[0], old.layout, orders),)
+    return _RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu)
+
+
+def scale_by_rotated_adam(
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    precondition_frequency: Any = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    one_sided: bool = False,
+    factored: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+    refresh: str = 'qr',
+) -> optax.GradientTransformation:
+  r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
+
+  Per unit (a parameter, or one slice along its batch axes or one block of it:
+  see ``dimension_numbers`` and ``block_size``), with
+  ``sb = shampoo_beta if shampoo_beta is not None else b2`` and the Kronecker
+  factors ``GG_i`` and bases ``Q_i`` of :mod:`._engine`:
+
+  * first accepted call (initialization): ``GG_i = (1 - sb) C_i(G)``,
+    ``Q_i = eigh(GG_i)``; the update is zero;
+  * every later call, with ``G' = rotate(G)`` in the current bases and ``t``
+    the number of calls before this one:
+
+    .. math::
+
+      m &\leftarrow b_1 m + (1 - b_1) G', \qquad
+      v \leftarrow b_2 v + (1 - b_2) G'^2 \\
+      D &= unrotate\Big(\frac{m}{\sqrt{v + f^2} + \epsilon}\Big), \qquad
+      U = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\, D
+
+    where, if ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
+    authors' order: normalized, then bias-corrected), and ``f^2`` is the
+    rounding-noise floor of :func:`soap_optax._engine.rounding_floor_squared`
+    (``rounding_floor=True``; 0 otherwise); then
+    ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
+    the basis it is preconditioned in); and when ``t % precondition_frequency
+    == 0`` every basis is refreshed (``refresh="qr"``: power iteration + QR,
+    columns sorted by ``diag(Q_i^T GG_i Q_i)``; ``"eigh"``: eigenvectors by
+    decreasing eigenvalue); ``v`` is permuted with the columns, ``m`` is
+    carried exactly into the new basis: ``m <- rotate_new(unrotate_old(m))``.
+
+  ``eps`` is added to the *uncorrected* ``sqrt(v)``, as in the authors'
+  implementation (``optax.scale_by_adam`` adds it to the corrected one).
+
+  With ``factored=True`` (factorized SOAP) ``v`` is replaced by Adafactor's
+  estimate built from one running statistic per (merged) axis,
+  ``s_k <- b2 s_k + (1 - b2) sum_{other axes} G'^2`` (for a matrix the row and
+  column averages), ``v = (s_0 ⊗ ... ⊗ s_{N-1}) / sum(s_0)^{N-1}``; at a
+  refresh each ``s_k`` is permuted with its basis, as ``v`` would be.
+
+  State for an ``m x n`` matrix: ``m`` and ``v`` (``2mn``; ``mn + m + n`` when
+  factored) plus ``GG`` and ``Q`` for each rotated axis (``2m^2 + 2n^2``; only
+  ``2 min(m, n)^2`` one-sided), plus the engine's tracked ``diag(Q^T GG Q)``
+  (``m + n``) and two counters per unit. Cost per step: about
+  ``6 m n (m + n)`` flops (4 rotations, 2 factor products); a refresh adds
+  about ``14/3 (m^3 + n^3)`` every ``precondition_frequency`` steps.
+  Statistics, bases and moments are float32, or the parameter dtype where
+  that is wider; updates come out in the gradient's dtype.
+
+  Args:
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    shampoo_beta: decay of the Kronecker factors, in [0, 1); ``None`` uses
+      ``b2``.
+    eps: added to ``sqrt(v)``, >= 0.
+    precondition_frequency: the refresh schedule: an integer, ``"adaptive"``
+      or an :class:`soap_optax.AdaptiveRefresh`.
+    max_precond_dim: axes longer than this keep the identity basis.
+    merge_dims: merge consecutive axes before factoring.
+    precondition_1d: give 1-D parameters a factor.
+    normalize_grads: divide each unit's update by its RMS.
+    one_sided: rotate only the shortest axis of each unit.
+    factored: keep Adafactor's factored second moment instead of ``v``.
+    mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``); ``None``
+      keeps the statistics' dtype. The arithmetic is done in the statistics'
+      dtype, as in ``optax.scale_by_adam``.
+    dimension_numbers: batch axes (and matrix axes) per parameter.
+    block_size: cut longer axes into blocks with their own factors.
+    staggered_refresh: spread the refreshes over ``precondition_frequency``
+      calls.
+    rounding_floor: divide by ``sqrt(v + f^2)`` (above); ``False``
+      reproduces the reference's float32 behaviour.
+    mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
+    shard_axes: the mesh axes to divide over (``None``: all).
+    refresh: ``"qr"`` (the authors') or ``"eigh"``.
+
+    The engine options (``precondition_frequency`` to ``shard_axes``, and
+    ``refresh``) are described in full at
+    :class:`soap_optax._skeleton.EngineConfig`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+    <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithm 3; one-sided and
+    factorized variants: Section 7).
+  """
+  _checks.check_beta('b1', b1)
+  _checks.check_beta('b2', b2)
+  if shampoo_beta is not None:
+    _checks.check_beta('shampoo_beta', shampoo_beta)
+  _checks.check_nonnegative('eps', eps)
+  _checks.check_bool('normalize_grads', normalize_grads)
+  _checks.check_bool('factored', factored)
+  config = _skeleton.EngineConfig(
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, one_sided=one_sided,
+      dimension_numbers=dimension_numbers, block_size=block_size,
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
+      refresh=refresh, mesh=mesh, shard_axes=shard_axes)
+  rule = _RotatedAdamRule(
+      b1=b1, b2=b2, factor_beta=b2 if shampoo_beta is None else shampoo_beta,
+      eps=eps, normalize_grads=normalize_grads, factored=factored,
+      rounding_floor=rounding_floor,
+      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype))
+  return _skeleton.eigenbasis_transform(rule, config)

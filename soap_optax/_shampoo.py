@@ -1,0 +1,284 @@
+"""Shampoo, computed through the eigenbasis of its Kronecker factors (a rule of
+the skeleton, :mod:`soap_optax._skeleton`)."""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from soap_optax import _checks
+from soap_optax import _engine
+from soap_optax import _factored
+from soap_optax import _refresh
+from soap_optax import _skeleton
+from soap_optax import _state
+
+
+class ScaleByShampooEigenbasisState(NamedTuple):
+  """State of :func:`scale_by_shampoo_eigenbasis`.
+
+  Attributes:
+    eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
+      ``eigenbasis.count`` is the number of calls so far.
+    diagonals: running ``diag(GG_k)`` for every axis without a Kronecker
+      factor, ``(U, d_k)`` per stack and axis, flat (stacks in plan order,
+      axes in order).
+    eigenvalues: ``Λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
+      flat, from the last refresh (held fixed between refreshes).
+    rayleigh_quotients: ``diag(Q_k^T GG_k Q_k)`` with the current factors and
+      bases, shaped like ``eigenvalues`` (equal to them on a refresh call,
+      updated every call from the rotated gradient).
+    damping: with ``precondition_frequency=FoamRefresh(...)``, FOAM's
+      damping ``ε`` of every factor, ``(U,)`` per stack and factored axis,
+      flat like the engine's factors (``eps`` after a refresh); otherwise
+      empty.
+  """
+
+  eigenbasis: _state.EigenbasisState
+  diagonals: tuple[jax.Array, ...]
+  eigenvalues: tuple[jax.Array, ...]
+  rayleigh_quotients: tuple[jax.Array, ...]
+  damping: tuple[jax.Array, ...] = ()
+
+
+class _ShampooStack(NamedTuple):
+  diagonals: tuple[jax.Array, ...]
+  eigenvalues: tuple[jax.Array, ...]
+  rayleigh_quotients: tuple[jax.Array, ...]
+  damping: tuple[jax.Array, ...]
+
+
+def _per_axis(layout, factored: tuple, unfactored: tuple) -> tuple:
+  """Interleaves per-factored-axis and per-unfactored-axis values by axis."""
+  factored, unfactored = iter(factored), iter(unfactored)
+  return tuple(
+      next(factored) if axis in layout.factored_axes else next(unfactored)
+      for axis in range(len(layout.merged_shape)))
+
+
+def _unfactored(per_axis: tuple, layout) -> tuple:
+  """The entries of a per-axis tuple that belong to axes without a factor."""
+  return tuple(x for axis, x in enumerate(per_axis)
+               if axis not in layout.factored_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShampooRule(_skeleton.Rule):
+  """Absorb, refresh, then ``G ×_k P_k`` in the unit's (new) bases."""
+
+  factor_beta: Any
+  exponent: Any
+  eps: Any
+  trace_normalize: bool
+  rounding_floor: bool
+  rayleigh_floor: bool
+  foam: _refresh.FoamRefresh | None
+
+  State = ScaleByShampooEigenbasisState
+
+  def init_stack(self, stack):
+    layout = stack.layout
+    per_axis = lambda: tuple(jnp.zeros((stack.num_slots, d), stack.dtype)
+                             for d in layout.merged_shape)
+    return _ShampooStack(
+        diagonals=_unfactored(per_axis(), layout), eigenvalues=per_axis(),
+        rayleigh_quotients=per_axis(),
+        damping=() if self.foam is None else tuple(
+            jnp.full((stack.num_slots,), self.eps, stack.dtype)
+            for _ in layout.factored_axes))
+
+  def decide(self, count, factors, states, eigenbasis):
+    """FOAM (see :class:`soap_optax.FoamRefresh`): every ``check_interval``
+    calls each factor's damping is updated, and a stack is due when one of
+    its factors' damping passed ``max_damping``."""
+    if self.foam is None:
+      return states, None
+    foam, plan = self.foam, eigenbasis.plan
+    checked = (count > 0) & (count % foam.check_interval == 0)
+    update = jax.vmap(functools.partial(
+        _engine.foam_damping, exponent=self.exponent, tau=foam.tau,
+        base_damping=self.eps))
+
+    def check():
+      return [tuple(update(stat, basis, st.eigenvalues[axis], d)
+                    for stat, basis, axis, d in zip(
+                        f.stats, f.bases, f.layout.factored_axes, st.damping))
+              for f, st in zip(factors, states)]
+
+    damping = jax.lax.cond(checked, check,
+                           lambda: [st.damping for st in states])
+    def over(s):
+      return checked & functools.reduce(jnp.logical_or, [
+          plan.largest_over_units(s, d) > foam.max_damping
+          for d in damping[s]], jnp.zeros([], bool))
+    return ([st._replace(damping=d) for st, d in zip(states, damping)],
+            _refresh.due_stacks(eigenbasis, over, 1, foam.max_interval))
+
+  def unit_step(self, g, factors, state, quotients, refreshed, count):
+    del quotients, count
+    beta, layout, due = self.factor_beta, factors.layout, refreshed.due
+    diagonals = tuple(beta * d + (1 - beta) * new for d, new in zip(
+        state.diagonals,
+        _unfactored(_factored.axis_sums_of_squares(g), layout)))
+    values = tuple(jnp.where(due, new, old) for new, old in zip(
+        _per_axis(layout, refreshed.values, diagonals), state.eigenvalues))
+    damping = tuple(jnp.where(due, jnp.asarray(self.eps, d.dtype), d)
+                    for d in state.damping)
+    rotated = _engine.rotate(g, factors)
+    rayleigh = tuple(
+        jnp.where(due, v, beta * r + (1 - beta) * new) for v, r, new in zip(
+            values, state.rayleigh_quotients,
+            _factored.axis_sums_of_squares(rotated)))
+    floored = values
+    if self.rayleigh_floor:
+      floored = tuple(jnp.maximum(v, r) for v, r in zip(floored, rayleigh))
+    if self.rounding_floor:
+      floored = _engine.with_separable_rounding_floor(floored)
+    per_axis_damping = _per_axis(
+        layout, damping or (None,) * len(layout.factored_axes),
+        (None,) * (len(layout.merged_shape) - len(layout.factored_axes)))
+    scaled = rotated * _factored.outer_product(
+        [_factored.inverse_power(v + (self.eps if d is None else d),
+                                 self.exponent)
+         for v, d in zip(floored, per_axis_damping)])
+    direction = _engine.unrotate(scaled, factors)
+    if self.trace_normalize:
+      total = jnp.maximum(jnp.sum(floored[0]), 0.0)
+      direction = direction * total ** (
+          (len(floored) - 1) * self.exponent)
+    return _skeleton.UnitStep(
+        direction=direction,
+        state=_ShampooStack(diagonals, values, rayleigh, damping),
+        quotients=tuple(rayleigh[axis] for axis in layout.factored_axes))
+
+
+def scale_by_shampoo_eigenbasis(
+    shampoo_beta: jax.typing.ArrayLike = 0.95,
+    exponent: jax.typing.ArrayLike = 0.5,
+    eps: jax.typing.ArrayLike = 1e-12,
+    precondition_frequency: Any = 1,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    trace_normalize: bool = True,
+    refresh: str = 'eigh',
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    rayleigh_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+) -> optax.GradientTransformation:
+  r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
+
+  For each unit (a parameter, a slice along its batch axes or a block; see
+  :func:`scale_by_rotated_adam`) with (merged) axes ``k = 0..N-1``, factors
+  ``GG_k <- β GG_k + (1 - β) C_k(G)``, bases ``Q_k`` and eigenvalue estimates
+  ``Λ_k`` from the last refresh:
+
+  .. math::
+
+    U = G \times_0 P_0 \times_1 P_1 \cdots \times_{N-1} P_{N-1}
+        \cdot T^{(N-1)\,e}, \qquad
+    P_k = Q_k\,(Λ_k + \epsilon)^{-e}\,Q_k^T
+
+  with ``e = exponent`` and, when ``trace_normalize``, ``T = sum(Λ_0)``
+  (``= tr GG_k`` at the refresh, the same for every ``k``); without it the
+  ``T`` factor is 1. For a matrix with ``exponent=0.5`` this is
+  ``U = Q_L (Λ_L + eps)^{-1/2} Q_L^T G Q_R (Λ_R + eps)^{-1/2} Q_R^T sqrt(tr GG_L)``,
+  i.e. ``H^{-1/2} g`` with ``H = (GG_L ⊗ GG_R) / tr(GG_L)``: the SOAP paper's
+  Shampoo^(1/2). ``exponent=0.25`` without normalization is classic Shampoo.
+  Non-positive ``Λ + eps`` is given a zero inverse power (a pseudo-inverse).
+
+  An axis without a Kronecker factor (longer than ``max_precond_dim``, 1-D
+  without ``precondition_1d``, a scalar seen as ``(1,)``) uses the identity
+  basis with ``Λ_k = diag(GG_k)``, the running sum of ``G**2`` over the other
+  axes, so every axis is preconditioned.
+
+  Two safeguards, on by default and negligible where Shampoo is well posed:
+
+  * ``rayleigh_floor``: between refreshes each ``Λ_k`` is used as
+    ``max(Λ_k, R_k)`` with ``R_k = diag(Q_k^T GG_k Q_k)``, the Rayleigh
+    quotients of the *current* factor in the current basis (kept exactly, at
+    no extra product, as ``R_k <- β R_k + (1 - β) sum_{other axes} G'^2``;
+    ``R_k = Λ_k`` on a refresh call). Frozen eigenvalues of a factor that was
+    rank-deficient at its last refresh are otherwise near zero in directions
+    the new gradients do reach, and the update explodes until the next
+    refresh.
+  * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
+    :func:`scale_by_rotated_adam`'s rounding-noise floor (see
+    :func:`soap_optax._engine.with_separable_rounding_floor`).
+
+  Order within a call (the rule shared with
+  :func:`scale_by_adafactor_in_eigenbasis`): the statistics absorb the current
+  gradient first; then, on a refresh call (the call index ``c``, 0-based,
+  satisfies ``c % precondition_frequency == 0``; a unit's first accepted call
+  always, with ``eigh``), ``Q_k`` and ``Λ_k`` are recomputed from them; then
+  the gradient is preconditioned.
+
+  Args:
+    shampoo_beta: decay of the factors, in [0, 1).
+    exponent: the inverse power ``e`` (0.5: Shampoo^(1/2); 0.25: classic).
+    eps: added to the eigenvalues, >= 0.
+    precondition_frequency: an integer, ``"adaptive"`` /
+      :class:`soap_optax.AdaptiveRefresh`, or a
+      :class:`soap_optax.FoamRefresh`: FOAM's rule, every ``check_interval``
+      calls a damping ``ε_k`` per factor, used instead of ``eps`` (which is
+      its base value ``ε_0``), is raised with the measured staleness, and a
+      stack is decomposed afresh when one of its ``ε_k`` passes
+      ``max_damping``; its ``ε_k`` then go back to ``eps``.
+    max_precond_dim: axes longer than this get a diagonal preconditioner.
+    merge_dims: merge consecutive axes before factoring.
+    precondition_1d: give 1-D parameters a full factor.
+    trace_normalize: multiply by ``T^{(N-1) e}`` (see above).
+    refresh: ``"eigh"`` or ``"qr"`` (power iteration + QR warm-started from
+      the current basis, with ``Λ = diag(Q^T GG Q)``).
+    dimension_numbers: batch axes per parameter.
+    block_size: cut longer axes into blocks.
+    staggered_refresh: spread the refreshes over the ``precondition_frequency``
+      calls.
+    rounding_floor: add the rounding-noise floor to the eigenvalues (above).
+    rayleigh_floor: never use an eigenvalue below its current Rayleigh
+      quotient (above); ``False`` is classic Shampoo.
+    mesh: divide the state and the work over this ``jax.sharding.Mesh``.
+    shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
+
+    The engine options are described in full at
+    :class:`soap_optax._skeleton.EngineConfig`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
+    <https://arxiv.org/abs/1802.09568>`_, 2018; Vyas et al., `SOAP
+    <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 3).
+  """
+  _checks.check_beta('shampoo_beta', shampoo_beta)
+  _checks.check_nonnegative('exponent', exponent)
+  _checks.check_nonnegative('eps', eps)
+  for name, value in (('trace_normalize', trace_normalize),
+                      ('rayleigh_floor', rayleigh_floor)):
+    _checks.check_bool(name, value)
+  config = _skeleton.EngineConfig(
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, dimension_numbers=dimension_numbers,
+      block_size=block_size, staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor, refresh=refresh, mesh=mesh,
+      shard_axes=shard_axes, foam_allowed=True)
+  foam = (config.schedule
+          if isinstance(config.schedule, _refresh.FoamRefresh) else None)
+  if foam is not None and not isinstance(eps, jax.core.Tracer) and not (
+      float(eps) > 0):
+    raise ValueError(
+        f'eps must be > 0 with precondition_frequency=FoamRefresh(...): it is '
+        f'the damping FOAM starts from and multiplies, got {eps!r}.')
+  return _skeleton.eigenbasis_transform(_ShampooRule(
+      factor_beta=shampoo_beta, exponent=exponent, eps=eps,
+      trace_normalize=trace_normalize, rounding_floor=rounding_floor,
+      rayleigh_floor=rayleigh_floor, foam=foam), config)

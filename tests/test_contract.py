@@ -1,0 +1,263 @@
+"""The contract every rule of the skeleton keeps (the idea of optax's
+``contrib/_common_test.py``), run over every transform and alias.
+
+Adding a rule means adding it to ``TRANSFORMS`` (and its alias to
+``ALIASES``).
+
+One tree holds a 1-D, a 2-D, a stacked (batch axis) and a blocked parameter
+(cut into four 8 x 8 blocks).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import soap_optax
+from soap_optax import _state
+
+BLOCK_SIZE = 8
+
+
+ENGINE = dict(
+    dimension_numbers={
+        'vector': None, 'matrix': None, 'blocked': None,
+        'stacked': soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))},
+    block_size=BLOCK_SIZE)
+
+# name -> factory(precondition_frequency) of the transform.
+TRANSFORMS = {
+    'rotated_adam': functools.partial(soap_optax.scale_by_rotated_adam,
+                                      **ENGINE),
+    'rotated_adam_factored': functools.partial(
+        soap_optax.scale_by_rotated_adam, factored=True, **ENGINE),
+    'shampoo_eigenbasis': functools.partial(
+        soap_optax.scale_by_shampoo_eigenbasis, refresh='qr', **ENGINE),
+    'adafactor_in_eigenbasis': functools.partial(
+        soap_optax.scale_by_adafactor_in_eigenbasis, **ENGINE),
+}
+ALIASES = {
+    'soap': functools.partial(soap_optax.soap, 1e-2, **ENGINE),
+    'factorized_soap': functools.partial(soap_optax.factorized_soap, 1e-2,
+                                         **ENGINE),
+    'shampoo': functools.partial(soap_optax.shampoo, 1e-2, **ENGINE),
+}
+EVERY = {**TRANSFORMS, **ALIASES}
+
+
+def _params(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  # Square units: their factors are full rank from the first gradient on, so
+  # no basis depends on how rounding picks a null space's vectors.
+  shapes = {'vector': (5,), 'matrix': (6, 6), 'stacked': (3, 4, 4),
+            'blocked': (16, 16)}
+  return {name: jnp.asarray(rng.normal(size=shape), dtype)
+          for name, shape in shapes.items()}
+
+
+def _gradients(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+
+def _eigenbasis_states(state):
+  return [x for x in jax.tree.leaves(state, is_leaf=_state.is_eigenbasis_state)
+          if _state.is_eigenbasis_state(x)]
+
+
+def _floating(tree):
+  return [x for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+
+
+def _run(opt, params, grads_list, state=None):
+  update = jax.jit(opt.update)
+  state = opt.init(params) if state is None else state
+  outs = []
+  for grads in grads_list:
+    updates, state = update(grads, state, params)
+    outs.append(updates)
+  return outs, state
+
+
+@pytest.mark.parametrize('frequency', [1, 2])
+@pytest.mark.parametrize('name', sorted(EVERY))
+def test_a_rejected_call_leaves_every_floating_state_array_unchanged(
+    name, frequency):
+  """All units rejected (NaN gradients) on call 2 (a refresh call at both
+  frequencies) and on call 5 (between refreshes at frequency 2): every
+  floating array of the eigenbasis state is bitwise unchanged and the
+  transforms' updates are zero; the refresh that fell due on call 2 is done
+  on call 3, the next accepted call."""
+  opt = EVERY[name](precondition_frequency=frequency)
+  params = _params()
+  update = jax.jit(opt.update)
+  state = opt.init(params)
+  nan = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan, p.dtype), params)
+  for call in range(7):
+    before = _eigenbasis_states(state)
+    if call in (2, 5):
+      updates, state = update(nan, state, params)
+      if name in TRANSFORMS:
+        for leaf in jax.tree.leaves(updates):
+          np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+      after = _eigenbasis_states(state)
+      for old, new in zip(_floating(before), _floating(after)):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+      for old, new in zip(before, after):
+        for old_n, new_n in zip(old.eigenbasis.refreshes,
+                                new.eigenbasis.refreshes):
+          np.testing.assert_array_equal(np.asarray(new_n), np.asarray(old_n))
+      continue
+    _, state = update(_gradients(params, call), state, params)
+    if call == 3:  # The first accepted call after the missed refresh.
+      for old, new in zip(before, _eigenbasis_states(state)):
+        for old_n, new_n, age in zip(old.eigenbasis.refreshes,
+                                     new.eigenbasis.refreshes,
+                                     new.eigenbasis.age):
+          np.testing.assert_array_equal(np.asarray(new_n),
+                                        np.asarray(old_n) + 1)
+          np.testing.assert_array_equal(np.asarray(age), 0)
+  for eigenbasis in _eigenbasis_states(state):
+    assert int(eigenbasis.eigenbasis.skipped) == 2 * 9  # 9 units, 2 calls.
+
+
+@pytest.mark.parametrize('name', sorted(TRANSFORMS))
+def test_one_rejected_parameter_does_not_change_the_others(name):
+  """A NaN in one parameter rejects its units only: the other parameters'
+  updates are those of the run that never saw the NaN."""
+  opt = TRANSFORMS[name](precondition_frequency=2)
+  params = _params()
+  grads = [_gradients(params, k) for k in range(4)]
+  clean, _ = _run(opt, params, grads)
+  poisoned = [dict(g) for g in grads]
+  poisoned[2]['matrix'] = poisoned[2]['matrix'].at[0, 0].set(jnp.inf)
+  dirty, _ = _run(opt, params, poisoned)
+  np.testing.assert_array_equal(np.asarray(dirty[2]['matrix']), 0.0)
+  for k in range(4):
+    for key in ('vector', 'stacked', 'blocked'):
+      np.testing.assert_array_equal(np.asarray(dirty[k][key]),
+                                    np.asarray(clean[k][key]))
+
+
+@pytest.mark.parametrize('name', ['shampoo_eigenbasis', 'adafactor_in_eigenbasis'])
+def test_the_first_accepted_call_initializes(name, x64):
+  """A non-finite first call leaves the optimizer as new: the next call's
+  update is that of a fresh optimizer's first call."""
+  del x64
+  opt = TRANSFORMS[name](precondition_frequency=1)
+  params = _params(jnp.float64)
+  nan = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan, p.dtype), params)
+  grads = _gradients(params, 7)
+  late = _run(opt, params, [nan, grads])[0][1]
+  fresh = _run(opt, params, [grads])[0][0]
+  for a, b in zip(jax.tree.leaves(late), jax.tree.leaves(fresh)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12,
+                               atol=1e-14)
+
+
+def test_soap_initializes_on_its_first_accepted_call(x64):
+  """SOAP after a non-finite first call: the next call returns a zero update
+  and sets the bases to the eigenvectors of ``(1 - b2) C_i(G)``, as a fresh
+  first call does."""
+  del x64
+  opt = TRANSFORMS['rotated_adam'](precondition_frequency=1)
+  params = _params(jnp.float64)
+  nan = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan, p.dtype), params)
+  grads = _gradients(params, 7)
+  late_updates, late = _run(opt, params, [nan, grads])
+  _, fresh = _run(opt, params, [grads])
+  for leaf in jax.tree.leaves(late_updates):
+    np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  for a, b in zip(late.eigenbasis.bases + late.eigenbasis.stats,
+                  fresh.eigenbasis.bases + fresh.eigenbasis.stats):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Then it runs Adam from there: the next update is not zero.
+  (after,), _ = _run(opt, params, [_gradients(params, 8)], late)
+  assert all(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(after))
+
+
+@pytest.mark.parametrize('name', sorted(EVERY))
+def test_jit_equals_eager_and_traces_once(name):
+  opt = EVERY[name](precondition_frequency=2)
+  params = _params()
+  grads = [_gradients(params, k) for k in range(4)]
+  traces = []
+
+  def update(g, s, p):
+    traces.append(1)
+    return opt.update(g, s, p)
+
+  jitted = jax.jit(update)
+  state_jit = state_eager = opt.init(params)
+  for g in grads:
+    u_jit, state_jit = jitted(g, state_jit, params)
+    u_eager, state_eager = opt.update(g, state_eager, params)
+    for a, b in zip(jax.tree.leaves(u_jit), jax.tree.leaves(u_eager)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                 atol=1e-6)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize('name', sorted(EVERY))
+def test_state_structure_and_dtypes_are_stable_across_update(name):
+  opt = EVERY[name](precondition_frequency=2)
+  params = _params(jnp.bfloat16)
+  state = opt.init(params)
+  updates, new_state = jax.jit(opt.update)(_gradients(params, 0), state,
+                                           params)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    assert old.dtype == new.dtype and old.shape == new.shape
+  # Updates follow the gradients' dtype.
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype
+
+
+@pytest.mark.parametrize('name', sorted(ALIASES))
+def test_inject_hyperparams_matches_the_plain_alias(name):
+  plain = ALIASES[name](precondition_frequency=2)
+  injected = optax.inject_hyperparams(
+      ALIASES[name].func, static_args=(
+          'precondition_frequency', 'max_precond_dim', 'block_size'))(
+              1e-2, precondition_frequency=2, **ENGINE)
+  params = _params()
+  grads = [_gradients(params, k) for k in range(3)]
+  expected, _ = _run(plain, params, grads)
+  got, state = _run(injected, params, grads)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                               atol=1e-7)
+  assert float(state.hyperparams['learning_rate']) == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize('name', sorted(ALIASES))
+def test_multisteps_applies_the_average_of_the_micro_gradients(name, x64):
+  del x64
+  k = 2
+  # (MultiSteps accumulates in float32 unless told otherwise.)
+  accumulated = optax.MultiSteps(ALIASES[name](precondition_frequency=2),
+                                 every_k_schedule=k,
+                                 accumulator_dtype=jnp.float64)
+  plain = ALIASES[name](precondition_frequency=2)
+  params = _params(jnp.float64)
+  micro = [_gradients(params, i) for i in range(2 * k)]
+  def mean(grads):  # MultiSteps' running mean, acc + (g - acc) / (i + 1).
+    acc = jax.tree.map(jnp.zeros_like, grads[0])
+    for i, g in enumerate(grads):
+      acc = jax.tree.map(lambda a, g, i=i: a + (g - a) / (i + 1), acc, g)
+    return acc
+  averaged = [mean(micro[i:i + k]) for i in range(0, 2 * k, k)]
+  expected, _ = _run(plain, params, averaged)
+  got, _ = _run(accumulated, params, micro)
+  for step in range(2):
+    for leaf in jax.tree.leaves(got[k * step]):
+      np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    for a, b in zip(jax.tree.leaves(expected[step]),
+                    jax.tree.leaves(got[k * step + k - 1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10,
+                                 atol=1e-13)
