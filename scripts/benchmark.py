@@ -51,6 +51,7 @@ Outputs under ``--out``: ``results.json`` (every measurement), ``tables.md``
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -477,34 +478,99 @@ def refresh_tables(section) -> str:
   return '\n'.join(lines)
 
 
+def aot_seconds(jax, fn, *args) -> tuple[float, float]:
+  """Trace+lower and compile seconds of ``jit(fn)`` on abstract arguments."""
+  tick = time.perf_counter()
+  lowered = jax.jit(fn).lower(*args)
+  lower_s = time.perf_counter() - tick
+  tick = time.perf_counter()
+  lowered.compile()
+  return lower_s, time.perf_counter() - tick
+
+
+def abstract(jax, shapes: dict):
+  return {k: jax.ShapeDtypeStruct(s, jax.numpy.float32)
+          for k, s in shapes.items()}
+
+
 def run_compile_section(jax, quick: bool):
   """Trace+lower and compile seconds of ``jit(update)``, on abstract shapes
-  (no arrays are allocated and no refresh runs), for layers kept as separate
-  parameters and for scanned (stacked) layers with a batch axis."""
+  (no arrays are allocated and no refresh runs): layers kept as separate
+  parameters and scanned (stacked) layers with a batch axis; then GPT-2
+  small's update (148 leaves) and one of its 768 x 3072 matrices against
+  AdamW and ``optax.contrib.muon``, and its whole training step (forward,
+  backward, update) against AdamW's, all in this one process."""
   d = 32 if quick else 256
   rows = []
   for layers in ((1, 2) if quick else (1, 12, 24)):
     for layout in ('separate', 'scanned'):
       shapes = (transformer_shapes if layout == 'separate' else
                 scanned_transformer_shapes)(d, layers, 256, 256)
-      params = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32)
-                for k, s in shapes.items()}
+      params = abstract(jax, shapes)
       numbers = layer_axis_numbers if layout == 'scanned' else None
       for name in QUICK_COMPILE_OPTIMIZERS if quick else OPTIMIZERS:
         print(f'  compile: {layers} layers ({layout}) {name}', flush=True)
         tx = make_optimizer(name, **(
             {} if name == 'adamw' else dict(dimension_numbers=numbers)))
         state = jax.eval_shape(tx.init, params)
-        tick = time.perf_counter()
-        lowered = jax.jit(tx.update).lower(params, state, params)
-        lower_s = time.perf_counter() - tick
-        tick = time.perf_counter()
-        lowered.compile()
-        compile_s = time.perf_counter() - tick
+        lower_s, compile_s = aot_seconds(jax, tx.update, params, state, params)
         rows.append(dict(layers=layers, layout=layout, d_model=d,
                          num_leaves=len(shapes), optimizer=name,
                          lower_s=lower_s, compile_s=compile_s))
-  return dict(rows=rows)
+  return dict(rows=rows, gpt2=run_gpt2_compile(jax, quick))
+
+
+def run_gpt2_compile(jax, quick: bool):
+  """The compile goals: GPT-2 small's update and training step."""
+  import optax  # pylint: disable=g-import-not-at-top
+  config = (dict(d=32, layers=2, heads=2, vocab=256, seq=32) if quick else
+            dict(d=768, layers=12, heads=12, vocab=50257, seq=1024))
+  config.update(micro_batch=4, accumulation=2, remat=False)
+  shapes = transformer_shapes(config['d'], config['layers'], config['vocab'],
+                              config['seq'])
+  matrix = {'fc': (config['d'], 4 * config['d'])}
+  factories = {'adamw': lambda: make_optimizer('adamw'),
+               'muon': lambda: optax.contrib.muon(1e-3),
+               'soap': lambda: make_optimizer('soap')}
+  updates = []
+  for what, tree in (('update', shapes), ('one matrix', matrix)):
+    params = abstract(jax, tree)
+    for name, factory in factories.items():
+      print(f'  compile: GPT-2 {what} {name}', flush=True)
+      tx = factory()
+      state = jax.eval_shape(tx.init, params)
+      lower_s, compile_s = aot_seconds(jax, tx.update, params, state, params)
+      updates.append(dict(what=what, optimizer=name, num_leaves=len(tree),
+                          lower_s=lower_s, compile_s=compile_s))
+  loss_fn = gpt_loss_fn(jax, config)
+  batch = jax.ShapeDtypeStruct(
+      (config['accumulation'], config['micro_batch'], config['seq'] + 1),
+      jax.numpy.int32)
+  params = abstract(jax, shapes)
+  for name in ('adamw', 'soap'):
+    print(f'  compile: GPT-2 training step {name}', flush=True)
+    tx = make_optimizer(name)
+    lower_s, compile_s = aot_seconds(
+        jax, functools.partial(train_step, jax, loss_fn, tx), params,
+        jax.eval_shape(tx.init, params), batch)
+    updates.append(dict(what='training step', optimizer=name,
+                        num_leaves=len(shapes), lower_s=lower_s,
+                        compile_s=compile_s))
+  return dict(config=config, rows=updates)
+
+
+def train_step(jax, loss_fn, tx, params, state, batch):
+  """Forward + backward (gradients accumulated over micro-batches) +
+  update."""
+  import optax  # pylint: disable=g-import-not-at-top
+  def accumulate(total, micro):
+    loss, grads = jax.value_and_grad(loss_fn)(params, micro)
+    return jax.tree.map(jax.numpy.add, total, (loss, grads)), None
+  zeros = jax.tree.map(jax.numpy.zeros_like, (jax.numpy.zeros([]), params))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+  grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state, loss / batch.shape[0]
 
 
 def compile_table(section) -> str:
@@ -518,6 +584,23 @@ def compile_table(section) -> str:
                  f'{r["optimizer"]} | {r["lower_s"]:.2f} | '
                  f'{r["compile_s"]:.2f} | {total:.2f} | '
                  f'{total / first[(r["layout"], r["optimizer"])]:.2f} |')
+  if 'gpt2' in section:
+    c = section['gpt2']['config']
+    lines += ['', f'GPT-2 (d {c["d"]}, {c["layers"]} layers, vocabulary '
+              f'{c["vocab"]}, sequence {c["seq"]}; training step: '
+              f'{c["accumulation"]} x {c["micro_batch"]} sequences):', '',
+              '| program | optimizer | trace+lower s | compile s | total s | '
+              '× AdamW | × Muon |', '| --- | --- | --- | --- | --- | --- | --- |']
+    totals = {(r['what'], r['optimizer']): r['lower_s'] + r['compile_s']
+              for r in section['gpt2']['rows']}
+    for r in section['gpt2']['rows']:
+      total = totals[r['what'], r['optimizer']]
+      muon = totals.get((r['what'], 'muon'))
+      lines.append(
+          f'| {r["what"]} ({r["num_leaves"]} leaves) | {r["optimizer"]} | '
+          f'{r["lower_s"]:.2f} | {r["compile_s"]:.2f} | {total:.2f} | '
+          f'{total / totals[r["what"], "adamw"]:.2f} | '
+          + (f'{total / muon:.2f} |' if muon else '– |'))
   return '\n'.join(lines)
 
 
@@ -862,8 +945,10 @@ def init_gpt(jax, config):
 
 
 def run_train_step_section(jax, args, quick: bool):
-  """Forward + backward (gradient accumulation over micro-batches) + update."""
-  import optax  # pylint: disable=g-import-not-at-top
+  """Forward + backward (gradient accumulation over micro-batches) + update.
+
+  The first call is timed in three parts, before anything else runs: trace
+  and lower, compile, and the compiled program's first run."""
   on_gpu = jax.default_backend() == 'gpu'
   if quick:
     config = dict(d=32, layers=2, heads=2, vocab=256, seq=32, micro_batch=4,
@@ -887,23 +972,22 @@ def run_train_step_section(jax, args, quick: bool):
     print(f'  train step: {name}', flush=True)
     tx = make_optimizer(name)
 
-    def train_step(params, state, batch, tx=tx):
-      def accumulate(total, micro):
-        loss, grads = jax.value_and_grad(loss_fn)(params, micro)
-        return jax.tree.map(jax.numpy.add, total, (loss, grads)), None
-      zeros = jax.tree.map(jax.numpy.zeros_like, (jax.numpy.zeros([]), params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
-      grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss / batch.shape[0]
-
     params = init_gpt(jax, config)
     state = tx.init(params)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+    tick = time.perf_counter()
+    lowered = jax.jit(functools.partial(train_step, jax, loss_fn, tx),
+                      donate_argnums=(0, 1)).lower(params, state, batch)
+    lower_s = time.perf_counter() - tick
+    print(f'  trace + lower {lower_s:.1f} s', flush=True)
+    tick = time.perf_counter()
+    step = lowered.compile()
+    compile_s = time.perf_counter() - tick
+    print(f'  compile {compile_s:.1f} s', flush=True)
     tick = time.perf_counter()
     params, state, loss = jax.block_until_ready(step(params, state, batch))
-    first_s = time.perf_counter() - tick
-    print(f'  first call (compile + run) {first_s:.1f} s', flush=True)
+    first_run_s = time.perf_counter() - tick
+    first_s = lower_s + compile_s + first_run_s
+    print(f'  first run {first_run_s:.1f} s', flush=True)
     regular, refresh = [], []
     for k in range(1, steps + 1):
       tick = time.perf_counter()
@@ -917,7 +1001,9 @@ def run_train_step_section(jax, args, quick: bool):
                      refresh_s=median(refresh) if refresh else None,
                      refresh_n=len(refresh),
                      mean_s=(sum(regular) + sum(refresh)) / steps,
-                     first_call_s=first_s, final_loss=float(loss),
+                     first_call_s=first_s, lower_s=lower_s,
+                     compile_s=compile_s, first_run_s=first_run_s,
+                     final_loss=float(loss),
                      tokens_per_s=tokens_per_step / median(regular)))
   adamw = rows[0]
   for r in rows:
@@ -937,16 +1023,18 @@ def train_step_table(section) -> str:
            f'sequence {c["seq"]}, {section["num_params"] / 1e6:.1f} M '
            f'parameters, {section["tokens_per_step"]:,} tokens per step '
            f'({c["accumulation"]} micro-batches of {c["micro_batch"]}).', '',
-           '| optimizer | regular step ms (n) | refresh step ms (n) | '
+           '| optimizer | lower s | compile s | first run s | '
+           'regular step ms (n) | refresh step ms (n) | '
            'mean ms at f=10 | mean / AdamW | refresh / regular | tokens/s |',
-           '| --- | --- | --- | --- | --- | --- | --- |']
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in section['rows']:
     refresh = (f'{1e3 * r["refresh_s"]:.1f} ({r["refresh_n"]})'
                if r['refresh_s'] else '–')
     spike = (f'{r["refresh_over_regular"]:.2f}'
              if r['refresh_over_regular'] else '–')
     lines.append(
-        f'| {r["optimizer"]} | {1e3 * r["regular_s"]:.1f} ({r["regular_n"]}) '
+        f'| {r["optimizer"]} | {r["lower_s"]:.1f} | {r["compile_s"]:.1f} | '
+        f'{r["first_run_s"]:.1f} | {1e3 * r["regular_s"]:.1f} ({r["regular_n"]}) '
         f'| {refresh} | {1e3 * r["mean_s"]:.1f} | {r["mean_over_adamw"]:.3f} '
         f'| {spike} | {r["tokens_per_s"]:,.0f} |')
   return '\n'.join(lines)

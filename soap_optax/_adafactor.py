@@ -149,14 +149,8 @@ def scale_by_adafactor_in_eigenbasis(
     the Shampoo–Adafactor identity); Shazeer and Stern, `Adafactor
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_beta('b2', b2)
   _checks.check_nonnegative('eps', eps)
-  config = _skeleton.EngineConfig(
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-      precondition_1d=precondition_1d, dimension_numbers=dimension_numbers,
-      block_size=block_size, staggered_refresh=staggered_refresh,
-      rounding_floor=rounding_floor, refresh=refresh, mesh=mesh,
-      shard_axes=shard_axes)
   return _skeleton.eigenbasis_transform(_AdafactorRule(
       factor_beta=b2, eps=eps, rounding_floor=rounding_floor), config)

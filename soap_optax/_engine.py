@@ -456,7 +456,10 @@ class Solution(NamedTuple):
 
 
 def _descending_order(estimates: jax.Array) -> jax.Array:
-  return jnp.argsort(estimates, descending=True, stable=True)
+  order = jnp.argsort(estimates, descending=True, stable=True)
+  # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
+  # the other outputs; ``argsort``'s index operand alone is not).
+  return order + jnp.zeros_like(estimates, dtype=order.dtype)
 
 
 def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:

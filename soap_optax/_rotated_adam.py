@@ -221,6 +221,7 @@ def scale_by_rotated_adam(
     <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithm 3; one-sided and
     factorized variants: Section 7).
   """
+  config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_beta('b1', b1)
   _checks.check_beta('b2', b2)
   if shampoo_beta is not None:
@@ -228,13 +229,6 @@ def scale_by_rotated_adam(
   _checks.check_nonnegative('eps', eps)
   _checks.check_bool('normalize_grads', normalize_grads)
   _checks.check_bool('factored', factored)
-  config = _skeleton.EngineConfig(
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-      precondition_1d=precondition_1d, one_sided=one_sided,
-      dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
-      refresh=refresh, mesh=mesh, shard_axes=shard_axes)
   rule = _RotatedAdamRule(
       b1=b1, b2=b2, factor_beta=b2 if shampoo_beta is None else shampoo_beta,
       eps=eps, normalize_grads=normalize_grads, factored=factored,

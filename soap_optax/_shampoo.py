@@ -258,19 +258,13 @@ def scale_by_shampoo_eigenbasis(
     <https://arxiv.org/abs/1802.09568>`_, 2018; Vyas et al., `SOAP
     <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 3).
   """
+  config = _skeleton.EngineConfig.from_arguments(locals(), foam_allowed=True)
   _checks.check_beta('shampoo_beta', shampoo_beta)
   _checks.check_nonnegative('exponent', exponent)
   _checks.check_nonnegative('eps', eps)
   for name, value in (('trace_normalize', trace_normalize),
                       ('rayleigh_floor', rayleigh_floor)):
     _checks.check_bool(name, value)
-  config = _skeleton.EngineConfig(
-      precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-      precondition_1d=precondition_1d, dimension_numbers=dimension_numbers,
-      block_size=block_size, staggered_refresh=staggered_refresh,
-      rounding_floor=rounding_floor, refresh=refresh, mesh=mesh,
-      shard_axes=shard_axes, foam_allowed=True)
   foam = (config.schedule
           if isinstance(config.schedule, _refresh.FoamRefresh) else None)
   if foam is not None and not isinstance(eps, jax.core.Tracer) and not (

@@ -122,6 +122,16 @@ class EngineConfig:
         self.precondition_frequency, foam_allowed=self.foam_allowed,
         staggered_refresh=self.staggered_refresh))
 
+  @classmethod
+  def from_arguments(cls, arguments: dict[str, Any], **overrides: Any
+                     ) -> 'EngineConfig':
+    """The config of a transform's own keyword arguments (its ``locals()``
+    before any other name is bound): the engine options among them, plus
+    ``overrides``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in arguments.items() if k in names},
+               **overrides)
+
   def init_eigenbasis(self, params: Any) -> _state.EigenbasisState:
     """The engine's state for ``params`` (dtypes checked)."""
     _checks.check_float_params(params)

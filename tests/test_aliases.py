@@ -33,31 +33,60 @@ def _best_steps_to_reach(curves, target):
   return min((s for s in steps if s is not None), default=None)
 
 
-def test_soap_needs_at_most_half_the_steps_of_adamw_on_a_kronecker_problem():
+KRONECKER_SEEDS = (0, 1, 2, 3, 4)
+
+
+def _mean_loss_curves_per_problem(problems_, factory, num_steps, num_seeds,
+                                  seed):
+  """:func:`_mean_loss_curves` for a stack of problems: one compile for all
+  problems, rates and noise seeds. Returns ``(problem, rate, step)``."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+
+  def curve(problem, learning_rate, key):
+    optimizer = optax.inject_hyperparams(factory)(learning_rate=learning_rate)
+    return problems.run_optimizer(problem, optimizer, num_steps, key)
+
+  per_seed = jax.vmap(jax.vmap(jax.vmap(
+      curve, in_axes=(None, None, 0)), in_axes=(None, 0, None)),
+                      in_axes=(0, None, None))(problems_, LEARNING_RATES, keys)
+  return np.asarray(per_seed.mean(axis=2))
+
+
+def test_soap_needs_about_half_the_steps_of_adamw_on_kronecker_problems():
   """The noise-dominated Kronecker regime SOAP is designed for.
 
-  An 8x8 quadratic with Hessian ``B ⊗ A`` (random eigenbases, each factor with
-  condition number 100) and gradient noise of covariance ``B ⊗ A``. The loss
-  curves are averaged over 8 noise seeds; each optimizer gets the best learning
-  rate of the same grid. The target, 5% of the initial loss, lies at AdamW's
-  noise floor (its best rate averages 5.2% over the last 100 steps) and well
-  above SOAP's (2.2%): rotating into the eigenbasis more than halves the floor.
-  Measured here: SOAP 178 steps, AdamW 565. With other problem seeds (1-4) the
-  ratio was 0.45, 0.62, 0.54, 0.50: always faster, not always twice.
+  8x8 quadratics with Hessian ``B ⊗ A`` (random eigenbases, each factor with
+  condition number 100) and gradient noise of covariance ``B ⊗ A``, for five
+  problem seeds. The loss curves are averaged over 8 noise seeds; each
+  optimizer gets the best learning rate of the same grid. The target, 5% of
+  the initial loss, lies at AdamW's noise floor and well above SOAP's.
+  Measured (steps to the target, SOAP / AdamW): 0.32, 0.45, 0.62, 0.54, 0.50
+  over problem seeds 0-4, mean 0.49. Asserted: SOAP is faster on every
+  problem by at least a third (ratio <= 0.67), and needs at most 0.55 of
+  AdamW's steps on average.
   """
-  problem = problems.kronecker_quadratic(
-      jax.random.PRNGKey(0), m=8, n=8, condition=100.0, noise_scale=1.0)
-  target = 0.05 * float(problem.loss(problem.init))
-  soap_curves = _mean_loss_curves(
-      problem, lambda learning_rate: soap_optax.soap(
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *[
+      problems.kronecker_quadratic(
+          jax.random.PRNGKey(seed), m=8, n=8, condition=100.0,
+          noise_scale=1.0) for seed in KRONECKER_SEEDS])
+  targets = []
+  for k in range(len(KRONECKER_SEEDS)):
+    problem = jax.tree.map(lambda x, k=k: x[k], stacked)
+    targets.append(0.05 * float(problem.loss(problem.init)))
+  soap_curves = _mean_loss_curves_per_problem(
+      stacked, lambda learning_rate: soap_optax.soap(
           learning_rate, weight_decay=0.0), 700, 8, 100)
-  adamw_curves = _mean_loss_curves(
-      problem, lambda learning_rate: optax.adamw(
+  adamw_curves = _mean_loss_curves_per_problem(
+      stacked, lambda learning_rate: optax.adamw(
           learning_rate, weight_decay=0.0), 700, 8, 100)
-  soap_steps = _best_steps_to_reach(soap_curves, target)
-  adamw_steps = _best_steps_to_reach(adamw_curves, target)
-  assert soap_steps is not None and adamw_steps is not None
-  assert soap_steps <= 0.5 * adamw_steps, (soap_steps, adamw_steps)
+  ratios = []
+  for k, target in enumerate(targets):
+    soap_steps = _best_steps_to_reach(soap_curves[k], target)
+    adamw_steps = _best_steps_to_reach(adamw_curves[k], target)
+    assert soap_steps is not None and adamw_steps is not None, k
+    ratios.append(soap_steps / adamw_steps)
+  assert max(ratios) <= 0.67, ratios
+  assert np.mean(ratios) <= 0.55, ratios
 
 
 def test_first_call_moves_nothing_even_with_weight_decay():

@@ -176,8 +176,8 @@ def test_partition_soap_for_matrices_adamw_for_the_rest():
     updates, state = update(_random_grads(params, i), state, params)
   soap_only = soap_optax.soap(1e-2)
   s = soap_only.init({'dense': params['dense']})
-  for i in range(3):
-    expected, s = soap_only.update(
+  for i in range(3):  # Jitted too: the same program, the same rounding.
+    expected, s = jax.jit(soap_only.update)(
         {'dense': _random_grads(params, i)['dense']}, s,
         {'dense': params['dense']})
   np.testing.assert_allclose(np.asarray(updates['dense']),

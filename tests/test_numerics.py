@@ -124,6 +124,26 @@ def test_the_floor_matches_its_formula_written_in_numpy(x64):
   assert float(_engine.rounding_floor_squared(jnp.asarray(v), unrotated)) == 0
 
 
+def test_the_separable_floor_matches_its_formula_written_in_numpy(x64):
+  """Shampoo's and Adafactor's floor: each axis's statistic (or eigenvalues)
+  ``s_k`` becomes ``s_k + (1000 eps)^2 sum(s_k)``, in float32 and float64;
+  non-positive entries below the floor in magnitude stay non-positive."""
+  del x64
+  rng = np.random.default_rng(1)
+  stats = [rng.uniform(size=4), rng.uniform(size=3) - 0.5]
+  for dtype in (np.float32, np.float64):
+    scale = (1000 * np.finfo(dtype).eps)**2
+    got = _engine.with_separable_rounding_floor(
+        [jnp.asarray(s, dtype) for s in stats])
+    for s, g in zip(stats, got):
+      assert g.dtype == dtype
+      np.testing.assert_allclose(np.asarray(g), s + scale * s.sum(),
+                                 rtol=1e-6 if dtype == np.float32 else 1e-14)
+  tiny = jnp.asarray([1.0, -1.0, -1e-30])
+  floored = _engine.with_separable_rounding_floor([tiny])[0]
+  assert float(floored[1]) < 0
+
+
 def _train_two_layers(batch, steps=25, jitted=True):
   """A tanh network (16 -> 16 -> 16) trained with float32 ``soap`` on fresh
   batches of ``batch`` rows; returns the final parameters, flat."""

@@ -373,34 +373,45 @@ def test_identity_breaks_between_refreshes(x64):
   assert min(errors[1:5] + errors[6:]) > 1e-3     # the others do not.
 
 
-@pytest.mark.parametrize('shape', [(6, 6), (5, 7), (3, 4, 5)])
+SHAMPOO_ORACLE_SHAPES = {'a': (6, 6), 'b': (5, 7), 'c': (3, 4, 5)}
+
+
 @pytest.mark.parametrize('exponent, trace_normalize', [
     (0.5, True), (0.25, False), (0.25, True)])
 @pytest.mark.parametrize('frequency, refresh, rayleigh_floor', [
     (1, 'eigh', True), (3, 'eigh', False), (3, 'qr', False), (3, 'eigh', True),
     (3, 'qr', True)])
 def test_shampoo_matches_matrix_power_oracle(
-    x64, shape, exponent, trace_normalize, frequency, refresh, rayleigh_floor):
+    x64, exponent, trace_normalize, frequency, refresh, rayleigh_floor):
+  """One optimizer over the three shapes (one stack each: the same as three
+  separate runs), one oracle per shape."""
   del x64
   opt = soap_optax.scale_by_shampoo_eigenbasis(
       shampoo_beta=0.8, exponent=exponent, eps=1e-6,
       precondition_frequency=frequency, trace_normalize=trace_normalize,
       refresh=refresh, rayleigh_floor=rayleigh_floor)
-  oracle = shampoo_numpy.ShampooReference(
+  oracles = {name: shampoo_numpy.ShampooReference(
       shape, beta=0.8, exponent=exponent, eps=1e-6, frequency=frequency,
       trace_normalize=trace_normalize, refresh=refresh,
       rayleigh_floor=rayleigh_floor)
-  state = opt.init({'w': jnp.zeros(shape)})
+             for name, shape in SHAMPOO_ORACLE_SHAPES.items()}
+  state = opt.init({name: jnp.zeros(shape)
+                    for name, shape in SHAMPOO_ORACLE_SHAPES.items()})
   update = jax.jit(opt.update)
-  for i, grads in enumerate(_gradient_stream({'w': shape}, 10, seed=3)):
-    out, state = update({'w': jnp.asarray(grads['w'])}, state)
-    expected = oracle.step(grads['w'])
-    if i == 0 or (rayleigh_floor and i % frequency == 0):
-      # The power iteration is warm-started from the first basis, and the
-      # Rayleigh floor reads the basis, which a rank-deficient factor (5x7:
-      # the 7x7 one) does not determine: share it.
-      oracle.share_bases([q[0] for q in state.eigenbasis.bases])
-    assert _max_relative_error(out['w'], expected) < 1e-9, i
+  for i, grads in enumerate(
+      _gradient_stream(SHAMPOO_ORACLE_SHAPES, 10, seed=3)):
+    out, state = update(jax.tree.map(jnp.asarray, grads), state)
+    plan = state.eigenbasis.plan
+    bases = plan.split(state.eigenbasis.bases)
+    for name, oracle in oracles.items():
+      expected = oracle.step(grads[name])
+      if i == 0 or (rayleigh_floor and i % frequency == 0):
+        # The power iteration is warm-started from the first basis, and the
+        # Rayleigh floor reads the basis, which a rank-deficient factor (5x7:
+        # the 7x7 one) does not determine: share it.
+        stack = plan.placements[sorted(oracles).index(name)].pieces[0].stack
+        oracle.share_bases([q[0] for q in bases[stack]])
+      assert _max_relative_error(out[name], expected) < 1e-9, (name, i)
 
 
 @pytest.mark.parametrize('shape', [(6, 6), (3, 4, 5)])

@@ -1,4 +1,5 @@
-"""Staleness, adaptive refresh, FOAM damping and diagnostics.
+"""The refresh: the one driver, staleness, adaptive refresh, FOAM damping and
+diagnostics.
 
 The oracles are written here from the formulas (NumPy, float64): the
 staleness ``‖B - diag B‖_F / ‖B‖_F`` of ``B = Q^T GG Q`` computed from ``B``
@@ -13,6 +14,7 @@ import pytest
 
 import soap_optax
 from soap_optax import _engine
+from soap_optax import _refresh
 from soap_optax import _state
 from soap_optax import problems
 
@@ -23,6 +25,43 @@ TRANSFORMS = {
     'shampoo': soap_optax.scale_by_shampoo_eigenbasis,
     'adafactor': soap_optax.scale_by_adafactor_in_eigenbasis,
 }
+
+
+def _spd(rng, n, count):
+  a = rng.normal(size=(count, n, n))
+  return a @ np.transpose(a, (0, 2, 1)) + n * np.eye(n)
+
+
+@pytest.mark.parametrize('solver', sorted(_engine.SOLVERS))
+def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
+  """The batched (``vmap``, what accelerators run) and the per-factor
+  (``lax.map`` + ``lax.cond``, CPU) paths of the driver on tiny stacks: two
+  stacks of 3 x 3 factors batched together and one of 4 x 4; due factors
+  solved alike, the others keep their basis."""
+  del x64
+  rng = np.random.default_rng(0)
+  stats = [jnp.asarray(_spd(rng, 3, 2)), jnp.asarray(_spd(rng, 4, 3)),
+           jnp.asarray(_spd(rng, 3, 1))]
+  bases = [jnp.asarray(np.linalg.qr(rng.normal(size=s.shape))[0])
+           for s in stats]
+  masks = [jnp.asarray([True, False]), jnp.asarray([False, True, True]),
+           jnp.asarray([True])]
+  run = lambda batched: jax.jit(lambda st, b, m: _refresh._solve_due(  # pylint: disable=protected-access
+      _engine.SOLVERS[solver], st, b, m, None, batched))(stats, bases, masks)
+  (mapped, failures_mapped), (vmapped, failures_vmapped) = run(False), run(True)
+  assert int(failures_mapped) == int(failures_vmapped) == 0
+  for st, m, b, one, other in zip(stats, masks, bases, mapped, vmapped):
+    for a, c in zip(one, other):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-12,
+                                 atol=1e-12)
+    keep = ~np.asarray(m)
+    np.testing.assert_array_equal(np.asarray(one.basis)[keep],
+                                  np.asarray(b)[keep])
+    due = np.asarray(m)
+    expected = [_engine.SOLVERS[solver](s, q) for s, q in zip(
+        np.asarray(st)[due], np.asarray(b)[due])]
+    for got, want in zip(np.asarray(one.basis)[due], expected):
+      np.testing.assert_allclose(got, np.asarray(want.basis), atol=1e-12)
 
 
 def _direct_staleness(stat, basis):
