@@ -443,9 +443,11 @@ class Solution(NamedTuple):
     basis: the new orthonormal basis (columns by decreasing eigenvalue
       estimate); the old one where the solver's result was not finite.
     values: the eigenvalue estimates matching the new basis's columns.
-    order: the order of the old basis's columns that the new ones follow:
-      ``argsort(diag(Q^T GG Q))``, descending. Per-column quantities kept in
-      the old basis (SOAP's second moment) are permuted by it.
+    order: the old basis's column that each new column follows (QR: the
+      old columns sorted by ``diag(Q^T GG Q)``, descending; eigh: the same
+      index, both bases being sorted by decreasing eigenvalue). Per-column
+      quantities kept in the old basis (SOAP's second moment) are permuted
+      by it.
     ok: whether the result was finite.
   """
 
@@ -453,13 +455,6 @@ class Solution(NamedTuple):
   values: jax.Array
   order: jax.Array
   ok: jax.Array
-
-
-def _descending_order(estimates: jax.Array) -> jax.Array:
-  order = jnp.argsort(estimates, descending=True, stable=True)
-  # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
-  # the other outputs; ``argsort``'s index operand alone is not).
-  return order + jnp.zeros_like(estimates, dtype=order.dtype)
 
 
 def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -470,9 +465,12 @@ def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
   eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
   ok = _all_finite(basis) & _all_finite(eigenvalues)
   old_values = rayleigh_quotients(stat, old_basis)
+  # Column i of the new basis follows column i of the old one: both are
+  # sorted by decreasing eigenvalue (estimate) when they come from eigh.
+  order = jnp.arange(eigenvalues.shape[0]) + jnp.zeros_like(
+      old_values, dtype=jnp.arange(1).dtype)
   return Solution(jnp.where(ok, basis, old_basis),
-                  jnp.where(ok, eigenvalues, old_values),
-                  _descending_order(old_values), ok)
+                  jnp.where(ok, eigenvalues, old_values), order, ok)
 
 
 def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -484,7 +482,10 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   power = jnp.matmul(stat, old_basis, precision=HIGHEST)
   estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
   # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
-  order = _descending_order(estimates)
+  order = jnp.argsort(estimates, descending=True, stable=True)
+  # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
+  # the other outputs; ``argsort``'s index operand alone is not).
+  order = order + jnp.zeros_like(estimates, dtype=order.dtype)
   new_basis, _ = jnp.linalg.qr(power[:, order])
   ok = _all_finite(new_basis)
   basis = jnp.where(ok, new_basis, old_basis)

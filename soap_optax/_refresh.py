@@ -323,13 +323,21 @@ def _count_failures(solutions) -> jax.Array:
               for solution in solutions), jnp.zeros([], jnp.int32))
 
 
-def _solve_due(solver, stats, bases, masks, layout, batched: bool):
+def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
+               batched: bool):
   """``solver`` on every due factor, batched by factor size; a factor not
-  due keeps its basis (:func:`soap_optax._engine.keep_basis`)."""
+  due keeps its basis (:func:`soap_optax._engine.keep_basis`).
+
+  With ``skip`` each factor's solve sits in a ``lax.cond``, so that a factor
+  not due costs nothing (staggered schedules, a mesh's padding slots);
+  otherwise every factor is solved and the result selected, a smaller
+  program for calls where (almost) every unit is due. ``batched``: one
+  ``vmap``-ed call per size (accelerators), else ``lax.map``.
+  """
   def conditional(stat, basis, due):
     return jax.lax.cond(due, solver, _engine.keep_basis, stat, basis)
 
-  def selected(stat, basis, due):  # Under vmap: computed, then selected.
+  def selected(stat, basis, due):
     return jax.tree.map(lambda new, old: jnp.where(due, new, old),
                         solver(stat, basis), _engine.keep_basis(stat, basis))
 
@@ -338,9 +346,10 @@ def _solve_due(solver, stats, bases, masks, layout, batched: bool):
         _vmap if batched else _lax_map))
     return solutions, _count_failures(solutions)
 
+  fn = conditional if skip else selected
   if layout is None:
-    return local(selected if batched else conditional, stats, bases, masks)
-  return _mesh.divided_map(conditional, layout, (stats, bases, masks), local)
+    return local(fn, stats, bases, masks)
+  return _mesh.divided_map(fn, layout, (stats, bases, masks), local)
 
 
 def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
@@ -351,22 +360,26 @@ def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
   batched solver call, inside one ``lax.cond`` that skips the whole refresh
   on calls where nothing is due. A call where some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
-  :data:`soap_optax._engine.SOLVERS`). On CPU, with staggering and on a mesh
-  the solver runs per factor under ``lax.map`` and a ``lax.cond`` skips the
+  :data:`soap_optax._engine.SOLVERS`). With staggering and on a mesh the
+  solver runs per factor under ``lax.map`` and a ``lax.cond`` skips the
   factors not due (on a mesh inside one ``shard_map``, each device solving
-  its own units); on an accelerator without them it is one ``vmap``-ed call
-  whose results are selected.
+  its own units); otherwise every factor of a due call is solved (one
+  ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and the
+  results of the due ones are kept.
   """
   active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
   stats = [stat for s in active for stat in factors[s].stats]
   bases = [basis for s in active for basis in factors[s].bases]
   masks = [due.units[s] for s in active for _ in factors[s].stats]
-  batched = (plan.sharding is None and plan.refresh_phases is None
-             and jax.default_backend() != 'cpu')
+  # Per factor skipped where most are not due (staggered, padding slots);
+  # one vmap per size on accelerators (on CPU, batched LAPACK calls inside a
+  # larger program can wedge XLA's thread pool: lax.map there).
+  skip = plan.sharding is not None or plan.refresh_phases is not None
+  batched = not skip and jax.default_backend() != 'cpu'
 
   def solve(name):
     return lambda: _solve_due(_engine.SOLVERS[name], stats, bases, masks,
-                              plan.sharding, batched)
+                              plan.sharding, skip=skip, batched=batched)
 
   def keep():
     solutions = [jax.vmap(lambda b: _engine.keep_basis(None, b))(b)

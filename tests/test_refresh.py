@@ -34,10 +34,11 @@ def _spd(rng, n, count):
 
 @pytest.mark.parametrize('solver', sorted(_engine.SOLVERS))
 def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
-  """The batched (``vmap``, what accelerators run) and the per-factor
-  (``lax.map`` + ``lax.cond``, CPU) paths of the driver on tiny stacks: two
-  stacks of 3 x 3 factors batched together and one of 4 x 4; due factors
-  solved alike, the others keep their basis."""
+  """The batched (``vmap`` then select, what accelerators run) and the
+  per-factor (``lax.map`` + ``lax.cond``, staggered and sharded) paths of
+  the driver on tiny stacks: two stacks of 3 x 3 factors batched together
+  and one of 4 x 4; due factors solved alike, the others keep their
+  basis."""
   del x64
   rng = np.random.default_rng(0)
   stats = [jnp.asarray(_spd(rng, 3, 2)), jnp.asarray(_spd(rng, 4, 3)),
@@ -46,9 +47,12 @@ def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
            for s in stats]
   masks = [jnp.asarray([True, False]), jnp.asarray([False, True, True]),
            jnp.asarray([True])]
-  run = lambda batched: jax.jit(lambda st, b, m: _refresh._solve_due(  # pylint: disable=protected-access
-      _engine.SOLVERS[solver], st, b, m, None, batched))(stats, bases, masks)
-  (mapped, failures_mapped), (vmapped, failures_vmapped) = run(False), run(True)
+  run = lambda skip, batched: jax.jit(
+      lambda st, b, m: _refresh._solve_due(  # pylint: disable=protected-access
+          _engine.SOLVERS[solver], st, b, m, None, skip=skip,
+          batched=batched))(stats, bases, masks)
+  (mapped, failures_mapped), (vmapped, failures_vmapped) = (
+      run(True, False), run(False, True))
   assert int(failures_mapped) == int(failures_vmapped) == 0
   for st, m, b, one, other in zip(stats, masks, bases, mapped, vmapped):
     for a, c in zip(one, other):
