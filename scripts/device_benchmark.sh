@@ -12,8 +12,9 @@ mkdir -p "$RUN"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import jax, optax, flax, soap_optax; print("jax", jax.__version__, "optax", optax.__version__, "flax", flax.__version__, jax.devices())' || exit 1
-  # Highest value first: the whole training step (the GPU goal), then the
-  # optimizer step alone, then the refresh solvers.
+  # Highest value first: the whole training step (the GPU goal; SOAP's
+  # trace+lower, compile and first run are timed apart before anything
+  # else), then the optimizer step alone, then the refresh solvers.
   for spec in train_step:300 step:170 refresh:80; do
     section=${spec%%:*}; limit=${spec##*:}
     echo "=== $section (limit ${limit}s) $(date +%T)"
