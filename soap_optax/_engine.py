@@ -33,13 +33,14 @@ part of a static plan (the tree structure, not an array), so the compiled
 ``optax.inject_hyperparams`` would pass it). The per-unit functions here are
 ``jax.vmap``-ed over a stack by the transforms.
 
-Two refresh methods exist, both batched over every factor of the same size and
-dtype across the whole parameter tree (one ``vmap``-ed linear-algebra call per
-distinct size, whatever the number of parameters):
+Two solvers refresh one factor's basis (:data:`SOLVERS`, by the name the
+transforms' ``refresh=`` takes); :mod:`soap_optax._refresh` runs them over
+every factor of the same size and dtype across the whole parameter tree in one
+batched call (:func:`map_by_size`):
 
-* :func:`refresh_eigh`: a full symmetric eigendecomposition of ``GG_i``
+* :func:`solve_eigh`: a full symmetric eigendecomposition of ``GG_i``
   (about ``9 d^3`` flops);
-* :func:`refresh_power_qr`: one step of power iteration warm-started from the
+* :func:`solve_power_qr`: one step of power iteration warm-started from the
   current basis, followed by a QR decomposition (about ``14/3 d^3`` flops),
   as in the SOAP reference implementation:
   ``est = diag(Q^T GG Q)``, columns of ``Q`` sorted by ``est`` descending,
