@@ -353,19 +353,21 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
 
 
 def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
-            method: str, plan: _stacks.EigenbasisPlan) -> Refreshed:
+            method: str, plan: _stacks.EigenbasisPlan,
+            partial: bool = False) -> Refreshed:
   """Refreshes the bases of the due units; one program per factor size.
 
   Every factor of the same size and dtype, from every stack, goes through one
   batched solver call, inside one ``lax.cond`` that skips the whole refresh
   on calls where nothing is due. A call where some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
-  :data:`soap_optax._engine.SOLVERS`). With staggering and on a mesh the
-  solver runs per factor under ``lax.map`` and a ``lax.cond`` skips the
-  factors not due (on a mesh inside one ``shard_map``, each device solving
-  its own units); otherwise every factor of a due call is solved (one
-  ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and the
-  results of the due ones are kept.
+  :data:`soap_optax._engine.SOLVERS`). Where a call refreshes only some
+  units (staggering, a policy's per-stack decision: ``partial``) and on a
+  mesh, the solver runs per factor under ``lax.map`` and a ``lax.cond``
+  skips the factors not due (on a mesh inside one ``shard_map``, each device
+  solving its own units); otherwise every factor of a due call is solved
+  (one ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and
+  the results of the due ones are kept.
   """
   active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
   stats = [stat for s in active for stat in factors[s].stats]
@@ -374,7 +376,8 @@ def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
   # Per factor skipped where most are not due (staggered, padding slots);
   # one vmap per size on accelerators (on CPU, batched LAPACK calls inside a
   # larger program can wedge XLA's thread pool: lax.map there).
-  skip = plan.sharding is not None or plan.refresh_phases is not None
+  skip = (partial or plan.sharding is not None
+          or plan.refresh_phases is not None)
   batched = not skip and jax.default_backend() != 'cpu'
 
   def solve(name):

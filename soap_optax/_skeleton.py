@@ -29,6 +29,7 @@ is one file with a :class:`Rule` and its public ``scale_by_*``.
 """
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -332,9 +333,12 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     due = _refresh.due_units(eigenbasis, config.schedule, accepted, decided)
     advanced = ([ok & ~new for ok, new in zip(accepted, due.initializing)]
                 if rule.initializes_first else accepted)
+    refresh = functools.partial(
+        _refresh.refresh, method=config.refresh, plan=plan,
+        partial=_refresh.is_policy(config.schedule))
 
     if rule.refresh_first:
-      refreshed = _refresh.refresh(absorbed, due, config.refresh, plan)
+      refreshed = refresh(absorbed, due)
       steps = [
           jax.vmap(lambda g, f, st, q, r: rule.unit_step(g, f, st, q, r,
                                                          count))(
@@ -355,7 +359,7 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     quotients = [_where_units(ok, step.quotients, old)
                  for ok, step, old in zip(advanced, steps, old_quotients)]
     if not rule.refresh_first:
-      refreshed = _refresh.refresh(absorbed, due, config.refresh, plan)
+      refreshed = refresh(absorbed, due)
       new_states = _carry_on_refresh(rule, new_states, absorbed, refreshed,
                                      due.units, plan)
     quotients = [_where_units(mask, values, q) for mask, values, q in zip(
