@@ -309,6 +309,16 @@ def with_separable_rounding_floor(
 # Batched refresh.
 
 
+def map_items(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
+  """``fn`` over the leading axis of ``stacked`` as one ``jax.lax.map``."""
+  return jax.lax.map(lambda args: fn(*args), tuple(stacked))
+
+
+def vmap_items(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
+  """``fn`` over the leading axis of ``stacked`` as one ``jax.vmap``."""
+  return jax.vmap(fn)(*stacked)
+
+
 def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
   """``fn`` over the leading axis of ``stacked``: one call for the whole stack.
 
@@ -320,8 +330,8 @@ def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
   ``lax.map``). It is still one primitive per stack in the program.
   """
   if jax.default_backend() == 'cpu':
-    return jax.lax.map(lambda args: fn(*args), tuple(stacked))
-  return jax.vmap(fn)(*stacked)
+    return map_items(fn, stacked)
+  return vmap_items(fn, stacked)
 
 
 def map_by_size(fn: Callable[..., Any], *arg_lists: Sequence[jax.Array],

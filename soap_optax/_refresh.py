@@ -310,14 +310,6 @@ class Refreshed(NamedTuple):
   failures: jax.Array
 
 
-def _lax_map(fn, args):
-  return jax.lax.map(lambda item: fn(*item), tuple(args))
-
-
-def _vmap(fn, args):
-  return jax.vmap(fn)(*args)
-
-
 def _count_failures(solutions) -> jax.Array:
   return sum((jnp.sum(~solution.ok, dtype=jnp.int32)
               for solution in solutions), jnp.zeros([], jnp.int32))
@@ -343,7 +335,7 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
 
   def local(fn, *lists):
     solutions = _engine.map_by_size(fn, *lists, batched_call=(
-        _vmap if batched else _lax_map))
+        _engine.vmap_items if batched else _engine.map_items))
     return solutions, _count_failures(solutions)
 
   fn = conditional if skip else selected
