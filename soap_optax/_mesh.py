@@ -4,8 +4,9 @@ Explicit meshes, and the refresh divided over the devices.
 With ``mesh=``, every stack of same-shape units (see :mod:`soap_optax._stacks`)
 has its leading (unit) axis divided over the mesh's ``shard_axes``: each device
 holds the state of its own units, does their per-unit work and their refresh.
-Stacks are padded to a multiple of the number of shards; a padding slot holds
-zeros and identity bases, gets a zero gradient and is never refreshed.
+Stacks are padded to a multiple of the number of shards, units first in unit
+order and padding last; a padding slot holds zeros and identity bases, gets a
+zero gradient and is never refreshed.
 """
 
 import contextlib
@@ -66,10 +67,9 @@ class ShardedLayout:
   """How the stacks are divided over a mesh (static).
 
   Stack ``s`` has ``k_s = ceil(U_s / N)`` slots on each of the ``N`` shards
-  (the devices along ``axes``); shard ``d`` holds a contiguous run of
-  ``units_per_shard[s][d]`` units (``k_s`` or ``k_s - 1``) followed by
-  padding, so the stack's leading axis in the state has ``N k_s`` slots and
-  is sharded evenly. Padding slots hold zeros and identity bases: their
+  (the devices along ``axes``), ``N k_s`` in all, sharded evenly; its units
+  fill them in order (``units_per_shard[s][d]`` of them on shard ``d``:
+  ``k_s`` on the first shards, then the rest, then none), padding last. Padding slots hold zeros and identity bases: their
   gradient is zero, so are their updates, and the refresh skips them.
 
   Attributes:
@@ -95,11 +95,8 @@ class ShardedLayout:
     return max(self.units_per_shard[s], default=0)
 
   def unit_slots(self, s: int) -> np.ndarray:
-    """The slot of each unit of stack ``s``, in unit order."""
-    k = self.slots_per_shard(s)
-    return np.concatenate(
-        [d * k + np.arange(n) for d, n in enumerate(self.units_per_shard[s])]
-        or [np.zeros((0,), int)]).astype(int)
+    """The slot of each unit of stack ``s``, in unit order: its index."""
+    return np.arange(sum(self.units_per_shard[s]))
 
   def slot_mask(self, s: int, units: Any) -> np.ndarray:
     """A boolean mask over stack ``s``'s slots, true at ``units``' slots."""
@@ -110,30 +107,26 @@ class ShardedLayout:
 
 def assign_shards(stacks: Sequence[Any], mesh: Any, axes: tuple[str, ...]
                   ) -> ShardedLayout:
-  """Divides every stack's units over the shards, balancing the refresh.
+  """Divides every stack's units over the shards, in unit order.
 
-  Every shard gets ``floor(U_s / N)`` units of stack ``s``; the ``U_s mod N``
-  remaining units go, one each, to the shards least loaded so far (stacks
-  taken from the most to the least expensive unit, a unit costing
-  :attr:`Stack.refresh_cost`). So single large factors (an embedding, an
-  output layer) land on different shards, and a shard that got one is given
-  none of the next remainders until the others catch up: a greedy
-  bin-packing of the remainders, the rest being split evenly.
+  Stack ``s`` gets ``k_s = ceil(U_s / N)`` slots per shard and its units
+  fill the slots in order: unit ``u`` sits in slot ``u`` (on shard
+  ``u // k_s``), and the ``N k_s - U_s`` padding slots come last. The
+  placement is a function of the unit's index alone, whatever ``N``: two
+  layouts whose stacks have the same number of slots place every unit in the
+  same slot, and a state moves to another device count by cutting or
+  extending the padding (:func:`soap_optax.reshard_state`). The price is
+  balance across stacks: the remainders of every stack sit on the first
+  shards. Where the big stacks have many units per shard (``block_size``)
+  this costs a few percent of the refresh work (see BENCHMARKS.md).
   """
   num_shards = math.prod(mesh.shape[a] for a in axes)
-  loads = [0] * num_shards
-  counts = [[stack.size // num_shards] * num_shards for stack in stacks]
-  for s, stack in enumerate(stacks):
-    for d in range(num_shards):
-      loads[d] += counts[s][d] * stack.refresh_cost
-  order = sorted(range(len(stacks)), key=lambda s: -stacks[s].refresh_cost)
-  for s in order:
-    extra = stacks[s].size % num_shards
-    for d in sorted(range(num_shards), key=lambda d: (loads[d], d))[:extra]:
-      counts[s][d] += 1
-      loads[d] += stacks[s].refresh_cost
-  return ShardedLayout(mesh, axes, tuple(tuple(c) for c in counts))
-
+  counts = []
+  for stack in stacks:
+    k = -(-stack.size // num_shards)
+    counts.append(tuple(min(k, max(0, stack.size - d * k))
+                        for d in range(num_shards)))
+  return ShardedLayout(mesh, axes, tuple(counts))
 
 
 def constrain(x: jax.Array, mesh: Any,

@@ -138,6 +138,13 @@ class EigenbasisPlan:
   refresh_frequency: int | None = None
   leaf_paths: tuple[str, ...] | None = None
   sharding: _mesh.ShardedLayout | None = None
+  field_stacks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+  def unsharded(self) -> 'EigenbasisPlan':
+    """This plan without its mesh: every stack ``U`` slots, no padding."""
+    return dataclasses.replace(
+        self, sharding=None,
+        stacks=tuple(dataclasses.replace(s, slots=None) for s in self.stacks))
 
   def per_slot(self, s: int, per_unit: Sequence[Any], fill: Any) -> np.ndarray:
     """A per-unit sequence of stack ``s`` laid out over its slots (padding
@@ -388,29 +395,20 @@ def gather(leaves: Sequence[jax.Array], plan: EigenbasisPlan) -> list[jax.Array]
 
 
 def _to_slots(units: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
-  """``(U, ...)`` units to the stack's ``(N k, ...)`` slots (zero padding)."""
+  """``(U, ...)`` units to the stack's ``(N k, ...)`` slots: the units in
+  order, then zero padding."""
   if plan.sharding is None:
     return units
-  k = plan.sharding.slots_per_shard(s)
-  runs, start = [], 0
-  for n in plan.sharding.units_per_shard[s]:
-    runs.append(units[start:start + n])
-    if n < k:
-      runs.append(jnp.zeros((k - n,) + units.shape[1:], units.dtype))
-    start += n
-  return jnp.concatenate(runs)
+  padding = plan.stacks[s].num_slots - units.shape[0]
+  if not padding:
+    return units
+  return jnp.concatenate(
+      [units, jnp.zeros((padding,) + units.shape[1:], units.dtype)])
 
 
 def _from_slots(slots: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
   """Inverse of :func:`_to_slots`: the real units, in unit order."""
-  if plan.sharding is None:
-    return slots
-  k = plan.sharding.slots_per_shard(s)
-  runs = [slots[d * k:d * k + n]
-          for d, n in enumerate(plan.sharding.units_per_shard[s]) if n]
-  if not runs:
-    return slots[:0]
-  return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
+  return slots[:plan.stacks[s].size]
 
 
 def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan
