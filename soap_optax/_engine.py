@@ -468,6 +468,102 @@ class Solution(NamedTuple):
   ok: jax.Array
 
 
+# An eigenvalue (estimate) at most this many times ``d * eps * largest`` is
+# zero to the working precision (eps of the factor's dtype): ``eigh``'s
+# backward error and the accumulated statistics' rounding are of the order
+# ``d * eps * largest``.
+NULL_SPACE_TOLERANCE = 1.0
+
+
+def null_space_threshold(values: jax.Array) -> jax.Array:
+  """Below this, an eigenvalue of a ``d x d`` factor whose eigenvalues
+  (estimates) are ``values`` is rounding: ``d eps max(values)``."""
+  d = values.shape[-1]
+  return (NULL_SPACE_TOLERANCE * d * jnp.finfo(values.dtype).eps
+          * jnp.max(values, axis=-1, keepdims=True))
+
+
+def null_space_reference(d: int, dtype: Any) -> jax.Array:
+  """The fixed ``d x d`` matrix that :func:`canonical_null_space` projects:
+  standard normal entries from a fixed key (generic, so its first ``m``
+  columns project onto any ``m``-dimensional subspace with full rank)."""
+  return jax.random.normal(jax.random.key(0), (d, d), dtype)
+
+
+def canonical_null_space(stat: jax.Array, basis: jax.Array,
+                         values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``basis`` with its near-null eigenspace given a canonical basis.
+
+  Where a factor is rank-deficient (early in training, or a unit with fewer
+  rows than columns), the eigenvectors of its (near-)zero eigenvalues are
+  any orthonormal basis of that subspace: ``eigh`` and QR pick one from
+  rounding alone, so runs that differ in the last bit (another device
+  count, jit against eager) pick different ones, and a later gradient's
+  energy there is normalized in different coordinates. This replaces them by
+  a deterministic function of the subspace.
+
+  Let the last ``m`` columns ``Q_0`` of ``basis`` be the null ones: the
+  longest run at the end whose ``values`` are at most
+  :func:`null_space_threshold` (``m = 0`` when the factor is zero: its
+  basis is kept). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
+  Q_1^T`` (``Q_1``: the other columns) does not depend on the basis chosen;
+  the new columns are the Q factor of ``P R_m``, the projection of the first
+  ``m`` columns of the fixed :func:`null_space_reference` ``R``, except
+  that coordinate axes on which ``GG`` is exactly zero (a dead input or
+  output) stay axes (the last columns, in index order); their values are
+  their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level, like the
+  eigenvalues they replace, but a continuous function of ``GG``).
+
+  Args:
+    stat: the ``(d, d)`` factor ``GG``.
+    basis: ``(d, d)`` orthonormal columns, sorted by decreasing ``values``
+      (at least the null ones last).
+    values: ``(d,)`` their eigenvalues (estimates).
+
+  Returns:
+    ``(basis, values)`` with the null columns replaced.
+  """
+  d = values.shape[0]
+  threshold = null_space_threshold(values)[0]
+  small = (values <= threshold) & (threshold > 0)
+  null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
+  m = jnp.sum(null.astype(jnp.int32))
+
+  def canonical(operands):
+    basis, values = operands
+    dtype = basis.dtype
+    # Coordinate axes with a zero row and column in GG (a unit's dead
+    # inputs or outputs: exactly zero gradient there) are exact null
+    # vectors, whatever the rounding: they are kept as axes, last, in index
+    # order, so that a zero gradient coordinate stays exactly zero rotated.
+    on_axis = jnp.diagonal(stat) == 0
+    axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
+    live = (~on_axis)[:, None].astype(dtype)
+    axis_columns = jnp.eye(d, dtype=dtype)[
+        :, jnp.argsort(~on_axis, stable=True)]
+    # The rest of the null space: project the first m - axes columns of R
+    # with I - Q_1 Q_1^T (Q_1: the kept columns) and off the axes, and
+    # orthonormalize (Householder QR: its first columns depend on the first
+    # columns of its argument alone, the rest being zero); twice: the first
+    # QR's result leans into the kept span by rounding times R's condition
+    # number, the second starts from orthonormal columns.
+    kept = basis * (~null)[None, :].astype(dtype)
+    first = (jnp.arange(d) < m - axes)[None, :].astype(dtype)
+    projected = null_space_reference(d, dtype) * first
+    for _ in range(2):
+      projected = projected - jnp.matmul(kept, jnp.matmul(
+          kept.T, projected, precision=HIGHEST), precision=HIGHEST)
+      projected = jnp.linalg.qr(projected * live)[0] * first * live
+    position = jnp.arange(d)[None, :]
+    basis = jnp.where(
+        position >= d - axes, jnp.roll(axis_columns, d - axes, axis=1),
+        jnp.where(null[None, :], jnp.roll(projected, d - m, axis=1), basis))
+    return basis, jnp.where(null, rayleigh_quotients(stat, basis), values)
+
+  return jax.lax.cond(m > 0, canonical, lambda operands: operands,
+                      (basis, values))
+
+
 def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
   """A full symmetric eigendecomposition of one factor (about ``9 d^3``
   flops); eigenvalues descending. When it is not finite, the old basis and
@@ -475,6 +571,7 @@ def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
   eigenvalues, basis = jnp.linalg.eigh(stat)
   eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
   ok = _all_finite(basis) & _all_finite(eigenvalues)
+  basis, eigenvalues = canonical_null_space(stat, basis, eigenvalues)
   old_values = rayleigh_quotients(stat, old_basis)
   # Column i of the new basis follows column i of the old one: both are
   # sorted by decreasing eigenvalue (estimate) when they come from eigh.
@@ -493,6 +590,10 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   power = jnp.matmul(stat, old_basis, precision=HIGHEST)
   estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
   # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
+  # Estimates at rounding level are ties (kept in their order), so that the
+  # null columns' order does not depend on rounding either.
+  estimates = jnp.where(estimates <= null_space_threshold(estimates),
+                        jnp.zeros_like(estimates), estimates)
   order = jnp.argsort(estimates, descending=True, stable=True)
   # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
   # the other outputs; ``argsort``'s index operand alone is not).
@@ -500,9 +601,10 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   new_basis, _ = jnp.linalg.qr(power[:, order])
   ok = _all_finite(new_basis)
   basis = jnp.where(ok, new_basis, old_basis)
+  basis, values = canonical_null_space(stat, basis,
+                                       rayleigh_quotients(stat, basis))
   identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
-  return Solution(basis, rayleigh_quotients(stat, basis),
-                  jnp.where(ok, order, identity_order), ok)
+  return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
 
 
 def keep_basis(stat: jax.Array, old_basis: jax.Array) -> Solution:

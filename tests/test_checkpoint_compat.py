@@ -21,6 +21,16 @@ import pytest
 from tests.fixtures import make_v0_checkpoints as fixture
 
 ocp = pytest.importorskip('orbax.checkpoint')
+
+# State leaves kept in rotated coordinates whose unit refreshes a
+# rank-deficient factor during the continuation: the canonical null-space
+# basis (issue 21) picks those columns' signs by its own rule, not eigh's,
+# and the rotated coordinates' signs follow (the updates do not change and
+# are compared as they are). factorized_soap: the (5,) vector's 5 x 5 factor
+# is rank-deficient when it refreshes in the continuation; its basis (leaf 16)
+# has a null column's sign flipped, and its first moment (leaf 0) that
+# coordinate's.
+SIGN_CONVENTION_CHANGED = {'factorized_soap': {0, 16}}
 HERE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'v0_checkpoints'
 
 
@@ -55,5 +65,7 @@ def test_v0_checkpoint_restores_and_continues(name, x64):
       _assert_within_ulps(leaf, expected[f'updates{step}_{i}'],
                           f'{name}: update {step}, leaf {i}')
   for i, leaf in enumerate(jax.tree.leaves(state)):
-    _assert_within_ulps(leaf, expected[f'state_{i}'],
-                        f'{name}: state leaf {i}')
+    desired = expected[f'state_{i}']
+    if i in SIGN_CONVENTION_CHANGED.get(name, ()):
+      leaf, desired = np.abs(leaf), np.abs(desired)
+    _assert_within_ulps(leaf, desired, f'{name}: state leaf {i}')

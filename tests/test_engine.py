@@ -180,11 +180,13 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
         lambda fs: _refresh.refresh(fs, due, method, state.plan))(factors)
   qr_jaxpr, eigh_jaxpr = refresh('qr'), refresh('eigh')
   # With "qr", a unit's first refresh is still a full eigh: one call of each
-  # solver per size. With "eigh", no QR at all.
-  assert count_primitives(qr_jaxpr.jaxpr, 'qr') == len(sizes)
+  # solver per size. Each solver's result then goes through
+  # canonical_null_space: two more QRs (inside a cond that skips them on
+  # full-rank factors) per solver and size.
+  assert count_primitives(qr_jaxpr.jaxpr, 'qr') == 5 * len(sizes)
   assert count_primitives(qr_jaxpr.jaxpr, 'eigh') == len(sizes)
   assert count_primitives(eigh_jaxpr.jaxpr, 'eigh') == len(sizes)
-  assert count_primitives(eigh_jaxpr.jaxpr, 'qr') == 0
+  assert count_primitives(eigh_jaxpr.jaxpr, 'qr') == 2 * len(sizes)
 
 
 def test_map_by_size_keeps_input_order():
@@ -230,3 +232,94 @@ def test_batched_refresh_does_not_wedge_the_cpu_thread_pool():
       text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'finished' in result.stdout
+
+
+# ------------------------------------------------------------------------------
+# The canonical basis of a factor's null eigenspace.
+
+
+def _rank_deficient_factor(rng, d, rank, dead=()):
+  g = rng.normal(size=(rank, d))
+  g[:, list(dead)] = 0.0
+  return g.T @ g
+
+
+def _eigh_descending(a):
+  w, v = np.linalg.eigh(a)
+  return w[::-1].copy(), v[:, ::-1].copy()
+
+
+def test_canonical_null_space_depends_on_the_subspace_only(x64):
+  del x64
+  rng = np.random.default_rng(0)
+  a = _rank_deficient_factor(rng, 12, 4)
+  w, v = _eigh_descending(a)
+  rotated = v.copy()
+  rotated[:, 4:] = v[:, 4:] @ np.linalg.qr(rng.normal(size=(8, 8)))[0]
+  out = [np.asarray(_engine.canonical_null_space(
+      jnp.asarray(a), jnp.asarray(b), jnp.asarray(w))[0])
+         for b in (v, rotated)]
+  np.testing.assert_allclose(out[0], out[1], atol=1e-13)
+  q = out[0]
+  np.testing.assert_allclose(q.T @ q, np.eye(12), atol=1e-13)
+  np.testing.assert_array_equal(q[:, :4], v[:, :4])  # the range is kept
+  # The new columns lie in the null space: GG Q_0 = 0 (to rounding).
+  assert np.max(np.abs(a @ q[:, 4:])) <= 1e-13 * np.max(np.abs(a))
+  # The oracle, from the definition: the first 8 columns of the fixed
+  # reference projected off the range, orthonormalized (Q of a QR; columns
+  # up to sign).
+  reference = np.asarray(_engine.null_space_reference(12, jnp.float64))
+  projected = reference[:, :8] - v[:, :4] @ (v[:, :4].T @ reference[:, :8])
+  oracle = np.linalg.qr(projected)[0]
+  np.testing.assert_allclose(np.abs(np.sum(oracle * q[:, 4:], axis=0)), 1.0,
+                             atol=1e-13)
+
+
+def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
+  del x64
+  rng = np.random.default_rng(1)
+  full = _rank_deficient_factor(rng, 6, 10)
+  w, v = _eigh_descending(full)
+  q, values = _engine.canonical_null_space(
+      jnp.asarray(full), jnp.asarray(v), jnp.asarray(w))
+  np.testing.assert_array_equal(q, v)
+  np.testing.assert_array_equal(values, w)
+  # Features 2 and 7 are dead (zero row and column): they stay axes, the
+  # last columns in index order, exactly.
+  dead = _rank_deficient_factor(rng, 10, 3, dead=(2, 7))
+  w, v = _eigh_descending(dead)
+  q = np.asarray(_engine.canonical_null_space(
+      jnp.asarray(dead), jnp.asarray(v), jnp.asarray(w))[0])
+  np.testing.assert_array_equal(q[:, -2:], np.eye(10)[:, [2, 7]])
+  # (the other new null columns have exact zeros there; the range's columns
+  # are eigh's own, zero to rounding)
+  np.testing.assert_array_equal(q[[2, 7], 3:-2], 0.0)
+  np.testing.assert_allclose(q.T @ q, np.eye(10), atol=1e-13)
+  # A zero factor keeps its basis.
+  zero = jnp.zeros((5, 5))
+  np.testing.assert_array_equal(_engine.canonical_null_space(
+      zero, jnp.eye(5), jnp.zeros((5,)))[0], np.eye(5))
+
+
+@pytest.mark.parametrize('solver', ['eigh', 'qr'])
+def test_both_solvers_give_the_canonical_null_basis(solver, x64):
+  """From two old bases that differ inside the null space, the refreshed
+  bases agree (they would differ by the rotation without it)."""
+  del x64
+  rng = np.random.default_rng(2)
+  a = _rank_deficient_factor(rng, 12, 3)
+  _, v = _eigh_descending(a + 0.1 * _rank_deficient_factor(rng, 12, 12))
+  rotated = v @ np.linalg.qr(rng.normal(size=(12, 12)))[0]
+  out = [_engine.SOLVERS[solver](jnp.asarray(a), jnp.asarray(b))
+         for b in (v, rotated)]
+  null = slice(3, None)
+  if solver == 'eigh':
+    np.testing.assert_allclose(out[0].basis, out[1].basis, atol=1e-12)
+  else:  # one power step: only the null columns are a function of GG alone
+    p = [np.asarray(o.basis)[:, :3] for o in out]
+    for o in out:  # the range's columns span GG's range
+      q = np.asarray(o.basis)
+      assert np.max(np.abs(a @ q[:, null])) <= 1e-12 * np.max(np.abs(a))
+    np.testing.assert_allclose(p[0] @ p[0].T, p[1] @ p[1].T, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out[0].basis)[:, null],
+                               np.asarray(out[1].basis)[:, null], atol=1e-12)

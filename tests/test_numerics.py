@@ -346,8 +346,14 @@ def test_ungrafted_shampoo_at_its_defaults_trains_the_kronecker_problem(
     assert np.all(np.isfinite(losses))
     assert np.max(losses) <= losses[0]
     assert losses[-1] < 0.5 * losses[0]
-  else:  # classic Shampoo with frozen eigenvalues diverges.
-    assert not np.max(losses) <= 100 * losses[0]
+  else:
+    # Classic Shampoo, eigenvalues frozen between refreshes: the loss climbs
+    # above its start (measured: 1.45x at step 40) before the refreshes
+    # bring it down. (It climbed to 7e4x and stayed there while the null
+    # eigenspace's eigenvalues were eigh's rounding, negative ones included;
+    # the canonical null basis carries their Rayleigh quotients instead.)
+    assert np.all(np.isfinite(losses))
+    assert np.max(losses) > 1.2 * losses[0]
 
 
 # ------------------------------------------------------------------------------
@@ -414,3 +420,38 @@ def test_ten_thousand_float32_steps_keep_bases_orthonormal_and_dead_weights():
 def test_without_the_floor_dead_weights_drift():
   run = problems.dead_feature_regression(2_000, rounding_floor=False)
   assert problems.dead_weight_movement(run) > 0.1
+
+
+def test_float32_jit_and_eager_agree_on_rank_deficient_factors():
+  """Two 64 x 256 matrices (256 x 256 factors rank-deficient for the first
+  steps), 25 steps of float32 SOAP at its defaults, the step (gradient and
+  update) jitted against run op by op: the rounding differs, and without
+  the canonical null basis the two runs differ by 20 % (measured on the code
+  before it; 2.7-3.3 % in issue 21's tree). Measured now: 1.8e-5."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  params = {f'layer{i}': jax.random.normal(k, (64, 256)) / 16
+            for i, k in enumerate(keys)}
+  tx = soap_optax.soap(learning_rate=1e-2)
+
+  def loss(params, step):
+    key = jax.random.fold_in(jax.random.PRNGKey(1), step)
+    return sum(jnp.mean(jnp.square(jnp.tanh(w) - jax.random.normal(
+        jax.random.fold_in(key, i), w.shape)))
+               for i, (_, w) in enumerate(sorted(params.items())))
+
+  def step(params, state, i):
+    updates, state = tx.update(jax.grad(loss)(params, i), state, params)
+    return optax.apply_updates(params, updates), state
+
+  results = []
+  for run in (jax.jit(step), step):
+    p, state = params, tx.init(params)
+    for i in range(25):
+      p, state = run(p, state, i)
+    results.append(p)
+  for name in params:
+    jitted, eager = (np.asarray(r[name], np.float64) for r in results)
+    assert np.linalg.norm(jitted - eager) <= 1e-4 * np.linalg.norm(jitted)
+    # The weights did move.
+    assert np.linalg.norm(jitted - np.asarray(params[name])) > 0.1 * (
+        np.linalg.norm(jitted))

@@ -298,7 +298,7 @@ def test_foam_in_shampoo_updates_damping_and_resets_after_refresh():
 def test_foam_keeps_ungrafted_shampoo_from_diverging():
   # Ungrafted classic Shampoo (no Rayleigh floor) at frequency 10: the first
   # decomposition's eigenvalues come from one gradient, and used undamped for
-  # 10 steps they blow up every direction the factor grows into. FOAM's
+  # 10 steps they overshoot every direction the factor grows into. FOAM's
   # damping, checked every step (two d x d products, no decomposition), keeps
   # it converging with far fewer decompositions; so does the default
   # ungrafted Shampoo (Rayleigh floor on) with FOAM on the same interval.
@@ -315,7 +315,10 @@ def test_foam_keeps_ungrafted_shampoo_from_diverging():
             int(soap_optax.diagnostics(state)['decompositions']))
 
   fixed, initial, fixed_count = run(10, False, 1e-12)
-  assert not np.isfinite(fixed) or fixed > 1e3 * initial  # it diverges.
+  # It stalls: measured 0.90x the initial loss after 300 steps. (It diverged
+  # while the null eigenspace's eigenvalues were eigh's rounding; the
+  # canonical null basis carries their Rayleigh quotients instead.)
+  assert np.isfinite(fixed) and fixed > 0.8 * initial
   assert fixed_count == 2 * 30
   classic, _, classic_count = run(
       soap_optax.FoamRefresh(check_interval=1), False, 1e-9)
