@@ -22,6 +22,8 @@ from soap_optax._rotated_adam import scale_by_rotated_adam
 from soap_optax._rotated_adam import ScaleByRotatedAdamState
 from soap_optax._shampoo import scale_by_shampoo_eigenbasis
 from soap_optax._shampoo import ScaleByShampooEigenbasisState
+from soap_optax._sharding import portable_state
+from soap_optax._sharding import reshard_state
 from soap_optax._sharding import state_shardings
 
 __all__ = (
@@ -41,6 +43,8 @@ __all__ = (
     'scale_by_grafting',
     'scale_by_rotated_adam',
     'scale_by_shampoo_eigenbasis',
+    'portable_state',
+    'reshard_state',
     'shampoo',
     'soap',
     'stack_names',

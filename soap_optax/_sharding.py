@@ -11,9 +11,11 @@ shampoo alias's graft and momentum), counters and injected hyperparameters.
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from soap_optax import _dimension_numbers
+from soap_optax import _mesh
 from soap_optax import _state
 
 
@@ -117,3 +119,212 @@ def state_shardings(tx: Any, params: Any) -> Any:
   treedef = jax.tree.structure(state, is_leaf=_is_stacked_state)
   return jax.tree.unflatten(treedef, shardings)
 
+
+
+# ------------------------------------------------------------------------------
+# Moving a state between layouts.
+
+_EIGENBASIS_FIELDS = ('stats', 'bases', 'quotients', 'age', 'refreshes')
+
+
+def _stack_of_arrays(node: Any) -> dict[str, tuple[int, ...]]:
+  """For every array field of an eigenbasis transform's state, the stack
+  each of its arrays belongs to."""
+  plan = node.eigenbasis.plan
+  per_factor = tuple(s for s, stack in enumerate(plan.stacks)
+                     for _ in stack.layout.factored_axes)
+  per_stack = tuple(range(len(plan.stacks)))
+  return dict(plan.field_stacks, stats=per_factor, bases=per_factor,
+              quotients=per_factor, age=per_stack, refreshes=per_stack)
+
+
+def _map_stacked(fn, node: Any, *others: Any, plan: Any) -> Any:
+  """``node`` with ``fn(s, x, *others' x)`` in place of every stacked array
+  ``x`` (of stack ``s``; scalars are kept) and ``plan`` as its plan."""
+  stacks = _stack_of_arrays(node)
+
+  def field(objects, name):
+    values = [getattr(o, name) for o in objects]
+    single = not isinstance(values[0], tuple)
+    values = [(v,) if single else v for v in values]
+    out = tuple(fn(s, *xs) if np.ndim(xs[0]) else xs[0]
+                for s, *xs in zip(stacks[name], *values))
+    return out[0] if single else out
+
+  eigenbases = [o.eigenbasis for o in (node,) + others]
+  eigenbasis = node.eigenbasis._replace(plan=plan, **{
+      name: field(eigenbases, name) for name in _EIGENBASIS_FIELDS})
+  return node._replace(eigenbasis=eigenbasis, **{
+      name: field((node,) + others, name)
+      for name in node._fields if name != 'eigenbasis'})
+
+
+def _nodes(state: Any):
+  return jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=_is_stacked_state)
+
+
+def portable_state(state: Any) -> Any:
+  """``state`` in a layout that does not depend on the device count.
+
+  A transform built with ``mesh=`` pads every stack of units to a multiple
+  of the number of shards (units first, in order; padding last). This
+  returns the same state with the padding cut off: every stacked array has
+  one entry per unit, exactly as the transform would hold it without a mesh.
+  Save this form, and a checkpoint restores on any number of devices (see
+  :func:`reshard_state`). ``state`` may hold arrays or
+  ``jax.ShapeDtypeStruct``\\ s (to build Orbax's restore target); anything
+  outside the eigenbasis transforms' states is returned as it is.
+
+  Example::
+
+    checkpointer.save(path, soap_optax.portable_state(opt_state))
+    ...  # later, on another number of devices
+    target = soap_optax.portable_state(jax.eval_shape(tx.init, params))
+    restored = checkpointer.restore(path, target)
+    opt_state = soap_optax.reshard_state(restored, tx, params)
+  """
+  def cut(node):
+    if not _is_stacked_state(node) or node.eigenbasis.plan.sharding is None:
+      return node
+    plan = node.eigenbasis.plan
+    def unpadded(s, x):
+      size = plan.stacks[s].size
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype)
+      return x[:size]
+    return _map_stacked(unpadded, node, plan=plan.unsharded())
+  return jax.tree.map(cut, state, is_leaf=_is_stacked_state)
+
+
+def _units_text(stack: Any) -> str:
+  return (f'{stack.size} unit(s) of shape {stack.unit_shape} '
+          f'({stack.dtype}, factors {stack.layout.factor_sizes})')
+
+
+def _check_same_units(source: Any, target: Any, where: str) -> None:
+  """The two plans cut the parameters into the same units (whatever their
+  meshes); a ValueError naming the first difference otherwise."""
+  hint = ('the state was made by an optimizer with other block_size, '
+          'dimension_numbers, max_precond_dim, merge_dims, precondition_1d '
+          'or one_sided, or for other parameters')
+  if len(source.stacks) != len(target.stacks):
+    raise ValueError(
+        f'reshard_state: at {where} the state has {len(source.stacks)} '
+        f'stacks of units and the optimizer {len(target.stacks)}: {hint}.')
+  for s, (a, b) in enumerate(zip(source.stacks, target.stacks)):
+    if (a.unit_shape, a.dtype, a.size, a.layout) != (
+        b.unit_shape, b.dtype, b.size, b.layout):
+      raise ValueError(
+          f'reshard_state: at {where}, stack {s} holds {_units_text(a)} in '
+          f'the state and {_units_text(b)} in the optimizer: {hint}.')
+  if source.placements != target.placements:
+    raise ValueError(
+        f'reshard_state: at {where} the state places the parameters\' units '
+        f'otherwise than the optimizer: {hint}.')
+
+
+def reshard_state(state: Any, tx: Any, params: Any) -> Any:
+  """``state``, from any mesh or device count, laid out for ``tx``.
+
+  ``state`` is an optimizer state of the same optimizer (the same chain, the
+  same units: ``block_size``, ``dimension_numbers``... may not differ) made
+  on another mesh, another number of devices or none: a live state, or one
+  restored from a checkpoint of :func:`portable_state`. Every stack keeps
+  its units; the padding slots that ``tx``'s mesh needs are filled as
+  ``tx.init`` fills them, and every array is placed as
+  :func:`state_shardings` says (on one device when ``tx`` has no mesh and
+  ``params`` no shardings). The optimizer then continues exactly as it
+  would have on the state's own layout.
+
+  Args:
+    state: the state to move.
+    tx: the optimizer to move it to.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``\\ s with
+      their shardings), as for :func:`state_shardings`.
+
+  Returns:
+    The state in ``tx``'s layout.
+
+  Raises:
+    ValueError: if ``state`` does not belong to ``tx`` and ``params``: the
+      message names the first difference (tree structure, a stack's units,
+      an array's shape).
+  """
+  target = jax.eval_shape(tx.init, params)
+  source_nodes, _ = _nodes(state)
+  target_nodes, _ = _nodes(target)
+  source_paths = [jax.tree_util.keystr(p) for p, _ in source_nodes]
+  target_paths = [jax.tree_util.keystr(p) for p, _ in target_nodes]
+  if source_paths != target_paths:
+    raise ValueError(
+        'reshard_state: the state does not have the structure of '
+        f'tx.init(params): its entries are {source_paths}, the optimizer\'s '
+        f'{target_paths}.')
+  for (path, a), (_, b) in zip(source_nodes, target_nodes):
+    where = jax.tree_util.keystr(path) or 'the root'
+    if _is_stacked_state(b):
+      if not _is_stacked_state(a):
+        raise ValueError(f'reshard_state: at {where} the state has no '
+                         'eigenbasis state where the optimizer has one.')
+      _check_same_units(a.eigenbasis.plan, b.eigenbasis.plan, where)
+      checked = [(a, b)]
+    else:
+      checked = []
+      if np.shape(a) != tuple(b.shape):
+        raise ValueError(
+            f'reshard_state: at {where} the state holds an array of shape '
+            f'{np.shape(a)} where the optimizer holds {tuple(b.shape)}.')
+    for node_a, node_b in checked:
+      def same_unit_shape(s, x, y, where=where):
+        if tuple(np.shape(x)[1:]) != tuple(y.shape[1:]):
+          raise ValueError(
+              f'reshard_state: at {where}, an array of stack {s} has units '
+              f'of shape {np.shape(x)[1:]} where the optimizer\'s have '
+              f'{tuple(y.shape[1:])}.')
+        return y
+      _map_stacked(same_unit_shape, node_a, node_b,
+                   plan=node_b.eigenbasis.plan)
+  try:
+    shardings = state_shardings(tx, params)
+  except ValueError:  # no mesh anywhere: one device
+    shardings = None
+  devices = (set(jax.tree.leaves(shardings)[0].device_set)
+             if shardings is not None and jax.tree.leaves(shardings) else
+             {jax.devices()[0]})
+  def to_target_devices(x):
+    # Arrays on other devices (a live state from another mesh) go through
+    # the host; those already on the target's devices stay where they are.
+    if isinstance(x, jax.Array) and set(x.sharding.device_set) != devices:
+      return np.asarray(x)
+    return x
+  state = jax.tree.map(to_target_devices, state)
+
+  def merge(state, params):
+    fresh = tx.init(params)
+    def node(a, b):
+      if not _is_stacked_state(b):
+        return jnp.asarray(a, b.dtype)
+      plan = b.eigenbasis.plan
+      def fill(s, x, y):
+        size = plan.stacks[s].size
+        x = jnp.asarray(x, y.dtype)[:size]
+        return x if y.shape[0] == size else jnp.concatenate([x, y[size:]])
+      return _map_stacked(fill, a, b, plan=plan)
+    fresh_nodes, treedef = jax.tree.flatten(fresh, is_leaf=_is_stacked_state)
+    return treedef.unflatten([
+        node(a, b) for a, b in zip(
+            jax.tree.leaves(state, is_leaf=_is_stacked_state), fresh_nodes)])
+
+  mesh = _mesh._explicit_mesh((state, params))  # pylint: disable=protected-access
+  if mesh is not None:
+    # On an Explicit mesh every array's sharding is part of its type; the
+    # merge's slices and concatenations are written for GSPMD's propagation,
+    # as the update is (see soap_optax._mesh.on_any_mesh).
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    explicit_merge = merge
+    def merge(state, params):  # pylint: disable=function-redefined
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return jax.sharding.auto_axes(explicit_merge, out_sharding=specs)(
+            state, params)
+  return jax.jit(merge, out_shardings=shardings)(state, params)

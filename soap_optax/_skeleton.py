@@ -308,6 +308,14 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     layout = eigenbasis.plan.sharding
     per_stack = [_mesh.place_state(rule.init_stack(stack), layout)
                  for stack in eigenbasis.plan.stacks]
+    # Which stack each array of the rule's fields belongs to (for
+    # soap_optax.portable_state and reshard_state).
+    field_stacks = tuple(
+        (name, tuple(s for s, state in enumerate(per_stack)
+                     for _ in _as_tuple(getattr(state, name))))
+        for name in fields)
+    eigenbasis = eigenbasis._replace(plan=dataclasses.replace(
+        eigenbasis.plan, field_stacks=field_stacks))
     return _to_public(rule, eigenbasis, per_stack, fields)
 
   def update_fn(updates, state, params=None):
