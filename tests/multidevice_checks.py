@@ -415,30 +415,192 @@ def check_state():
   return results
 
 
-def check_process(process_id, port):
+def _moved_mesh(shape):
+  """A mesh of the first ``prod(shape)`` devices (None for one device)."""
+  if shape == (1,):
+    return None
+  names = ('data', 'model')[:len(shape)]
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=jax.devices()[:math.prod(shape)])
+
+
+def check_portable(problem='full_rank'):
+  """A checkpoint written on one mesh (portable_state, Orbax) restores on
+  another (reshard_state) and continues as the uninterrupted run (float64);
+  a state of other units is refused with the difference named."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_enable_x64', True)
+  params = init_params(jnp.float64)
+  # Every move for SOAP; two for Shampoo (its graft and momentum are
+  # parameter-shaped), one for Adafactor in the eigenbasis.
+  moves = {'soap': [((8,), (4,)), ((4,), (8,)), ((8,), (1,)), ((1,), (8,)),
+                    ((4, 2), (8,))],
+           'shampoo': [((8,), (4,)), ((4, 2), (8,))],
+           'factorized_soap': [((1,), (8,))]}
+  results = {}
+  for name in moves:
+    reference, reference_state, _ = train(optimizers()[name], params, 6)
+    errors = {}
+    for source, destination in moves[name]:
+      def build(shape, name=name):
+        mesh = _moved_mesh(shape)
+        tx = optimizers(**({} if mesh is None else {'mesh': mesh}))[name]
+        placed = params if mesh is None else jax.tree.map(
+            lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
+        return mesh, tx, placed
+      _, tx, placed = build(source)
+      halfway, state, _ = train(tx, placed, 3)
+      mesh, tx, placed = build(destination)
+      with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, 'state')
+        with ocp.StandardCheckpointer() as checkpointer:
+          checkpointer.save(path, soap_optax.portable_state(state))
+          checkpointer.wait_until_finished()
+          replicated = (NamedSharding(mesh, P()) if mesh is not None else
+                        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+          target = jax.tree.map(
+              lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                             sharding=replicated),
+              soap_optax.portable_state(jax.eval_shape(tx.init, placed)))
+          restored = checkpointer.restore(path, target)
+      moved = soap_optax.reshard_state(restored, tx, placed)
+      shardings = soap_optax.state_shardings(tx, placed) if mesh else None
+      placed_like_tx = shardings is None or all(
+          a.sharding.is_equivalent_to(b, a.ndim) for a, b in zip(
+              jax.tree.leaves(moved), jax.tree.leaves(shardings)))
+
+      def step(params, state, i, tx=tx):
+        grads = jax.grad(loss_fn)(params, i)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+      step = jax.jit(step)
+      current = jax.tree.map(
+          lambda x, p: jax.device_put(x, p.sharding), halfway, placed)
+      for i in range(3, 6):
+        current, moved = step(current, moved, i)
+      errors[f'{source}->{destination}'] = {
+          'params': relative_error(jax.tree.map(np.asarray, current),
+                                   reference),
+          'state': relative_error(
+              jax.tree.map(np.asarray, soap_optax.portable_state(moved)),
+              jax.tree.map(np.asarray, reference_state)),
+          'placed': placed_like_tx}
+    results[name] = errors
+  # Other units (block_size) are refused, naming the stack that differs.
+  mesh = _moved_mesh((4,))
+  state = optimizers(mesh=mesh)['soap'].init(params)
+  other = optimizers(mesh=mesh, block_size=8)['soap']
+  try:
+    soap_optax.reshard_state(state, other, params)
+    results['refused'] = None
+  except ValueError as error:
+    results['refused'] = str(error)
+  return results
+
+
+def rank_deficient_params(dtype):
+  """Four 64 x 256 matrices: one gradient leaves each 256 x 256 factor
+  rank-deficient (rank 64), and so does every step until the fourth."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  return {f'layer{i}': jax.random.normal(k, (64, 256), dtype) / 16
+          for i, k in enumerate(keys)}
+
+
+def check_rank_deficient():
+  """SOAP where the factors' null eigenspaces are picked by rounding:
+  on an (8,) mesh against one device, and moved 8 -> 4 devices halfway,
+  against the uninterrupted one-device run (float64)."""
+  jax.config.update('jax_enable_x64', True)
+  params = rank_deficient_params(jnp.float64)
+  def build(shape):
+    mesh = _moved_mesh(shape)
+    tx = soap_optax.soap(learning_rate=1e-2, precondition_frequency=2,
+                         **({} if mesh is None else {'mesh': mesh}))
+    placed = params if mesh is None else jax.tree.map(
+        lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
+    return tx, placed
+  reference, _, _ = train(build((1,))[0], params, 6)
+  tx, placed = build((8,))
+  sharded, _, _ = train(tx, placed, 6)
+  halfway, state, _ = train(tx, placed, 3)
+  tx, placed = build((4,))
+  state = soap_optax.reshard_state(soap_optax.portable_state(state), tx,
+                                   placed)
+
+  def step(params, state, i):
+    grads = jax.grad(loss_fn)(params, i)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  step = jax.jit(step)
+  current = jax.tree.map(lambda x, p: jax.device_put(x, p.sharding),
+                         halfway, placed)
+  for i in range(3, 6):
+    current, state = step(current, state, i)
+  return {'sharded': relative_error(sharded, reference),
+          'moved': relative_error(jax.tree.map(np.asarray, current),
+                                  reference)}
+
+
+def check_process(process_id, port, layout='fsdp', checkpoint=None):
   """One of 2 processes (4 host devices each): train with the divided
-  refresh on the global (8,) mesh; print the final parameters' checksum."""
+  refresh on the global mesh; print the final parameters.
+
+  ``layout`` 'fsdp': an (8,) mesh, 11 steps from the start. 'hsdp': a
+  (data, model) = (2, 4) mesh whose 'data' axis spans the processes, the
+  parameters and the optimizer state divided over 'model' only (replicated
+  over 'data'); the run resumes at step 5 from ``checkpoint``, written by
+  one process on one device (parameters and portable_state), and goes on
+  to step 11."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   jax.distributed.initialize(
       coordinator_address=f'127.0.0.1:{port}', num_processes=2,
       process_id=int(process_id))
-  mesh = make_mesh((8,), 'explicit')
+  if layout == 'fsdp':
+    mesh = make_mesh((8,), 'explicit')
+    sharding_of = lambda x: param_sharding(mesh, x)
+    tx = optimizers(mesh=mesh)['soap']
+  else:
+    mesh = jax.make_mesh((2, 4), ('data', 'model'),
+                         axis_types=(AxisType.Explicit,) * 2)
+    def sharding_of(x):
+      spec = [None] * x.ndim
+      if x.ndim and x.shape[-1] % 4 == 0:
+        spec[-1] = 'model'
+      return NamedSharding(mesh, P(*spec))
+    tx = optimizers(mesh=mesh, shard_axes='model')['soap']
   params = init_params()
   placed = jax.tree.map(
       lambda x: jax.make_array_from_callback(
-          x.shape, param_sharding(mesh, x), lambda index, x=x: x[index]),
+          x.shape, sharding_of(x), lambda index, x=x: x[index]),
       params)
-  tx = optimizers(mesh=mesh)['soap']
   shardings = soap_optax.state_shardings(tx, placed)
   param_shardings = jax.tree.map(lambda x: x.sharding, placed)
+  first = 0
+  if checkpoint is None:
+    state = jax.jit(tx.init, out_shardings=shardings)(placed)
+  else:
+    replicated = NamedSharding(mesh, P())
+    target = {
+        'params': jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding), placed),
+        'state': jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                           sharding=replicated),
+            soap_optax.portable_state(jax.eval_shape(tx.init, placed)))}
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(checkpoint, target)
+    placed = restored['params']
+    state = soap_optax.reshard_state(restored['state'], tx, placed)
+    first = CHECKPOINT_STEP
 
   def step(params, state, i):
     grads = jax.grad(loss_fn)(params, i)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  state = jax.jit(tx.init, out_shardings=shardings)(placed)
   step = jax.jit(step, out_shardings=(param_shardings, shardings))
-  for i in range(11):
+  for i in range(first, 11):
     placed, state = step(placed, state, i)
   # Every process sees the whole result once it is replicated.
   gathered = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(
@@ -453,6 +615,22 @@ def check_process(process_id, port):
                          jax.tree.leaves(gathered))}}
 
 
+# The step the 'hsdp' 2-process run resumes from.
+CHECKPOINT_STEP = 5
+
+
+def write_process_checkpoint(path):
+  """The one-device run's parameters and portable state after
+  CHECKPOINT_STEP steps, saved with Orbax (for check_process 'hsdp')."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tx = optimizers()['soap']
+  params, state, _ = train(tx, init_params(), CHECKPOINT_STEP)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, {'params': params,
+                             'state': soap_optax.portable_state(state)})
+    checkpointer.wait_until_finished()
+
+
 def reference_process_run():
   """The single-process (one device) run that check_process must equal."""
   tx = optimizers()['soap']
@@ -462,6 +640,8 @@ def reference_process_run():
 
 if __name__ == '__main__':
   CHECKS = {'parity': check_parity, 'compiled': check_compiled,
-            'state': check_state, 'process': check_process}
+            'state': check_state, 'process': check_process,
+            'portable': check_portable,
+            'rank_deficient': check_rank_deficient}
   print('RESULT ' + json.dumps(CHECKS[sys.argv[1]](*sys.argv[2:])),
         flush=True)
