@@ -484,10 +484,23 @@ def null_space_threshold(values: jax.Array) -> jax.Array:
 
 
 def null_space_reference(d: int, dtype: Any) -> jax.Array:
-  """The fixed ``d x d`` matrix that :func:`canonical_null_space` projects:
-  standard normal entries from a fixed key (generic, so its first ``m``
-  columns project onto any ``m``-dimensional subspace with full rank)."""
-  return jax.random.normal(jax.random.key(0), (d, d), dtype)
+  """The fixed ``d x d`` matrix that :func:`canonical_null_space` projects.
+
+  Entries uniform in ``[-1/2, 1/2)`` from an integer hash of ``(i, j)``
+  (a multiply-xorshift mix of 32-bit words): generic, so that its first
+  ``m`` columns project onto any ``m``-dimensional subspace with full rank,
+  exact on every platform, and computed without the loop of a random-number
+  generator.
+  """
+  i = jnp.arange(d, dtype=jnp.uint32)[:, None]
+  j = jnp.arange(d, dtype=jnp.uint32)[None, :]
+  h = i * jnp.uint32(0x9E3779B1) + j * jnp.uint32(0x85EBCA77) + jnp.uint32(
+      0xC2B2AE3D)
+  for shift, factor in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x9E3779B1)):
+    h = (h ^ (h >> jnp.uint32(shift))) * jnp.uint32(factor)
+  h = h ^ (h >> jnp.uint32(16))
+  # The top 24 bits: exact in float32 and float64.
+  return ((h >> jnp.uint32(8)).astype(dtype) / 2**24 - 0.5).astype(dtype)
 
 
 def canonical_null_space(stat: jax.Array, basis: jax.Array,
