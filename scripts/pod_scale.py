@@ -268,8 +268,8 @@ def markdown(rows: list[dict]) -> str:
       '| model | devices | mesh | layers | block | state MiB/dev (× ideal) '
       '| temp MiB/dev | largest collective (× params/dev) | all-gather / '
       'all-to-all / permute | refresh × ideal | compile s (unsharded) '
-      '| AdamW compile s |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '| AdamW state MiB/dev | AdamW compile s |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for row in rows:
     s, c = row['soap'], row['soap']['collectives']
     lines.append(
@@ -281,8 +281,9 @@ def markdown(rows: list[dict]) -> str:
         f'{c["all-gather"]["count"]} / {c["all-to-all"]["count"]} / '
         f'{c["collective-permute"]["count"]} | '
         f'{s["refresh_device"] / s["refresh_ideal"]:.2f} | '
-        f'{s["compile_s"]:.1f} ({s["unsharded_compile_s"]:.1f}) | '
-        f'{row["adamw"]["compile_s"]:.1f} |' if 'adamw' in row else '|')
+        f'{s["compile_s"]:.1f} ({s["unsharded_compile_s"]:.1f}) | ' + (
+            f'{mib(row["adamw"]["state"])} | {row["adamw"]["compile_s"]:.1f} |'
+            if 'adamw' in row else '– | – |'))
   return '\n'.join(lines)
 
 
