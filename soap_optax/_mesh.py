@@ -69,8 +69,9 @@ class ShardedLayout:
   Stack ``s`` has ``k_s = ceil(U_s / N)`` slots on each of the ``N`` shards
   (the devices along ``axes``), ``N k_s`` in all, sharded evenly; its units
   fill them in order (``units_per_shard[s][d]`` of them on shard ``d``:
-  ``k_s`` on the first shards, then the rest, then none), padding last. Padding slots hold zeros and identity bases: their
-  gradient is zero, so are their updates, and the refresh skips them.
+  ``k_s`` on the first shards, then the rest, then none), padding last.
+  Padding slots hold zeros and identity bases: their gradient is zero, so
+  are their updates, and the refresh skips them.
 
   Attributes:
     mesh: the ``jax.sharding.Mesh``.

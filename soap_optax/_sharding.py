@@ -268,14 +268,6 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
         raise ValueError(f'reshard_state: at {where} the state has no '
                          'eigenbasis state where the optimizer has one.')
       _check_same_units(a.eigenbasis.plan, b.eigenbasis.plan, where)
-      checked = [(a, b)]
-    else:
-      checked = []
-      if np.shape(a) != tuple(b.shape):
-        raise ValueError(
-            f'reshard_state: at {where} the state holds an array of shape '
-            f'{np.shape(a)} where the optimizer holds {tuple(b.shape)}.')
-    for node_a, node_b in checked:
       def same_unit_shape(s, x, y, where=where):
         if tuple(np.shape(x)[1:]) != tuple(y.shape[1:]):
           raise ValueError(
@@ -283,8 +275,11 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
               f'of shape {np.shape(x)[1:]} where the optimizer\'s have '
               f'{tuple(y.shape[1:])}.')
         return y
-      _map_stacked(same_unit_shape, node_a, node_b,
-                   plan=node_b.eigenbasis.plan)
+      _map_stacked(same_unit_shape, a, b, plan=b.eigenbasis.plan)
+    elif np.shape(a) != tuple(b.shape):
+      raise ValueError(
+          f'reshard_state: at {where} the state holds an array of shape '
+          f'{np.shape(a)} where the optimizer holds {tuple(b.shape)}.')
   try:
     shardings = state_shardings(tx, params)
   except ValueError:  # no mesh anywhere: one device

@@ -114,13 +114,6 @@ class Stack:
     when the plan is sharded, ``size`` padded to a multiple of the shards."""
     return self.size if self.slots is None else self.slots
 
-  @property
-  def refresh_cost(self) -> int:
-    """A unit's refresh cost, ``sum d^3`` over its factors, plus its size
-    (so that units without factors are spread by the memory they hold)."""
-    return (sum(d**3 for d in self.layout.factor_sizes)
-            + math.prod(self.layout.merged_shape))
-
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
