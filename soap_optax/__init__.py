@@ -3,6 +3,7 @@
 from soap_optax._adafactor import scale_by_adafactor_in_eigenbasis
 from soap_optax._adafactor import ScaleByAdafactorInEigenbasisState
 from soap_optax._aliases import factorized_soap
+from soap_optax._aliases import kl_shampoo
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
 from soap_optax._diagnostics import diagnostics
@@ -16,6 +17,8 @@ from soap_optax._grafting import AdamGraftState
 from soap_optax._grafting import GraftingState
 from soap_optax._grafting import scale_by_adam_graft
 from soap_optax._grafting import scale_by_grafting
+from soap_optax._kl_shampoo import scale_by_kl_shampoo
+from soap_optax._kl_shampoo import ScaleByKLShampooState
 from soap_optax._refresh import AdaptiveRefresh
 from soap_optax._refresh import FoamRefresh
 from soap_optax._rotated_adam import scale_by_rotated_adam
@@ -33,14 +36,17 @@ __all__ = (
     'FoamRefresh',
     'GraftingState',
     'ScaleByAdafactorInEigenbasisState',
+    'ScaleByKLShampooState',
     'ScaleByRotatedAdamState',
     'ScaleByShampooEigenbasisState',
     'diagnostics',
     'dimension_numbers_from_axis_names',
     'factorized_soap',
+    'kl_shampoo',
     'scale_by_adafactor_in_eigenbasis',
     'scale_by_adam_graft',
     'scale_by_grafting',
+    'scale_by_kl_shampoo',
     'scale_by_rotated_adam',
     'scale_by_shampoo_eigenbasis',
     'portable_state',

@@ -12,6 +12,7 @@ import optax
 
 from soap_optax import _checks
 from soap_optax import _grafting
+from soap_optax import _kl_shampoo
 from soap_optax import _rotated_adam
 from soap_optax import _shampoo
 
@@ -52,6 +53,21 @@ def _decayed_weights_after_first_call(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _initializing_chain(
+    transform: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Any,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformation:
+  """A transform whose first call only initializes, decoupled weight decay
+  (skipped on that call), the learning rate."""
+  return optax.chain(
+      transform,
+      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
 def _rotated_adam_chain(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: Any,
@@ -59,11 +75,9 @@ def _rotated_adam_chain(
     **transform_kwargs,
 ) -> optax.GradientTransformation:
   """``scale_by_rotated_adam``, decoupled weight decay, the learning rate."""
-  return optax.chain(
+  return _initializing_chain(
       _rotated_adam.scale_by_rotated_adam(**transform_kwargs),
-      _decayed_weights_after_first_call(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, weight_decay_mask)
 
 
 def soap(
@@ -87,6 +101,7 @@ def soap(
     rounding_floor: bool = True,
     mesh: Any = None,
     shard_axes: Any = None,
+    factor_estimator: str = 'frobenius',
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -137,13 +152,17 @@ def soap(
       :func:`soap_optax.scale_by_rotated_adam` and
       :func:`soap_optax.state_shardings`.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
+    factor_estimator: ``"frobenius"`` (Shampoo's factors, the paper's SOAP)
+      or ``"kl"`` (KL-SOAP: the factors estimated by the KL rule of
+      :func:`soap_optax.scale_by_kl_shampoo`).
 
   Returns:
     An ``optax.GradientTransformation``.
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-    <https://arxiv.org/abs/2409.11321>`_, 2024.
+    <https://arxiv.org/abs/2409.11321>`_, 2024; Lin et al.,
+    `KL-SOAP <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
   return _rotated_adam_chain(
       learning_rate, weight_decay, weight_decay_mask,
@@ -154,7 +173,7 @@ def soap(
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
       staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
-      mesh=mesh, shard_axes=shard_axes)
+      mesh=mesh, shard_axes=shard_axes, factor_estimator=factor_estimator)
 
 
 def factorized_soap(
@@ -337,3 +356,68 @@ def shampoo(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def kl_shampoo(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.01,
+    initial_eigenvalue: jax.typing.ArrayLike = 0.1,
+    eigenvalues: str = 'running',
+    precondition_frequency: Any = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+    refresh: str = 'qr',
+) -> optax.GradientTransformation:
+  """KL-Shampoo with decoupled weight decay: no grafting, no Adam moments.
+
+  .. math::
+
+    p \\leftarrow p - \\eta_k \\big(U_k + \\lambda\\,p\\big)
+
+  where ``U_k`` is :func:`soap_optax.scale_by_kl_shampoo`'s update (the
+  momentum preconditioned by ``S^{-1/2}``, ``S`` the KL-estimated Kronecker
+  covariance) and ``lambda`` is ``weight_decay``. As with :func:`soap`, the
+  first call only initializes: its update is zero, weight decay included.
+
+  Args:
+    learning_rate: a float or an ``optax`` schedule.
+    b1, shampoo_beta, eps, initial_eigenvalue, eigenvalues: see
+      :func:`soap_optax.scale_by_kl_shampoo`.
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    weight_decay_mask: which leaves to decay.
+    precondition_frequency, max_precond_dim, merge_dims, precondition_1d,
+      one_sided, mu_dtype, dimension_numbers, block_size, staggered_refresh,
+      rounding_floor, mesh, shard_axes, refresh: as in :func:`soap`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Lin et al., `Understanding and Improving Shampoo and SOAP via
+    Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
+  """
+  return _initializing_chain(
+      _kl_shampoo.scale_by_kl_shampoo(
+          b1=b1, shampoo_beta=shampoo_beta, eps=eps,
+          initial_eigenvalue=initial_eigenvalue, eigenvalues=eigenvalues,
+          precondition_frequency=precondition_frequency,
+          max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+          precondition_1d=precondition_1d, one_sided=one_sided,
+          mu_dtype=mu_dtype, dimension_numbers=dimension_numbers,
+          block_size=block_size, staggered_refresh=staggered_refresh,
+          rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes,
+          refresh=refresh),
+      learning_rate, weight_decay, weight_decay_mask)

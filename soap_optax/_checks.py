@@ -49,6 +49,14 @@ def check_nonnegative(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be {accepted}, got {value!r}.')
 
 
+def check_positive(name: str, value: Any) -> None:
+  """Checks that a scalar is finite and > 0."""
+  accepted = 'a finite number > 0'
+  x = _concrete_float(name, value, accepted)
+  if x is not None and not (np.isfinite(x) and x > 0.0):
+    raise ValueError(f'{name} must be {accepted}, got {value!r}.')
+
+
 def check_bool(name: str, value: Any) -> None:
   """Checks that a switch is ``True`` or ``False`` (not ``"no"``, not 0)."""
   if not isinstance(value, (bool, np.bool_)):

@@ -61,6 +61,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from soap_optax import _factored
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -225,14 +227,92 @@ def factor_statistics(
 
 
 def accumulate(
-    factors: KroneckerFactors, grad: jax.Array, beta: Any
+    factors: KroneckerFactors, statistics: Sequence[jax.Array], beta: Any
 ) -> KroneckerFactors:
-  """``GG_i <- beta GG_i + (1 - beta) C_i(G)``; ``grad`` has the merged shape."""
-  new_stats = tuple(
-      beta * old + (1 - beta) * new
-      for old, new in zip(factors.stats, factor_statistics(grad, factors.layout))
-  )
+  """``GG_i <- beta GG_i + (1 - beta) C_i``, ``C_i`` per factored axis (by
+  default :func:`factor_statistics` of the gradient)."""
+  new_stats = tuple(beta * old + (1 - beta) * new
+                    for old, new in zip(factors.stats, statistics))
   return factors._replace(stats=new_stats)
+
+
+# ------------------------------------------------------------------------------
+# The KL estimator of the factors (Lin et al., arXiv 2509.03378).
+
+# The eigenvalue estimates' prior: every estimate starts here (the authors'
+# ``init_factor``).
+KL_INITIAL_EIGENVALUE = 0.1
+# Estimates are kept >= 1 / c^2 with c = clip(d, 10, 4000) for an axis of
+# length d: the authors' clamp of the inverse square roots at c.
+KL_CLAMP_RANGE = (10, 4000)
+
+
+def kl_eigenvalue_floor(d: int) -> float:
+  """``1 / c^2``, ``c = clip(d, 10, 4000)``: the least eigenvalue estimate of
+  an axis of length ``d``."""
+  low, high = KL_CLAMP_RANGE
+  return 1.0 / float(min(max(d, low), high))**2
+
+
+def _inverse_outer(values: Sequence[jax.Array], skip: int,
+                   exponent: float) -> jax.Array:
+  """``⊗_{j != skip} values_j^-exponent`` with ones along axis ``skip``."""
+  return _factored.outer_product([
+      jnp.ones_like(v) if j == skip else v**-exponent
+      for j, v in enumerate(values)])
+
+
+def kl_factor_statistics(grad: jax.Array, factors: KroneckerFactors,
+                         values: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  r"""The KL rule's contribution to each factor, whitened by the others.
+
+  .. math::
+
+    C_k = \frac{d_k}{n}\, G_{(k)} \Big(\bigotimes_{j \neq k} S_j^{-1}\Big)
+          G_{(k)}^T, \qquad S_j^{-1} \approx Q_j \operatorname{diag}(λ_j)^{-1}
+          Q_j^T
+
+  (``n`` the unit's size; an axis without a factor has ``Q_j = I``), computed
+  as ``C_k(X_k)`` of ``X_k = G ×_{j≠k} Λ_j^{-1/2} Q_j^T``. For a matrix:
+  ``C_L = G S_R^{-1} G^T / d_R``, ``C_R = G^T S_L^{-1} G / d_L``.
+
+  Args:
+    grad: the unit's gradient, merged shape.
+    factors: the unit's factors (their bases are used).
+    values: per (merged) axis, the positive eigenvalue estimates ``λ_j``.
+  """
+  layout, n = factors.layout, grad.size
+  bases = dict(zip(layout.factored_axes, factors.bases))
+  stats = []
+  for axis in layout.factored_axes:
+    x = grad
+    for other, basis in bases.items():
+      if other != axis:
+        x = _multiply_along_axis(basis.T, x, other)
+    x = x * _inverse_outer(values, axis, 0.5)
+    others = tuple(a for a in range(grad.ndim) if a != axis)
+    stats.append(jnp.tensordot(x, x, axes=(others, others), precision=HIGHEST)
+                 * (grad.shape[axis] / n))
+  return tuple(stats)
+
+
+def kl_eigenvalue_increments(rotated: jax.Array,
+                             values: Sequence[jax.Array]
+                             ) -> tuple[jax.Array, ...]:
+  r"""Per axis ``k``: ``diag(Q_k^T C_k Q_k)`` of :func:`kl_factor_statistics`,
+  i.e. ``mean_{i_{j≠k}} G'^2 / Π_{j≠k} λ_j`` with ``G'`` the rotated
+  gradient: what the KL rule adds to the factor along each basis column."""
+  squared = jnp.square(rotated)
+  return tuple(
+      jnp.mean(squared * _inverse_outer(values, axis, 1.0),
+               axis=tuple(a for a in range(rotated.ndim) if a != axis))
+      for axis in range(rotated.ndim))
+
+
+def kl_floor_eigenvalues(values: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """Each axis's estimates clamped at :func:`kl_eigenvalue_floor`."""
+  return tuple(jnp.maximum(v, jnp.asarray(kl_eigenvalue_floor(v.shape[-1]),
+                                          v.dtype)) for v in values)
 
 
 # Rotated coordinates that hold only the rotation's rounding error: below this

@@ -11,8 +11,12 @@ import optax
 from soap_optax import _checks
 from soap_optax import _engine
 from soap_optax import _factored
+from soap_optax import _kl_shampoo
 from soap_optax import _skeleton
 from soap_optax import _state
+
+
+FACTOR_ESTIMATORS = ('frobenius', 'kl')
 
 
 class ScaleByRotatedAdamState(NamedTuple):
@@ -29,16 +33,21 @@ class ScaleByRotatedAdamState(NamedTuple):
       each stack (Adafactor's row and column statistics).
     eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
       Adam step ``t`` once the first call has initialized the preconditioner.
+    eigenvalues: with ``factor_estimator="kl"``, the KL rule's eigenvalue
+      estimates ``λ_k``, ``(U, d_k)`` per stack and (merged) axis, flat (see
+      :func:`soap_optax.scale_by_kl_shampoo`); otherwise empty.
   """
 
   mu: tuple[jax.Array, ...]
   nu: tuple[jax.Array, ...]
   eigenbasis: _state.EigenbasisState
+  eigenvalues: tuple[jax.Array, ...] = ()
 
 
 class _RotatedAdamStack(NamedTuple):
   mu: jax.Array
   nu: tuple[jax.Array, ...]  # (v,), or (s_0, ..., s_{N-1}) when factored.
+  eigenvalues: tuple[jax.Array, ...]  # KL's λ_k per axis, or ().
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,7 @@ class _RotatedAdamRule(_skeleton.Rule):
   factored: bool
   rounding_floor: bool
   mu_dtype: Any
+  kl: bool
 
   State = ScaleByRotatedAdamState
   refresh_first = False
@@ -66,8 +76,18 @@ class _RotatedAdamRule(_skeleton.Rule):
                  for d in stack.layout.merged_shape)
     else:
       nu = (jnp.zeros(shape, stack.dtype),)
+    eigenvalues = () if not self.kl else tuple(
+        jnp.full((stack.num_slots, d), _engine.KL_INITIAL_EIGENVALUE,
+                 stack.dtype) for d in stack.layout.merged_shape)
     return _RotatedAdamStack(
-        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype), nu=nu)
+        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype), nu=nu,
+        eigenvalues=eigenvalues)
+
+  def factor_statistics(self, grad, factors, state, initializing):
+    if not self.kl:
+      return super().factor_statistics(grad, factors, state, initializing)
+    return _kl_shampoo.kl_statistics(grad, factors, state.eigenvalues,
+                                     initializing)
 
   def unit_step(self, g, factors, state, quotients, refreshed, count):
     del refreshed
@@ -91,16 +111,25 @@ class _RotatedAdamRule(_skeleton.Rule):
           1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
     t = count  # The first call initialized; count - 1 earlier Adam steps.
     scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
+    eigenvalues, absorbed = state.eigenvalues, sums
+    if self.kl:
+      absorbed = _engine.kl_eigenvalue_increments(rotated, eigenvalues)
+      eigenvalues = _kl_shampoo.updated_eigenvalues(
+          eigenvalues, rotated, self.factor_beta,
+          tuple(range(len(eigenvalues))))
     return _skeleton.UnitStep(
         direction=scale * direction,
-        state=_RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu),
+        state=_RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu,
+                                eigenvalues=eigenvalues),
         quotients=tuple(
-            self.factor_beta * q + (1 - self.factor_beta) * sums[axis]
+            self.factor_beta * q + (1 - self.factor_beta) * absorbed[axis]
             for q, axis in zip(quotients, factors.layout.factored_axes)))
 
-  def on_refresh(self, state, old, new, orders):
+  def on_refresh(self, state, old, new, orders, values):
     """``m <- rotate_new(unrotate_old(m))`` (exact); ``v`` (or each factored
-    axis's statistic) permuted with the columns, not rotated."""
+    axis's statistic, and KL's estimates) permuted with the columns, not
+    rotated."""
+    del values
     mu = _engine.rotate(
         _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
     if self.factored:
@@ -110,7 +139,12 @@ class _RotatedAdamRule(_skeleton.Rule):
       nu = tuple(nu)
     else:
       nu = (_engine.permute_axes(state.nu[0], old.layout, orders),)
-    return _RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu)
+    eigenvalues = list(state.eigenvalues)
+    if self.kl:
+      for axis, order in zip(old.layout.factored_axes, orders):
+        eigenvalues[axis] = eigenvalues[axis][order]
+    return _RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu,
+                             eigenvalues=tuple(eigenvalues))
 
 
 def scale_by_rotated_adam(
@@ -133,6 +167,7 @@ def scale_by_rotated_adam(
     mesh: Any = None,
     shard_axes: Any = None,
     refresh: str = 'qr',
+    factor_estimator: str = 'frobenius',
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -208,6 +243,12 @@ def scale_by_rotated_adam(
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: ``"qr"`` (the authors') or ``"eigh"``.
+    factor_estimator: ``"frobenius"``: the factors above (the paper's
+      SOAP); ``"kl"``: KL-SOAP, the factors estimated by the KL rule of
+      :func:`soap_optax.scale_by_kl_shampoo` (each absorbs
+      ``d_k/n C_k(G ×_{j≠k} Λ_j^{-1/2} Q_j^T)``, with the running eigenvalue
+      estimates ``λ_j`` kept in ``state.eigenvalues`` and permuted at
+      refreshes), Adam's step unchanged.
 
     The engine options (``precondition_frequency`` to ``shard_axes``, and
     ``refresh``) are described in full at
@@ -219,7 +260,9 @@ def scale_by_rotated_adam(
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithm 3; one-sided and
-    factorized variants: Section 7).
+    factorized variants: Section 7); Lin et al., `Understanding and Improving
+    Shampoo and SOAP via Kullback-Leibler Minimization
+    <https://arxiv.org/abs/2509.03378>`_, 2025 (KL-SOAP).
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_beta('b1', b1)
@@ -229,9 +272,12 @@ def scale_by_rotated_adam(
   _checks.check_nonnegative('eps', eps)
   _checks.check_bool('normalize_grads', normalize_grads)
   _checks.check_bool('factored', factored)
+  _checks.check_choice('factor_estimator', factor_estimator,
+                       FACTOR_ESTIMATORS)
   rule = _RotatedAdamRule(
       b1=b1, b2=b2, factor_beta=b2 if shampoo_beta is None else shampoo_beta,
       eps=eps, normalize_grads=normalize_grads, factored=factored,
       rounding_floor=rounding_floor,
-      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype))
+      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype),
+      kl=factor_estimator == 'kl')
   return _skeleton.eigenbasis_transform(rule, config)

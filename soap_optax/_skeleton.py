@@ -10,7 +10,8 @@ Every transform of this package is a *rule* plugged into
    overflows): its gradient is replaced by zeros here, its update is zero, and
    every floating array of its state is left bitwise unchanged;
 3. **absorb** the gradient into the Kronecker factors,
-   ``GG_i <- β GG_i + (1 - β) C_i(G)``, with the rule's ``factor_beta``;
+   ``GG_i <- β GG_i + (1 - β) C_i``, with the rule's ``factor_beta`` and
+   statistics (Shampoo's ``C_i(G)``, or KL's whitened ones);
 4. **refresh** the bases of the units due (:func:`soap_optax._refresh.refresh`,
    the one driver), either *before* the rule's step (Shampoo, Adafactor: a
    step's own gradient shapes the basis on a refresh call) or *after* it
@@ -206,12 +207,24 @@ class Rule:
     ``refreshed`` is None for rules that refresh after their step."""
     raise NotImplementedError
 
+  def factor_statistics(self, grad: jax.Array,
+                        factors: _engine.KroneckerFactors, state: Any,
+                        initializing: jax.Array) -> tuple[jax.Array, ...]:
+    """What one unit's factors absorb on this call, per factored axis, with
+    the unit's bases and rule state before the call; ``initializing``: a
+    scalar boolean, whether this is the unit's first accepted call. By
+    default Shampoo's ``C_i(G)``."""
+    del state, initializing
+    return _engine.factor_statistics(grad, factors.layout)
+
   def on_refresh(self, state: Any, old: _engine.KroneckerFactors,
                  new: _engine.KroneckerFactors,
-                 orders: tuple[jax.Array, ...]) -> Any:
+                 orders: tuple[jax.Array, ...],
+                 values: tuple[jax.Array, ...]) -> Any:
     """One refreshed unit's rule state carried into its new bases (rules
-    that refresh after their step)."""
-    del old, new, orders
+    that refresh after their step); ``values``: per factored axis, the
+    refresh's eigenvalue estimates in the new bases."""
+    del old, new, orders, values
     return state
 
   def decide(self, count: jax.Array,
@@ -271,20 +284,21 @@ def _carry_on_refresh(rule: Rule, states, old_factors, refreshed, due,
   per unit under ``lax.map`` and a ``lax.cond``, so that only the due units
   pay."""
   out = []
-  for state, old, new, orders, mask in zip(
-      states, old_factors, refreshed.factors, refreshed.orders, due):
+  for state, old, new, orders, values, mask in zip(
+      states, old_factors, refreshed.factors, refreshed.orders,
+      refreshed.values, due):
     if not old.layout.factored_axes:
       out.append(state)
       continue
     def carry(args):
-      state, old, new, orders, mask = args
+      state, old, new, orders, values, mask = args
       if plan.refresh_phases is None:
         return _where_units(mask, jax.vmap(rule.on_refresh)(
-            state, old, new, orders), state)
+            state, old, new, orders, values), state)
       return jax.lax.map(lambda unit: jax.lax.cond(
           unit[-1], lambda: rule.on_refresh(*unit[:-1]), lambda: unit[0]),
-                         (state, old, new, orders, mask))
-    operands = (state, old, new, orders, mask)
+                         (state, old, new, orders, values, mask))
+    operands = (state, old, new, orders, values, mask)
     out.append(jax.lax.cond(jnp.any(mask), carry, lambda args: args[0],
                             operands))
   return out
@@ -333,10 +347,13 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     factors = _state.unpack(eigenbasis)
     old_states = _from_public(rule, state)
     old_quotients = plan.split(eigenbasis.quotients)
+    def absorb(f, g, st, initializing):
+      return _engine.accumulate(
+          f, rule.factor_statistics(g, f, st, initializing), rule.factor_beta)
     absorbed = [
-        _where_units(ok, jax.vmap(
-            lambda f, g: _engine.accumulate(f, g, rule.factor_beta))(f, g), f)
-        for ok, f, g in zip(accepted, factors, stacked)]
+        _where_units(ok, jax.vmap(absorb)(f, g, st, refreshes == 0), f)
+        for ok, f, g, st, refreshes in zip(
+            accepted, factors, stacked, old_states, eigenbasis.refreshes)]
     states, decided = rule.decide(count, absorbed, old_states, eigenbasis)
     due = _refresh.due_units(eigenbasis, config.schedule, accepted, decided)
     advanced = ([ok & ~new for ok, new in zip(accepted, due.initializing)]

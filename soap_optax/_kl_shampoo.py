@@ -1,0 +1,259 @@
+"""KL-Shampoo: Shampoo's factors estimated by KL minimization (a rule of the
+skeleton, :mod:`soap_optax._skeleton`)."""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from soap_optax import _checks
+from soap_optax import _engine
+from soap_optax import _factored
+from soap_optax import _skeleton
+from soap_optax import _state
+
+EIGENVALUE_MODES = ('running', 'refresh')
+
+
+class ScaleByKLShampooState(NamedTuple):
+  """State of :func:`scale_by_kl_shampoo`.
+
+  Attributes:
+    mu: the momentum in the rotated basis, one ``(U, *merged_shape)`` array
+      per stack, in ``mu_dtype``.
+    eigenvalues: ``λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
+      flat (stacks in plan order, axes in order).
+    eigenbasis: the engine's factors ``S_k`` and bases ``Q_k``;
+      ``eigenbasis.count`` is the number of calls so far.
+  """
+
+  mu: tuple[jax.Array, ...]
+  eigenvalues: tuple[jax.Array, ...]
+  eigenbasis: _state.EigenbasisState
+
+
+class _KLShampooStack(NamedTuple):
+  mu: jax.Array
+  eigenvalues: tuple[jax.Array, ...]
+
+
+def updated_eigenvalues(values: tuple[jax.Array, ...], rotated: jax.Array,
+                        beta: Any, running_axes: tuple[int, ...]
+                        ) -> tuple[jax.Array, ...]:
+  """The KL estimates after one gradient: on ``running_axes``
+  ``λ_k <- max(β λ_k + (1 - β) mean_{i_{j≠k}} G'^2 / Π_{j≠k} λ_j, floor_k)``
+  (:func:`soap_optax._engine.kl_eigenvalue_increments`); the other axes keep
+  theirs. Shared with KL-SOAP (:func:`soap_optax.scale_by_rotated_adam`)."""
+  increments = _engine.kl_eigenvalue_increments(rotated, values)
+  return _engine.kl_floor_eigenvalues(tuple(
+      beta * v + (1 - beta) * new if axis in running_axes else v
+      for axis, (v, new) in enumerate(zip(values, increments))))
+
+
+def kl_statistics(grad: jax.Array, factors: _engine.KroneckerFactors,
+                  values: tuple[jax.Array, ...], initializing: jax.Array
+                  ) -> tuple[jax.Array, ...]:
+  """What the factors absorb under the KL rule: whitened by the other
+  factors' estimates; on a unit's first call (its bases are still the
+  identity) Shampoo's ``d_k / n C_k(G)``, the authors' initialization."""
+  values = tuple(jnp.where(initializing, jnp.ones_like(v), v) for v in values)
+  return _engine.kl_factor_statistics(grad, factors, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KLShampooRule(_skeleton.Rule):
+  """Momentum preconditioned by ``⊗ (Q_k Λ_k Q_k^T)^{-1/2}`` in the old
+  bases, then the KL estimates absorb the gradient."""
+
+  b1: Any
+  factor_beta: Any
+  eps: Any
+  initial_eigenvalue: Any
+  running: bool
+  rounding_floor: bool
+  mu_dtype: Any
+
+  State = ScaleByKLShampooState
+  refresh_first = False
+  initializes_first = True
+
+  def init_stack(self, stack):
+    shape = (stack.num_slots,) + stack.layout.merged_shape
+    return _KLShampooStack(
+        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype),
+        eigenvalues=tuple(
+            jnp.full((stack.num_slots, d), self.initial_eigenvalue,
+                     stack.dtype) for d in stack.layout.merged_shape))
+
+  def factor_statistics(self, grad, factors, state, initializing):
+    return kl_statistics(grad, factors, state.eigenvalues, initializing)
+
+  def _running_axes(self, layout):
+    return tuple(axis for axis in range(len(layout.merged_shape))
+                 if self.running or axis not in layout.factored_axes)
+
+  def unit_step(self, g, factors, state, quotients, refreshed, count):
+    del refreshed, count
+    layout, values = factors.layout, state.eigenvalues
+    rotated = _engine.rotate(g, factors)
+    mu = self.b1 * state.mu.astype(g.dtype) + (1 - self.b1) * rotated
+    scales = (_engine.with_separable_rounding_floor(values)
+              if self.rounding_floor else values)
+    direction = _engine.unrotate(
+        mu / (_factored.outer_product([jnp.sqrt(v) for v in scales])
+              + self.eps), factors)
+    increments = _engine.kl_eigenvalue_increments(rotated, values)
+    return _skeleton.UnitStep(
+        direction=direction,
+        state=_KLShampooStack(
+            mu=mu.astype(state.mu.dtype),
+            eigenvalues=updated_eigenvalues(values, rotated, self.factor_beta,
+                                            self._running_axes(layout))),
+        quotients=tuple(
+            self.factor_beta * q + (1 - self.factor_beta) * increments[axis]
+            for q, axis in zip(quotients, layout.factored_axes)))
+
+  def on_refresh(self, state, old, new, orders, values):
+    """``m`` carried exactly into the new bases; each factored axis's
+    estimates follow their columns (``running``) or are the refresh's
+    (``refresh``)."""
+    mu = _engine.rotate(
+        _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
+    eigenvalues = list(state.eigenvalues)
+    for axis, order, refreshed in zip(old.layout.factored_axes, orders,
+                                      values):
+      eigenvalues[axis] = (eigenvalues[axis][order] if self.running
+                           else refreshed)
+    return _KLShampooStack(mu=mu.astype(state.mu.dtype),
+                           eigenvalues=_engine.kl_floor_eigenvalues(
+                               tuple(eigenvalues)))
+
+
+def scale_by_kl_shampoo(
+    b1: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_eigenvalue: jax.typing.ArrayLike = _engine.KL_INITIAL_EIGENVALUE,
+    eigenvalues: str = 'running',
+    precondition_frequency: Any = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+    refresh: str = 'qr',
+) -> optax.GradientTransformation:
+  r"""KL-Shampoo: Shampoo with its factors estimated by KL minimization.
+
+  Lin et al. read Shampoo's factors as a Kronecker-structured covariance
+  ``S = S_0 ⊗ ... ⊗ S_{N-1}`` of the gradient and fit all of them jointly by
+  minimizing ``KL(E[g g^T], S)``. The fixed point couples the factors: each
+  accumulates the gradient whitened by the others. For a unit of size ``n``
+  (a parameter, a slice along its batch axes or a block: see
+  :func:`scale_by_rotated_adam`) with (merged) axes ``k`` of length ``d_k``:
+
+  .. math::
+
+    S_k \leftarrow β S_k + (1 - β)\, \frac{d_k}{n}\,
+        G_{(k)} \Big(\bigotimes_{j \neq k} S_j^{-1}\Big) G_{(k)}^T
+
+  (for a matrix, ``S_L <- β S_L + (1 - β) G S_R^{-1} G^T / d_R`` and the same
+  for ``S_R``), and the update preconditions the momentum by
+  ``S^{-1/2} = ⊗ S_k^{-1/2}``. No Adam moments and no grafting.
+
+  The practical algorithm (the authors', at SOAP's cost per step) keeps a
+  basis ``Q_k`` per factor, refreshed every ``precondition_frequency`` calls
+  by power iteration and QR warm-started from the current one, and
+  eigenvalue estimates ``λ_k`` in it, ``S_k^{-1} ≈ Q_k diag(λ_k)^{-1}
+  Q_k^T``. With ``G' = rotate(G)`` in the current bases:
+
+  * first accepted call (initialization): ``S_k = (1 - β) d_k/n C_k(G)``,
+    ``Q_k = eigh(S_k)``, ``λ_k = initial_eigenvalue``; the update is zero;
+  * every later call, all right-hand sides from before the call:
+
+    .. math::
+
+      m &\leftarrow b_1 m + (1 - b_1) G', \qquad
+      U = unrotate\Big(\frac{m}{\bigotimes_k \sqrt{λ_k} + \epsilon}\Big) \\
+      λ_k &\leftarrow \max\Big(β λ_k + (1 - β)\,
+          \operatorname{mean}_{i_{j \neq k}} \frac{G'^2}{\prod_{j \neq k}
+          λ_j},\ c_k^{-2}\Big)
+
+    (the second term is ``diag(Q_k^T C_k Q_k)`` of the factor's increment
+    ``C_k``), ``S_k`` absorbs ``C_k`` as above, and when
+    ``t % precondition_frequency == 0`` the bases are refreshed (QR's
+    columns sorted by ``diag(Q_k^T S_k Q_k)``, the estimates permuted with
+    them; ``m`` carried exactly into the new bases). ``c_k = clip(d_k, 10,
+    4000)``: the authors' clamp of ``λ^{-1/2}``.
+
+  An axis without a factor (longer than ``max_precond_dim``, 1-D without
+  ``precondition_1d``, the longer ones with ``one_sided``) keeps the identity
+  basis, and its ``λ_k`` is the exact diagonal factor. A 1-D parameter is then
+  RMSprop with momentum, ``b2 = shampoo_beta`` and the prior
+  ``initial_eigenvalue``.
+
+  With ``eigenvalues="refresh"`` the factored axes' ``λ_k`` are instead the
+  refresh's eigenvalues (or Rayleigh quotients after QR), held between
+  refreshes; with ``precondition_frequency=1, refresh="eigh"`` this is the
+  idealized KL-Shampoo (exact ``S_k`` every call, preconditioning with the
+  factors from before the call).
+
+  State for an ``m x n`` matrix: ``m`` (``mn``), ``S`` and ``Q`` per rotated
+  axis (``2m^2 + 2n^2``), ``λ`` and the engine's tracked ``diag(Q^T S Q)``
+  (``2(m + n)``): SOAP's less one ``mn`` (its ``v``).
+
+  Args:
+    b1: decay of the momentum, in [0, 1).
+    shampoo_beta: ``β``, the decay of the factors and of the estimates.
+    eps: added to ``⊗ sqrt(λ_k)``, >= 0.
+    initial_eigenvalue: the estimates' starting value, > 0 (the authors'
+      ``init_factor``).
+    eigenvalues: ``"running"`` (the practical algorithm) or ``"refresh"``
+      (above).
+    precondition_frequency: refresh the bases every this many calls, or
+      ``"adaptive"`` / an :class:`soap_optax.AdaptiveRefresh`.
+    max_precond_dim: axes longer than this keep the identity basis.
+    merge_dims: merge consecutive axes before factoring.
+    precondition_1d: give 1-D parameters a factor.
+    one_sided: a factor only on the shortest axis of each unit.
+    mu_dtype: dtype of the momentum; ``None`` keeps the statistics' dtype.
+    dimension_numbers: batch axes per parameter.
+    block_size: cut longer axes into blocks with their own factors.
+    staggered_refresh: spread the refreshes over the ``precondition_frequency``
+      calls.
+    rounding_floor: ``λ_k + (κ ε)^2 sum(λ_k)`` in the update (see
+      :func:`soap_optax._engine.with_separable_rounding_floor`).
+    mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
+    shard_axes: the mesh axes to divide over (``None``: all).
+    refresh: ``"qr"`` (the authors') or ``"eigh"``.
+
+    The engine options are described in full at
+    :class:`soap_optax._skeleton.EngineConfig`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Lin, Lowe, Dangel, Eschenhagen, Xu and Grosse, `Understanding and
+    Improving Shampoo and SOAP via Kullback-Leibler Minimization
+    <https://arxiv.org/abs/2509.03378>`_, ICLR 2026.
+  """
+  config = _skeleton.EngineConfig.from_arguments(locals())
+  _checks.check_beta('b1', b1)
+  _checks.check_beta('shampoo_beta', shampoo_beta)
+  _checks.check_nonnegative('eps', eps)
+  _checks.check_positive('initial_eigenvalue', initial_eigenvalue)
+  _checks.check_choice('eigenvalues', eigenvalues, EIGENVALUE_MODES)
+  return _skeleton.eigenbasis_transform(_KLShampooRule(
+      b1=b1, factor_beta=shampoo_beta, eps=eps,
+      initial_eigenvalue=initial_eigenvalue,
+      running=eigenvalues == 'running', rounding_floor=rounding_floor,
+      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype)), config)
