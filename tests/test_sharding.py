@@ -74,6 +74,8 @@ ALL = {
     'soap': soap_optax.soap,
     'factorized_soap': soap_optax.factorized_soap,
     'shampoo': soap_optax.shampoo,
+    'scale_by_kl_shampoo': soap_optax.scale_by_kl_shampoo,
+    'kl_shampoo': soap_optax.kl_shampoo,
 }
 
 
@@ -235,9 +237,9 @@ def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
   12 steps with refreshes at 0, 5 and 10; in float64 also adaptive SOAP,
   and a combined tree of what the others leave out: Adafactor in the
   eigenbasis with blocks, Shampoo with FoamRefresh, each with a unit
-  rejected on step 4."""
+  rejected on step 4, and KL-Shampoo."""
   results = _run_check('parity', dtype)
-  assert len(results) == (9 if dtype == 'float64' else 3)
+  assert len(results) == (10 if dtype == 'float64' else 3)
   for key, r in results.items():
     assert r['relative_error'] <= tolerance, f'{key}: {r}'
     assert r['engines'] == 1, f'{key}: {r}'
