@@ -35,8 +35,8 @@ import sysconfig
 import time
 from typing import Any, Callable
 
-OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_shared_lr', 'shampoo',
-              'factorized_soap',
+OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
+              'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
               # For the numerics comparisons (BENCHMARKS.md section 7):
               'soap_no_floor', 'shampoo_ungrafted')
 
@@ -47,8 +47,11 @@ OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_shared_lr', 'shampoo',
 # instead.
 DEFAULT_LEARNING_RATES = {
     'adamw': 3e-3,
-    'muon': 3e-2,
+    'muon': 1e-2,
+    'muon_all_matrices': 3e-2,
     'muon_shared_lr': 3e-3,
+    'kl_shampoo': 3e-3,
+    'kl_soap': 3e-3,
     'soap': 3e-3,
     'shampoo': 3e-3,
     'factorized_soap': 3e-3,
@@ -78,7 +81,7 @@ SOAP_PARAMS = ('all', 'matrices', 'hidden')
 # rest, constant rate 3e-3. (Config's own defaults are the library's.)
 TUNED_SOAP = dict(precondition_frequency=2, soap_b2=0.9, soap_params='hidden')
 EIGENBASIS_OPTIMIZERS = ('soap', 'factorized_soap', 'shampoo', 'soap_no_floor',
-                         'shampoo_ungrafted')
+                         'shampoo_ungrafted', 'kl_shampoo', 'kl_soap')
 
 
 class UsageError(Exception):
@@ -113,6 +116,9 @@ class Config:
   soap_b2: float = 0.95
   soap_params: str = 'all'
   one_sided: bool = False
+  # The rate of Muon's Adam part and of the eigenbasis optimizers' AdamW part
+  # (soap_params 'matrices'/'hidden').
+  adam_lr: float = ADAM_PART_LEARNING_RATE
 
 
 # ------------------------------------------------------------------------------
@@ -163,6 +169,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       f'{ADAM_PART_LEARNING_RATE:g}: all, matrices (vectors '
                       'to AdamW) or hidden (the blocks\' matrices only); '
                       'default %(default)s')
+  parser.add_argument('--adam-lr', type=float,
+                      default=ADAM_PART_LEARNING_RATE,
+                      help='rate of muon\'s Adam part and of the AdamW part '
+                      'of the eigenbasis optimizers (--soap-params matrices/'
+                      'hidden); default %(default)g')
   parser.add_argument('--one-sided', action='store_true',
                       help='soap and factorized_soap rotate only the shorter '
                       'axis of each matrix')
@@ -234,9 +245,11 @@ def build_config(args: argparse.Namespace) -> Config:
                      f'({args.steps}), got {args.warmup_steps}')
   if not 0 <= args.soap_b2 < 1:
     raise UsageError(f'--soap-b2 must be in [0, 1), got {args.soap_b2}')
+  if not args.adam_lr > 0:
+    raise UsageError(f'--adam-lr must be > 0, got {args.adam_lr}')
   if args.one_sided and any(o.startswith('shampoo') for o in optimizers):
-    raise UsageError('--one-sided: soap and factorized_soap only (shampoo '
-                     'has no one-sided variant)')
+    raise UsageError('--one-sided: soap, factorized_soap, kl_shampoo and '
+                     'kl_soap only (shampoo has no one-sided variant)')
   learning_rates = dict(DEFAULT_LEARNING_RATES)
   for item in filter(None, (s.strip() for s in args.lr.split(','))):
     name, _, value = item.partition('=')
@@ -255,7 +268,7 @@ def build_config(args: argparse.Namespace) -> Config:
       corpus=os.path.abspath(args.text_file) if args.text_file else 'stdlib',
       schedule=args.schedule, warmup_steps=args.warmup_steps,
       soap_b2=args.soap_b2, soap_params=args.soap_params,
-      one_sided=args.one_sided)
+      one_sided=args.one_sided, adam_lr=args.adam_lr)
 
 
 def default_warmup_steps(schedule: str, steps: int) -> int:
@@ -393,6 +406,27 @@ def build(config: Config):
       return 'adamw'
     return jax.tree_util.tree_map_with_path(label, params)
 
+  def muon_dimension_numbers(params):
+    """Muon as its users route it: the blocks' matrices only, the 3-D
+    attention kernels as matrices (query/key/value ``(d, heads, head_dim)``
+    reduce over ``d``; the output ``(heads, head_dim, d)`` over its first
+    two axes); ``None`` (Adam) for the embedding, the position table, the
+    head and the vectors."""
+    muon = optax.contrib.MuonDimensionNumbers
+    def spec(path, leaf):
+      names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+      if names[0] != 'blocks' or 'kernel' not in names:
+        return None
+      if jnp.ndim(leaf) == 2:
+        return muon()
+      if 'out' in names:
+        return muon(reduction_axis=(0, 1), output_axis=2)
+      return muon(reduction_axis=0, output_axis=(1, 2))
+    # One spec per parameter, in place of its nnx.Variable (a prefix of the
+    # parameters' tree).
+    return jax.tree_util.tree_map_with_path(
+        spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
   def make_optimizer(name: str, learning_rate: float):
     wd = config.weight_decay
     freq = config.precondition_frequency
@@ -400,14 +434,20 @@ def build(config: Config):
     b2 = config.soap_b2
     factories: dict[str, Callable[[], Any]] = {
         'adamw': lambda: adamw(learning_rate),
-        # optax's Muon: Newton-Schulz-orthogonalized momentum on the
-        # matrices, Adam on the rest (vectors, and the 3-D attention
-        # kernels), the same decoupled weight decay. 'muon' gives the Adam
-        # part AdamW's best rate on this model (3e-3) and the matrices their
-        # own; 'muon_shared_lr' is optax's default, one rate for both.
+        # optax's Muon: Newton-Schulz-orthogonalized momentum on matrices,
+        # Adam on the rest, the same decoupled weight decay. 'muon' is routed
+        # as Muon's users route it (muon_dimension_numbers), its Adam part at
+        # --adam-lr; 'muon_all_matrices' is optax's default routing (every
+        # 2-D leaf, the embedding and head included; the 3-D attention
+        # kernels to Adam) with the Adam part at --adam-lr;
+        # 'muon_shared_lr' is optax's default routing and one rate for both.
         'muon': lambda: optax.contrib.muon(
             lr, weight_decay=wd, adam_weight_decay=wd,
-            adam_learning_rate=schedule(ADAM_PART_LEARNING_RATE)),
+            adam_learning_rate=schedule(config.adam_lr),
+            muon_weight_dimension_numbers=muon_dimension_numbers),
+        'muon_all_matrices': lambda: optax.contrib.muon(
+            lr, weight_decay=wd, adam_weight_decay=wd,
+            adam_learning_rate=schedule(config.adam_lr)),
         'muon_shared_lr': lambda: optax.contrib.muon(
             lr, weight_decay=wd, adam_weight_decay=wd),
         'soap': lambda: soap_optax.soap(
@@ -425,11 +465,17 @@ def build(config: Config):
         'shampoo_ungrafted': lambda: soap_optax.shampoo(
             lr, shampoo_beta=b2, weight_decay=wd,
             precondition_frequency=freq, grafting='none'),
+        'kl_shampoo': lambda: soap_optax.kl_shampoo(
+            lr, shampoo_beta=b2, weight_decay=wd,
+            precondition_frequency=freq, one_sided=config.one_sided),
+        'kl_soap': lambda: soap_optax.soap(
+            lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
+            one_sided=config.one_sided, factor_estimator='kl'),
     }
     tx = factories[name]()
     if name in EIGENBASIS_OPTIMIZERS and config.soap_params != 'all':
       tx = optax.partition(
-          {'eigenbasis': tx, 'adamw': adamw(ADAM_PART_LEARNING_RATE)},
+          {'eigenbasis': tx, 'adamw': adamw(config.adam_lr)},
           soap_labels)
     return tx
 
@@ -457,6 +503,8 @@ def build(config: Config):
   return dict(jax=jax, jnp=jnp, nnx=nnx, optax=optax,
               ByteTransformer=ByteTransformer, make_optimizer=make_optimizer,
               soap_labels=soap_labels, schedule=schedule,
+              muon_dimension_numbers=muon_dimension_numbers,
+              optimizer_state=optimizer_state,
               loss_fn=loss_fn, train_step=train_step, eval_loss=eval_loss)
 
 
@@ -546,6 +594,9 @@ def train_one(lib, config, name, learning_rate, data, out_dir, args, progress):
   record['finished'] = True
   record['optimizer_step_share'] = optimizer_step_share(
       lib, model, optimizer, train_dev, config)
+  record['state_bytes'] = sum(
+      leaf.nbytes for leaf in jax.tree.leaves(
+          lib['optimizer_state'](optimizer)) if hasattr(leaf, 'nbytes'))
   record['tokens_per_second'] = tokens_per_step * (
       config.steps - start_step) / max(train_time, 1e-9)
   return record
