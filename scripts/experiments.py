@@ -55,7 +55,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PARTS = ('kronecker', 'lm', 'muon', 'refresh', 'soap_vs_muon')
+PARTS = ('kronecker', 'lm', 'muon', 'refresh', 'soap_vs_muon', 'kl_vs_muon',
+         'chinchilla')
 FREQUENCIES = (1, 10, 30, 100)
 # Part 'refresh': the fixed intervals against the adaptive policies.
 SCHEDULES = (1, 10, 30, 100, 'adaptive')
@@ -103,6 +104,11 @@ def kronecker_factories(frequency: int):
           one_sided=True),
       'factorized_soap': lambda learning_rate: soap_optax.factorized_soap(
           learning_rate, weight_decay=0.0, precondition_frequency=frequency),
+      'kl_shampoo': lambda learning_rate: soap_optax.kl_shampoo(
+          learning_rate, weight_decay=0.0, precondition_frequency=frequency),
+      'kl_soap': lambda learning_rate: soap_optax.soap(
+          learning_rate, weight_decay=0.0, precondition_frequency=frequency,
+          factor_estimator='kl'),
   }
 
 
@@ -152,7 +158,8 @@ def run_kronecker(jax, quick: bool):
   runs = []  # (frequency, optimizer)
   for f in frequencies:
     runs += [(f, 'soap'), (f, 'shampoo')]
-  runs += [(10, 'adamw'), (10, 'soap_one_sided'), (10, 'factorized_soap')]
+  runs += [(10, 'adamw'), (10, 'soap_one_sided'), (10, 'factorized_soap'),
+           (10, 'kl_shampoo'), (10, 'kl_soap')]
   # curves[(f, name)][seed] = normalized loss curves over the grid.
   curves = {}
   for f, name in runs:
@@ -553,7 +560,7 @@ def _options_label(name, options):
   that differ from SOAP_BASE (the eigenbasis optimizers), or the schedule
   alone (AdamW, Muon)."""
   parts = [name]
-  if name in ('soap', 'factorized_soap', 'shampoo'):
+  if name in ('soap', 'factorized_soap', 'shampoo', 'kl_shampoo', 'kl_soap'):
     if options['precondition_frequency'] != SOAP_BASE['precondition_frequency']:
       parts.append(f'f={options["precondition_frequency"]}')
     if options['soap_b2'] != SOAP_BASE['soap_b2']:
@@ -564,6 +571,8 @@ def _options_label(name, options):
       parts.append('one-sided')
   if options['schedule'] != 'constant':
     parts.append('warmup+cosine')
+  if options.get('adam_lr', 3e-3) != 3e-3:
+    parts.append(f'adam={options["adam_lr"]:g}')
   return ' '.join(parts)
 
 
@@ -948,6 +957,236 @@ def refresh_tables(results) -> str:
 # Plots and main.
 
 
+# ------------------------------------------------------------------------------
+# Part 'kl_vs_muon': KL-Shampoo and KL-SOAP against tuned SOAP, the strong
+# Muon and AdamW on the main job.
+
+# The Adam/AdamW part's rate, tuned alike for Muon and the eigenbasis
+# optimizers.
+ADAM_PART_GRID = (3e-3, 1e-2)
+# Rate grids (extended while the best is at an edge).
+KL_GRIDS = {'adamw': (3e-3,), 'muon': (1e-2, 3e-2), 'soap': (3e-3,),
+            'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,)}
+KL_SEEDS = (0, 1)
+
+
+def _kl_options(name, adam_lr):
+  """The main job's tuned SOAP settings for the eigenbasis optimizers (its
+  refresh interval, b2 = shampoo_beta, the blocks' matrices only) and the
+  Adam part's rate; AdamW alone has none."""
+  import train_lm  # pylint: disable=g-import-not-at-top
+  if name == 'adamw':
+    return {}
+  if name == 'muon':
+    return dict(adam_lr=adam_lr)
+  return dict(train_lm.TUNED_SOAP, adam_lr=adam_lr)
+
+
+def run_kl_vs_muon(quick: bool, out_dir: pathlib.Path):
+  """Each optimizer over its rate grid and ADAM_PART_GRID on seed 0; the best
+  (fewest steps to AdamW's final loss, then the lowest final loss) again on
+  seed 1 (its target: AdamW on seed 1)."""
+  sizes = LM_QUICK if quick else LM_MAIN
+  sweep = LmSweep(sizes, out_dir / 'kl_vs_muon')
+  adam_grid = ADAM_PART_GRID[:1] if quick else ADAM_PART_GRID
+  extend = 0 if quick else 2
+  seeds = KL_SEEDS[:1] if quick else KL_SEEDS
+  adamw = {seed: sweep.run('adamw', 3e-3, seed) for seed in seeds}
+  targets = {seed: r['valid_loss'][-1] for seed, r in adamw.items()}
+  rows, best = [], {}
+  for name, rates in KL_GRIDS.items():
+    if name == 'adamw':
+      continue
+    runs = []
+    for adam_lr in adam_grid:
+      options = _kl_options(name, adam_lr)
+      grid = sweep.grid(name, rates[:1] if quick else rates, extend=extend,
+                        **options)
+      runs += [(record, grid) for record in grid.values()]
+    for record, grid in runs:
+      rows.append(_kl_row(record, targets[0]))
+    chosen = min(runs, key=lambda r: _score(r[0], targets[0]))[0]
+    best[name] = [_kl_row(chosen, targets[0])] + [
+        _kl_row(sweep.run(name, chosen['learning_rate'], seed,
+                          **_kl_options(name, chosen['options'].get(
+                              'adam_lr', 3e-3))), targets[seed])
+        for seed in seeds[1:]]
+  best['adamw'] = [_kl_row(adamw[seed], targets[seed]) for seed in seeds]
+  gpt2 = gpt2_state_bytes()
+  return dict(sizes=sizes, targets=[targets[s] for s in seeds],
+              seeds=list(seeds), adam_grid=list(adam_grid), rows=rows,
+              best=best, gpt2_state=gpt2)
+
+
+def _kl_row(record, target):
+  row = _row(record, target)
+  row.update(adam_lr=record['options'].get('adam_lr'),
+             state_bytes=record.get('state_bytes'))
+  return row
+
+
+def gpt2_state_bytes():
+  """Optimizer state of GPT-2 small (124 M parameters, no allocation): AdamW,
+  SOAP, KL-Shampoo and KL-SOAP, every parameter to the optimizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  params = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32) for k, shape in
+            benchmark.transformer_shapes(768, 12, 50257, 1024).items()}
+  txs = {'adamw': optax.adamw(1e-3)}
+  for label, layout in (('', {}), (' one-sided', dict(one_sided=True)),
+                        (' block_size=1024', dict(block_size=1024))):
+    txs['soap' + label] = soap_optax.soap(**layout)
+    txs['kl_shampoo' + label] = soap_optax.kl_shampoo(**layout)
+  txs['kl_soap'] = soap_optax.soap(factor_estimator='kl')
+  return {name: soap_optax.state_nbytes(jax.eval_shape(tx.init, params))
+          for name, tx in txs.items()}
+
+
+def kl_vs_muon_tables(section) -> str:
+  sizes = section['sizes']
+  lines = [
+      f'Main job (d {sizes["d_model"]}, {sizes["num_layers"]} layers, '
+      f'{sizes["steps"]} steps, evaluated every {sizes["eval_every"]}); '
+      f'eigenbasis optimizers with the tuned SOAP settings (refresh every 2, '
+      f'b2 = shampoo_beta = 0.9, the blocks\' matrices only, AdamW on the '
+      f'rest); Muon on the blocks\' matrices (attention kernels as '
+      f'matrices), Adam on the rest. Target: AdamW\'s final loss at 3e-3 '
+      f'per seed ({", ".join(f"{t:.4f}" for t in section["targets"])}).', '',
+      '| optimizer | lr | Adam part | seed | final valid loss | steps to '
+      'AdamW\'s | s to AdamW\'s | wall-clock s | opt-step share | state KiB |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  def line(r):
+    share, adam_lr = r['optimizer_step_share'], r['adam_lr']
+    return (f'| {r["optimizer"]} | {r["lr"]:g} | '
+            f'{"–" if adam_lr is None else f"{adam_lr:g}"} | '
+            f'{r["seed"]} | {r["final_valid_loss"]:.4f} | {_steps_cell(r)} | '
+            f'{_seconds_cell(r["seconds_to_target"])} | {r["seconds"]:.0f} | '
+            f'{"–" if share is None else f"{100 * share:.0f}%"} | '
+            f'{"–" if r["state_bytes"] is None else r["state_bytes"] // 1024} |')
+  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap')
+  lines += [line(r) for name in order for r in section['best'].get(name, [])]
+  lines += ['', 'Every run on seed 0:', '',
+            '| optimizer | lr | Adam part | final valid loss | steps to '
+            'AdamW\'s |', '| --- | --- | --- | --- | --- |']
+  lines += [f'| {r["optimizer"]} | {r["lr"]:g} | {r["adam_lr"]:g} | '
+            f'{r["final_valid_loss"]:.4f} | {_steps_cell(r)} |'
+            for r in section['rows']]
+  gpt2 = section['gpt2_state']
+  lines += ['', 'Optimizer state of GPT-2 small (124 M parameters, every one '
+            'to the optimizer, float32):', '',
+            '| optimizer | state MiB | × AdamW | × SOAP (same layout) |',
+            '| --- | --- | --- | --- |']
+  for name, nbytes in gpt2.items():
+    soap = gpt2.get(name.replace('kl_shampoo', 'soap').replace('kl_soap',
+                                                                'soap'))
+    lines.append(f'| {name} | {nbytes / 2**20:,.0f} | '
+                 f'{nbytes / gpt2["adamw"]:.2f} | '
+                 f'{"–" if name == "adamw" else f"{nbytes / soap:.2f}"} |')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------
+# Part 'chinchilla': the ranking against tokens per parameter.
+
+# A model small enough that 8x Chinchilla (160 tokens per parameter) runs in
+# minutes: every parameter counted, the embedding and head included.
+CHINCHILLA_MODEL = dict(batch_size=32, seq_len=64, d_model=32, num_layers=2,
+                        num_heads=2, eval_batches=8)
+CHINCHILLA_QUICK = dict(batch_size=8, seq_len=32, d_model=16, num_layers=1,
+                        num_heads=2, eval_batches=2)
+# Tokens per parameter: 1x, 4x and 8x Chinchilla's 20.
+TOKENS_PER_PARAMETER = (20, 80, 160)
+CHINCHILLA_GRIDS = {'adamw': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 1e-1),
+                    'soap': (1e-3, 3e-3, 1e-2),
+                    'kl_shampoo': (1e-3, 3e-3, 1e-2)}
+
+
+def chinchilla_parameters(model) -> int:
+  """The main job's ByteTransformer's parameter count at these sizes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import train_lm  # pylint: disable=g-import-not-at-top
+  config = train_lm.Config(
+      optimizers=('adamw',), learning_rates=(1e-3,), steps=1, eval_every=1,
+      weight_decay=0.0, precondition_frequency=1, seed=0, corpus='stdlib',
+      **model)
+  built = train_lm.build(config)['ByteTransformer'](nnx.Rngs(0))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(built, nnx.Param)))
+
+
+def run_chinchilla(quick: bool, out_dir: pathlib.Path):
+  """AdamW, the strong Muon, SOAP and KL-Shampoo (the main job's routing and
+  tuned settings) at 1x, 4x and 8x Chinchilla tokens per parameter: each at
+  its best rate of a short grid at 1x, rechecked one rung either side at 8x;
+  the final validation loss per ratio."""
+  model = CHINCHILLA_QUICK if quick else CHINCHILLA_MODEL
+  ratios = TOKENS_PER_PARAMETER[:2] if quick else TOKENS_PER_PARAMETER
+  parameters = chinchilla_parameters(model)
+  tokens_per_step = model['batch_size'] * model['seq_len']
+  runs = {}  # (name, ratio, lr) -> record
+
+  def run(name, ratio, lr):
+    if (name, ratio, lr) not in runs:
+      steps = (10 if quick else
+               max(1, round(ratio * parameters / tokens_per_step)))
+      sizes = dict(model, steps=steps, eval_every=max(1, steps // 10))
+      sweep = LmSweep(sizes, out_dir / 'chinchilla' / f'{ratio}')
+      runs[(name, ratio, lr)] = sweep.run(name, lr, 0,
+                                          **_kl_options(name, 3e-3))
+    return runs[(name, ratio, lr)]
+
+  final = lambda r: r['valid_loss'][-1]
+  grids = {name: (grid[1:2] if quick else grid)
+           for name, grid in CHINCHILLA_GRIDS.items()}
+  best = {}
+  for name, grid in grids.items():
+    best_lr = min(grid, key=lambda lr: final(run(name, ratios[0], lr)))
+    best[name] = {ratios[0]: best_lr}
+    for ratio in ratios[1:]:
+      rates = [best_lr]
+      if ratio == ratios[-1] and not quick:
+        rates = list(_rungs_around(best_lr))
+      best[name][ratio] = min(rates, key=lambda lr: final(run(name, ratio,
+                                                                lr)))
+  rows = [dict(optimizer=name, tokens_per_parameter=ratio, lr=lr,
+               steps=runs[(name, ratio, lr)]['steps'][-1],
+               final_valid_loss=final(runs[(name, ratio, lr)]),
+               seconds=runs[(name, ratio, lr)]['wall_clock'][-1],
+               grid={f'{g:g}': final(r) for (n, q, g), r in runs.items()
+                     if n == name and q == ratio})
+          for name, per_ratio in best.items()
+          for ratio, lr in per_ratio.items()]
+  ranking = {ratio: [r['optimizer'] for r in sorted(
+      (r for r in rows if r['tokens_per_parameter'] == ratio),
+      key=lambda r: r['final_valid_loss'])] for ratio in ratios}
+  return dict(model=model, parameters=parameters,
+              tokens_per_step=tokens_per_step, ratios=list(ratios), rows=rows,
+              ranking={str(k): v for k, v in ranking.items()})
+
+
+def chinchilla_table(section) -> str:
+  m = section['model']
+  lines = [
+      f'Model: d {m["d_model"]}, {m["num_layers"]} layers, '
+      f'{section["parameters"]:,} parameters (all counted), '
+      f'{section["tokens_per_step"]} tokens per step; one seed. Each '
+      f'optimizer at its best rate at 1× (and of its rung either side at the '
+      f'largest ratio).', '',
+      '| tokens / parameter | × Chinchilla | optimizer | lr | steps | final '
+      'valid loss | wall-clock s |', '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in sorted(section['rows'], key=lambda r: (r['tokens_per_parameter'],
+                                                  r['final_valid_loss'])):
+    lines.append(
+        f'| {r["tokens_per_parameter"]} | {r["tokens_per_parameter"] / 20:g} | '
+        f'{r["optimizer"]} | {r["lr"]:g} | {r["steps"]} | '
+        f'{r["final_valid_loss"]:.4f} | {r["seconds"]:.0f} |')
+  lines += ['', 'Ranking (best first): ' + '; '.join(
+      f'{int(k) / 20:g}×: {" < ".join(v)}'
+      for k, v in section['ranking'].items()) + '.']
+  return '\n'.join(lines)
+
+
 def plot(results, out_dir):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -981,6 +1220,21 @@ def plot(results, out_dir):
     ax.grid(alpha=0.3, which='both')
     ax.legend()
     paths.append(benchmark.save_figure(fig, out_dir / 'frequency.png'))
+  if 'chinchilla' in results:
+    c = results['chinchilla']
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r['optimizer'] for r in c['rows']):
+      mine = sorted((r['tokens_per_parameter'], r['final_valid_loss'])
+                    for r in c['rows'] if r['optimizer'] == name)
+      ax.plot([t for t, _ in mine], [v for _, v in mine], 'o-', label=name)
+    ax.set_xscale('log')
+    ax.set_xticks(c['ratios'], [f'{t} ({t / 20:g}×)' for t in c['ratios']])
+    ax.set_xlabel('tokens per parameter (× Chinchilla)')
+    ax.set_ylabel('final validation loss (nats/byte)')
+    ax.set_title(f'{c["parameters"]:,} parameters, best rate per optimizer')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend()
+    paths.append(benchmark.save_figure(fig, out_dir / 'chinchilla.png'))
   if 'lm' in results:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results['lm']['rows']:
@@ -1072,6 +1326,14 @@ def main(argv) -> int:
       results[part] = run_soap_vs_muon(args.quick, out_dir)
       text += ['', '### SOAP against Muon, tuned', '',
                soap_vs_muon_tables(results[part])]
+    elif part == 'kl_vs_muon':
+      results[part] = run_kl_vs_muon(args.quick, out_dir)
+      text += ['', '### KL-Shampoo against the strong Muon', '',
+               kl_vs_muon_tables(results[part])]
+    elif part == 'chinchilla':
+      results[part] = run_chinchilla(args.quick, out_dir)
+      text += ['', '### The ranking against tokens per parameter', '',
+               chinchilla_table(results[part])]
     elif part == 'muon':
       results[part] = run_muon(args.quick, out_dir)
       text += ['', '### SOAP, AdamW and Muon on the main job', '',
