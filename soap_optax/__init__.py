@@ -22,6 +22,7 @@ from soap_optax._kl_shampoo import ScaleByKLShampooState
 from soap_optax._refresh import AdaptiveRefresh
 from soap_optax._refresh import FoamRefresh
 from soap_optax._rotated_adam import scale_by_rotated_adam
+from soap_optax._rotated_adam import ScaleByRotatedAdamKLState
 from soap_optax._rotated_adam import ScaleByRotatedAdamState
 from soap_optax._shampoo import scale_by_shampoo_eigenbasis
 from soap_optax._shampoo import ScaleByShampooEigenbasisState
@@ -37,6 +38,7 @@ __all__ = (
     'GraftingState',
     'ScaleByAdafactorInEigenbasisState',
     'ScaleByKLShampooState',
+    'ScaleByRotatedAdamKLState',
     'ScaleByRotatedAdamState',
     'ScaleByShampooEigenbasisState',
     'diagnostics',

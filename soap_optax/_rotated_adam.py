@@ -33,15 +33,27 @@ class ScaleByRotatedAdamState(NamedTuple):
       each stack (Adafactor's row and column statistics).
     eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
       Adam step ``t`` once the first call has initialized the preconditioner.
-    eigenvalues: with ``factor_estimator="kl"``, the KL rule's eigenvalue
-      estimates ``λ_k``, ``(U, d_k)`` per stack and (merged) axis, flat (see
-      :func:`soap_optax.scale_by_kl_shampoo`); otherwise empty.
   """
 
   mu: tuple[jax.Array, ...]
   nu: tuple[jax.Array, ...]
   eigenbasis: _state.EigenbasisState
-  eigenvalues: tuple[jax.Array, ...] = ()
+
+
+class ScaleByRotatedAdamKLState(NamedTuple):
+  """State of :func:`scale_by_rotated_adam` with ``factor_estimator="kl"``
+  (KL-SOAP): :class:`ScaleByRotatedAdamState`'s fields and
+
+  Attributes:
+    eigenvalues: the KL rule's eigenvalue estimates ``λ_k``, ``(U, d_k)`` per
+      stack and (merged) axis, flat (see
+      :func:`soap_optax.scale_by_kl_shampoo`).
+  """
+
+  mu: tuple[jax.Array, ...]
+  nu: tuple[jax.Array, ...]
+  eigenbasis: _state.EigenbasisState
+  eigenvalues: tuple[jax.Array, ...]
 
 
 class _RotatedAdamStack(NamedTuple):
@@ -65,9 +77,12 @@ class _RotatedAdamRule(_skeleton.Rule):
   mu_dtype: Any
   kl: bool
 
-  State = ScaleByRotatedAdamState
   refresh_first = False
   initializes_first = True
+
+  @property
+  def State(self):  # pylint: disable=invalid-name
+    return ScaleByRotatedAdamKLState if self.kl else ScaleByRotatedAdamState
 
   def init_stack(self, stack):
     shape = (stack.num_slots,) + stack.layout.merged_shape

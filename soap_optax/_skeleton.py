@@ -260,7 +260,9 @@ def _from_public(rule: Rule, state: Any) -> list[Any]:
   for shape in shapes:
     fields = {}
     for name, like in zip(shape._fields, shape):
-      flat, start = getattr(state, name), starts[name]
+      # (A per-stack field the public state lacks is empty: a rule option
+      # that is off.)
+      flat, start = getattr(state, name, ()), starts[name]
       count = len(like) if isinstance(like, tuple) else 1
       part = tuple(flat[start:start + count])
       fields[name] = part if isinstance(like, tuple) else part[0]
