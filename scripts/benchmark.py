@@ -250,6 +250,8 @@ def make_optimizer(name: str, frequency: int = FREQUENCY,
       'soap_one_sided': lambda: soap_optax.soap(
           learning_rate, precondition_frequency=frequency, one_sided=True,
           **layout),
+      'kl_shampoo': lambda: soap_optax.kl_shampoo(
+          learning_rate, precondition_frequency=frequency, **layout),
   }
   return factories[name]()
 
@@ -616,7 +618,9 @@ def formula_numbers(name: str, shape) -> int:
   axis; factorized SOAP keeps m plus one vector per axis; Shampoo keeps
   ``GG_i``, ``Q_i`` per rotated axis, ``diag(GG)`` per other axis, eigenvalues
   and Rayleigh quotients per axis, the Adam graft's v and the momentum
-  (``2 numel``). Every eigenbasis optimizer also tracks ``diag(Q_i^T GG_i
+  (``2 numel``); KL-Shampoo keeps ``GG_i``, ``Q_i``, the momentum and one
+  eigenvalue estimate per entry of every axis. Every eigenbasis optimizer
+  also tracks ``diag(Q_i^T GG_i
   Q_i)`` (``d_i``) per rotated axis, for the staleness, and two counters
   per unit (the parameter here; each block with ``block_size``).
   """
@@ -631,6 +635,8 @@ def formula_numbers(name: str, shape) -> int:
   if name in ('soap', 'soap_one_sided'):
     return factors + 2 * size + tracking
   if name in ('factorized_soap', 'factorized_soap_one_sided'):
+    return factors + size + sum(axes) + tracking
+  if name == 'kl_shampoo':  # m and one eigenvalue estimate per axis entry.
     return factors + size + sum(axes) + tracking
   if name == 'shampoo':
     unrotated = len(axes) - len(rotated)
@@ -660,6 +666,9 @@ MEMORY_VARIANTS = (
      dict(block_size=1024), 'soap_one_sided'),
     ('factorized_soap one-sided', 'factorized_soap', dict(one_sided=True),
      'factorized_soap_one_sided'),
+    ('kl_shampoo', 'kl_shampoo', {}, 'kl_shampoo'),
+    ('kl_shampoo block_size=1024', 'kl_shampoo', dict(block_size=1024),
+     'kl_shampoo'),
 )
 
 

@@ -45,9 +45,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
 
   # The state sizes of every variant equal the closed forms written in the
   # script, for single matrices, the small transformer and GPT-2 small.
-  memory = results['memory']['rows']
+  memory = results['memory']['rows'] + results['memory']['variants']
   assert memory and all(r['exact'] for r in memory), [
       r for r in memory if not r['exact']]
+  assert {'kl_shampoo', 'kl_shampoo block_size=1024'} <= {
+      r['variant'] for r in results['memory']['variants']}
 
   refresh = results['refresh']
   assert {r['method'] for r in refresh['batched']} == {'eigh', 'qr'}
