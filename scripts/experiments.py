@@ -958,16 +958,19 @@ def refresh_tables(results) -> str:
 
 
 # ------------------------------------------------------------------------------
-# Part 'kl_vs_muon': KL-Shampoo and KL-SOAP against tuned SOAP, the strong
-# Muon and AdamW on the main job.
+# Part 'kl_vs_muon': KL-Shampoo and KL-SOAP against tuned SOAP, grafted
+# Shampoo, the strong Muon and AdamW on the main job.
 
 # The Adam/AdamW part's rate, tuned alike for Muon and the eigenbasis
 # optimizers.
 ADAM_PART_GRID = (3e-3, 1e-2)
 # Rate grids (extended while the best is at an edge).
 KL_GRIDS = {'adamw': (3e-3,), 'muon': (1e-2, 3e-2), 'soap': (3e-3,),
-            'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,)}
+            'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,),
+            'shampoo': (3e-3, 1e-2)}
 KL_SEEDS = (0, 1)
+# KL-Shampoo's factor decay away from SOAP's tuned 0.9, at its best rate.
+KL_VARIANTS = (dict(soap_b2=0.95), dict(soap_b2=0.99))
 
 
 def _kl_options(name, adam_lr):
@@ -1006,6 +1009,10 @@ def run_kl_vs_muon(quick: bool, out_dir: pathlib.Path):
     for record, grid in runs:
       rows.append(_kl_row(record, targets[0]))
     chosen = min(runs, key=lambda r: _score(r[0], targets[0]))[0]
+    if name == 'kl_shampoo' and not quick:
+      for variant in KL_VARIANTS:
+        rows.append(_kl_row(sweep.run(name, chosen['learning_rate'], **{
+            **chosen['options'], **variant}), targets[0]))
     best[name] = [_kl_row(chosen, targets[0])] + [
         _kl_row(sweep.run(name, chosen['learning_rate'], seed,
                           **_kl_options(name, chosen['options'].get(
@@ -1064,12 +1071,12 @@ def kl_vs_muon_tables(section) -> str:
             f'{_seconds_cell(r["seconds_to_target"])} | {r["seconds"]:.0f} | '
             f'{"–" if share is None else f"{100 * share:.0f}%"} | '
             f'{"–" if r["state_bytes"] is None else r["state_bytes"] // 1024} |')
-  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap')
+  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap', 'shampoo')
   lines += [line(r) for name in order for r in section['best'].get(name, [])]
   lines += ['', 'Every run on seed 0:', '',
-            '| optimizer | lr | Adam part | final valid loss | steps to '
+            '| run | lr | Adam part | final valid loss | steps to '
             'AdamW\'s |', '| --- | --- | --- | --- | --- |']
-  lines += [f'| {r["optimizer"]} | {r["lr"]:g} | {r["adam_lr"]:g} | '
+  lines += [f'| {r["label"]} | {r["lr"]:g} | {r["adam_lr"]:g} | '
             f'{r["final_valid_loss"]:.4f} | {_steps_cell(r)} |'
             for r in section['rows']]
   gpt2 = section['gpt2_state']
@@ -1091,7 +1098,7 @@ def kl_vs_muon_tables(section) -> str:
 
 # A model small enough that 8x Chinchilla (160 tokens per parameter) runs in
 # minutes: every parameter counted, the embedding and head included.
-CHINCHILLA_MODEL = dict(batch_size=32, seq_len=64, d_model=32, num_layers=2,
+CHINCHILLA_MODEL = dict(batch_size=32, seq_len=64, d_model=16, num_layers=2,
                         num_heads=2, eval_batches=8)
 CHINCHILLA_QUICK = dict(batch_size=8, seq_len=32, d_model=16, num_layers=1,
                         num_heads=2, eval_batches=2)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
+from soap_optax import _engine
 from soap_optax import _grafting
 from soap_optax import _kl_shampoo
 from soap_optax import _rotated_adam
@@ -364,7 +365,7 @@ def kl_shampoo(
     shampoo_beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.01,
-    initial_eigenvalue: jax.typing.ArrayLike = 0.1,
+    initial_eigenvalue: jax.typing.ArrayLike = _engine.KL_INITIAL_EIGENVALUE,
     eigenvalues: str = 'running',
     precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
@@ -385,11 +386,11 @@ def kl_shampoo(
 
   .. math::
 
-    p \\leftarrow p - \\eta_k \\big(U_k + \\lambda\\,p\\big)
+    p \\leftarrow p - \\eta_k \\big(U_k + w\\,p\\big)
 
   where ``U_k`` is :func:`soap_optax.scale_by_kl_shampoo`'s update (the
   momentum preconditioned by ``S^{-1/2}``, ``S`` the KL-estimated Kronecker
-  covariance) and ``lambda`` is ``weight_decay``. As with :func:`soap`, the
+  covariance) and ``w`` is ``weight_decay``. As with :func:`soap`, the
   first call only initializes: its update is zero, weight decay included.
 
   Args:

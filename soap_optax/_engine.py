@@ -18,6 +18,9 @@ Kronecker factor and a basis:
 
   Q_i: an orthonormal basis of R^{d_i}, refreshed from GG_i
 
+(KL-Shampoo's factors absorb the gradient whitened by the other factors
+instead, :func:`kl_factor_statistics`)
+
 and rotates a tensor into, and out of, that basis:
 
 .. math::
@@ -60,8 +63,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-
-from soap_optax import _factored
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -256,10 +257,15 @@ def kl_eigenvalue_floor(d: int) -> float:
 
 def _inverse_outer(values: Sequence[jax.Array], skip: int,
                    exponent: float) -> jax.Array:
-  """``⊗_{j != skip} values_j^-exponent`` with ones along axis ``skip``."""
-  return _factored.outer_product([
-      jnp.ones_like(v) if j == skip else v**-exponent
-      for j, v in enumerate(values)])
+  """``⊗_{j != skip} values_j^-exponent``, broadcastable against the unit
+  (length 1 along axis ``skip``)."""
+  n = len(values)
+  result = jnp.ones((1,) * n, values[0].dtype)
+  for j, v in enumerate(values):
+    if j != skip:
+      result = result * (v**-exponent).reshape(
+          tuple(-1 if a == j else 1 for a in range(n)))
+  return result
 
 
 def kl_factor_statistics(grad: jax.Array, factors: KroneckerFactors,
@@ -281,7 +287,7 @@ def kl_factor_statistics(grad: jax.Array, factors: KroneckerFactors,
     factors: the unit's factors (their bases are used).
     values: per (merged) axis, the positive eigenvalue estimates ``λ_j``.
   """
-  layout, n = factors.layout, grad.size
+  layout = factors.layout
   bases = dict(zip(layout.factored_axes, factors.bases))
   stats = []
   for axis in layout.factored_axes:
@@ -292,8 +298,14 @@ def kl_factor_statistics(grad: jax.Array, factors: KroneckerFactors,
     x = x * _inverse_outer(values, axis, 0.5)
     others = tuple(a for a in range(grad.ndim) if a != axis)
     stats.append(jnp.tensordot(x, x, axes=(others, others), precision=HIGHEST)
-                 * (grad.shape[axis] / n))
+                 / _size_of_others(grad.shape, axis))
   return tuple(stats)
+
+
+def _size_of_others(shape: Sequence[int], axis: int) -> int:
+  """``n / d_axis``, the number of fibres along ``axis`` (1 if none: an
+  empty parameter's statistics stay zero)."""
+  return max(1, math.prod(d for a, d in enumerate(shape) if a != axis))
 
 
 def kl_eigenvalue_increments(rotated: jax.Array,
@@ -304,9 +316,34 @@ def kl_eigenvalue_increments(rotated: jax.Array,
   gradient: what the KL rule adds to the factor along each basis column."""
   squared = jnp.square(rotated)
   return tuple(
-      jnp.mean(squared * _inverse_outer(values, axis, 1.0),
-               axis=tuple(a for a in range(rotated.ndim) if a != axis))
+      jnp.sum(squared * _inverse_outer(values, axis, 1.0),
+              axis=tuple(a for a in range(rotated.ndim) if a != axis))
+      / _size_of_others(rotated.shape, axis)
       for axis in range(rotated.ndim))
+
+
+def kl_absorbed_statistics(grad: jax.Array, factors: KroneckerFactors,
+                           values: Sequence[jax.Array],
+                           initializing: jax.Array) -> tuple[jax.Array, ...]:
+  """What the factors absorb under the KL rule (:func:`kl_factor_statistics`
+  with the estimates ``values``); on a unit's first call (its bases are
+  still the identity) Shampoo's ``d_k / n C_k(G)``, the authors'
+  initialization."""
+  values = tuple(jnp.where(initializing, jnp.ones_like(v), v) for v in values)
+  return kl_factor_statistics(grad, factors, values)
+
+
+def kl_updated_eigenvalues(values: Sequence[jax.Array], rotated: jax.Array,
+                           beta: Any, running_axes: Sequence[int]
+                           ) -> tuple[jax.Array, ...]:
+  """The KL estimates after one gradient: on ``running_axes``
+  ``λ_k <- max(β λ_k + (1 - β) mean_{i_{j≠k}} G'^2 / Π_{j≠k} λ_j, floor_k)``
+  (:func:`kl_eigenvalue_increments`); the other axes keep theirs."""
+  increments = kl_eigenvalue_increments(rotated, values)
+  return tuple(
+      kl_floor_eigenvalues((beta * v + (1 - beta) * new,))[0]
+      if axis in running_axes else v
+      for axis, (v, new) in enumerate(zip(values, increments)))
 
 
 def kl_floor_eigenvalues(values: Sequence[jax.Array]) -> tuple[jax.Array, ...]:

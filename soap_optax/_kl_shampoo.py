@@ -39,29 +39,6 @@ class _KLShampooStack(NamedTuple):
   eigenvalues: tuple[jax.Array, ...]
 
 
-def updated_eigenvalues(values: tuple[jax.Array, ...], rotated: jax.Array,
-                        beta: Any, running_axes: tuple[int, ...]
-                        ) -> tuple[jax.Array, ...]:
-  """The KL estimates after one gradient: on ``running_axes``
-  ``λ_k <- max(β λ_k + (1 - β) mean_{i_{j≠k}} G'^2 / Π_{j≠k} λ_j, floor_k)``
-  (:func:`soap_optax._engine.kl_eigenvalue_increments`); the other axes keep
-  theirs. Shared with KL-SOAP (:func:`soap_optax.scale_by_rotated_adam`)."""
-  increments = _engine.kl_eigenvalue_increments(rotated, values)
-  return _engine.kl_floor_eigenvalues(tuple(
-      beta * v + (1 - beta) * new if axis in running_axes else v
-      for axis, (v, new) in enumerate(zip(values, increments))))
-
-
-def kl_statistics(grad: jax.Array, factors: _engine.KroneckerFactors,
-                  values: tuple[jax.Array, ...], initializing: jax.Array
-                  ) -> tuple[jax.Array, ...]:
-  """What the factors absorb under the KL rule: whitened by the other
-  factors' estimates; on a unit's first call (its bases are still the
-  identity) Shampoo's ``d_k / n C_k(G)``, the authors' initialization."""
-  values = tuple(jnp.where(initializing, jnp.ones_like(v), v) for v in values)
-  return _engine.kl_factor_statistics(grad, factors, values)
-
-
 @dataclasses.dataclass(frozen=True)
 class _KLShampooRule(_skeleton.Rule):
   """Momentum preconditioned by ``⊗ (Q_k Λ_k Q_k^T)^{-1/2}`` in the old
@@ -88,7 +65,8 @@ class _KLShampooRule(_skeleton.Rule):
                      stack.dtype) for d in stack.layout.merged_shape))
 
   def factor_statistics(self, grad, factors, state, initializing):
-    return kl_statistics(grad, factors, state.eigenvalues, initializing)
+    return _engine.kl_absorbed_statistics(grad, factors, state.eigenvalues,
+                                          initializing)
 
   def _running_axes(self, layout):
     return tuple(axis for axis in range(len(layout.merged_shape))
@@ -109,8 +87,9 @@ class _KLShampooRule(_skeleton.Rule):
         direction=direction,
         state=_KLShampooStack(
             mu=mu.astype(state.mu.dtype),
-            eigenvalues=updated_eigenvalues(values, rotated, self.factor_beta,
-                                            self._running_axes(layout))),
+            eigenvalues=_engine.kl_updated_eigenvalues(
+                values, rotated, self.factor_beta,
+                self._running_axes(layout))),
         quotients=tuple(
             self.factor_beta * q + (1 - self.factor_beta) * increments[axis]
             for q, axis in zip(quotients, layout.factored_axes)))
@@ -124,11 +103,11 @@ class _KLShampooRule(_skeleton.Rule):
     eigenvalues = list(state.eigenvalues)
     for axis, order, refreshed in zip(old.layout.factored_axes, orders,
                                       values):
-      eigenvalues[axis] = (eigenvalues[axis][order] if self.running
-                           else refreshed)
+      eigenvalues[axis] = (
+          eigenvalues[axis][order] if self.running
+          else _engine.kl_floor_eigenvalues((refreshed,))[0])
     return _KLShampooStack(mu=mu.astype(state.mu.dtype),
-                           eigenvalues=_engine.kl_floor_eigenvalues(
-                               tuple(eigenvalues)))
+                           eigenvalues=tuple(eigenvalues))
 
 
 def scale_by_kl_shampoo(
@@ -177,7 +156,8 @@ def scale_by_kl_shampoo(
 
   * first accepted call (initialization): ``S_k = (1 - β) d_k/n C_k(G)``,
     ``Q_k = eigh(S_k)``, ``λ_k = initial_eigenvalue``; the update is zero;
-  * every later call, all right-hand sides from before the call:
+  * every later call ``t`` (the number of calls before it), all right-hand
+    sides from before the call:
 
     .. math::
 
@@ -196,19 +176,22 @@ def scale_by_kl_shampoo(
 
   An axis without a factor (longer than ``max_precond_dim``, 1-D without
   ``precondition_1d``, the longer ones with ``one_sided``) keeps the identity
-  basis, and its ``λ_k`` is the exact diagonal factor. A 1-D parameter is then
-  RMSprop with momentum, ``b2 = shampoo_beta`` and the prior
-  ``initial_eigenvalue``.
+  basis, and its ``λ_k`` is the exact diagonal factor. A 1-D parameter then
+  gets ``m / (sqrt(λ) + eps)`` with ``λ`` the running average of ``g^2``
+  (decay ``shampoo_beta``) from before the call, started at
+  ``initial_eigenvalue``: Adam without bias corrections, its second moment
+  one call behind.
 
   With ``eigenvalues="refresh"`` the factored axes' ``λ_k`` are instead the
-  refresh's eigenvalues (or Rayleigh quotients after QR), held between
-  refreshes; with ``precondition_frequency=1, refresh="eigh"`` this is the
+  refresh's eigenvalues (or Rayleigh quotients after QR), floored as above
+  and held between refreshes; with ``precondition_frequency=1, refresh="eigh"`` this is the
   idealized KL-Shampoo (exact ``S_k`` every call, preconditioning with the
   factors from before the call).
 
   State for an ``m x n`` matrix: ``m`` (``mn``), ``S`` and ``Q`` per rotated
-  axis (``2m^2 + 2n^2``), ``λ`` and the engine's tracked ``diag(Q^T S Q)``
-  (``2(m + n)``): SOAP's less one ``mn`` (its ``v``).
+  axis (``2m^2 + 2n^2``), ``λ`` (``m + n``) and the engine's tracked
+  ``diag(Q^T S Q)`` (``m + n``): SOAP's less its ``v`` (``mn``), plus
+  ``m + n``.
 
   Args:
     b1: decay of the momentum, in [0, 1).

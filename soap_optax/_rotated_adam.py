@@ -11,7 +11,6 @@ import optax
 from soap_optax import _checks
 from soap_optax import _engine
 from soap_optax import _factored
-from soap_optax import _kl_shampoo
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -101,8 +100,8 @@ class _RotatedAdamRule(_skeleton.Rule):
   def factor_statistics(self, grad, factors, state, initializing):
     if not self.kl:
       return super().factor_statistics(grad, factors, state, initializing)
-    return _kl_shampoo.kl_statistics(grad, factors, state.eigenvalues,
-                                     initializing)
+    return _engine.kl_absorbed_statistics(grad, factors, state.eigenvalues,
+                                          initializing)
 
   def unit_step(self, g, factors, state, quotients, refreshed, count):
     del refreshed
@@ -129,7 +128,7 @@ class _RotatedAdamRule(_skeleton.Rule):
     eigenvalues, absorbed = state.eigenvalues, sums
     if self.kl:
       absorbed = _engine.kl_eigenvalue_increments(rotated, eigenvalues)
-      eigenvalues = _kl_shampoo.updated_eigenvalues(
+      eigenvalues = _engine.kl_updated_eigenvalues(
           eigenvalues, rotated, self.factor_beta,
           tuple(range(len(eigenvalues))))
     return _skeleton.UnitStep(

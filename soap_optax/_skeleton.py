@@ -260,8 +260,12 @@ def _from_public(rule: Rule, state: Any) -> list[Any]:
   for shape in shapes:
     fields = {}
     for name, like in zip(shape._fields, shape):
-      # (A per-stack field the public state lacks is empty: a rule option
-      # that is off.)
+      # A per-stack field the public state lacks must be empty (a rule
+      # option that is off, as KL-SOAP's estimates in plain SOAP).
+      if not hasattr(state, name) and like != ():
+        raise ValueError(
+            f'{type(state).__name__} has no field {name!r}, which this '
+            f'transform keeps: a state of another transform or option?')
       flat, start = getattr(state, name, ()), starts[name]
       count = len(like) if isinstance(like, tuple) else 1
       part = tuple(flat[start:start + count])

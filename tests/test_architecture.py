@@ -5,7 +5,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'soap_optax'
-RULES = ('_rotated_adam', '_shampoo', '_adafactor')
+RULES = ('_rotated_adam', '_shampoo', '_adafactor', '_kl_shampoo')
 
 
 def _modules():

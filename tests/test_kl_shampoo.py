@@ -27,10 +27,11 @@ B1, BETA, EPS = 0.9, 0.95, 1e-8
 BATCH = soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
 
 
-def _run(tx, shapes, references, steps=STEPS):
+def _run(tx, shapes, references, steps=STEPS, scale=1.0):
   """``steps`` calls of ``tx`` and of the references (one per unit: a
-  function of a parameter's gradient returning its oracle direction); the
-  largest relative difference per parameter."""
+  function of a parameter's gradient returning its oracle direction), on
+  normal gradients times ``scale``; the largest relative difference per
+  parameter."""
   rng = np.random.default_rng(0)
   params = {name: jnp.zeros(shape, jnp.float64)
             for name, shape in shapes.items()}
@@ -38,7 +39,8 @@ def _run(tx, shapes, references, steps=STEPS):
   state = tx.init(params)
   worst = dict.fromkeys(shapes, 0.0)
   for _ in range(steps):
-    grads = {name: rng.normal(size=shape) for name, shape in shapes.items()}
+    grads = {name: scale * rng.normal(size=shape)
+             for name, shape in shapes.items()}
     updates, state = update(jax.tree.map(jnp.asarray, grads), state)
     for name, reference in references.items():
       expected = reference(grads[name])
@@ -111,6 +113,24 @@ def test_blocked_kl_shampoo_matches_the_oracle_per_block(x64):
   assert worst['blocked'] <= TOLERANCE, worst
 
 
+@pytest.mark.parametrize('initial_eigenvalue, scale', [(0.5, 1.0),
+                                                       (1e-3, 1e-3)])
+def test_initial_eigenvalue_and_the_floor(initial_eigenvalue, scale, x64):
+  """Another prior, and small gradients that drive the estimates onto their
+  floors ``1 / clip(d, 10, 4000)^2`` (1/144 for the 12-long axes, 1/100 for
+  the 3-D tensor's), starting from a prior below them."""
+  del x64
+  shapes = {'matrix': (12, 12), 'tensor': (4, 5, 6)}
+  tx = soap_optax.scale_by_kl_shampoo(
+      b1=B1, shampoo_beta=BETA, eps=EPS, precondition_frequency=5,
+      initial_eigenvalue=initial_eigenvalue)
+  references = {name: oracle.KLShampooReference(
+      shape, b1=B1, beta=BETA, eps=EPS, frequency=5,
+      lam0=initial_eigenvalue).step for name, shape in shapes.items()}
+  worst = _run(tx, shapes, references, scale=scale)
+  assert max(worst.values()) <= TOLERANCE, worst
+
+
 def test_idealized_kl_shampoo_matches_exact_matrix_functions(x64):
   """``eigenvalues="refresh"``, a decomposition every call: the oracle
   builds ``(⊗ S~_k)^{1/2}`` and the whitening ``⊗ S~_j^{-1}`` as full matrix
@@ -129,18 +149,22 @@ def test_idealized_kl_shampoo_matches_exact_matrix_functions(x64):
 
 def test_kl_soap_matches_the_oracle(x64):
   """SOAP with ``factor_estimator="kl"``: Adam in the eigenbasis of the
-  KL-estimated factors; a 2-D, a 3-D and a stacked parameter."""
+  KL-estimated factors; a 2-D, a 3-D, a stacked parameter and one with a
+  diagonal axis (which whitens the other's factor by its estimates)."""
   del x64
-  shapes = {'matrix': (8, 8), 'tensor': (4, 5, 6), 'stacked': (2, 6, 6)}
+  shapes = {'matrix': (8, 8), 'tensor': (4, 5, 6), 'stacked': (2, 6, 6),
+            'wide': (8, 40)}
   b2 = 0.99
   tx = soap_optax.scale_by_rotated_adam(
       b1=B1, b2=b2, shampoo_beta=BETA, eps=EPS, factor_estimator='kl',
-      precondition_frequency=5,
-      dimension_numbers={'matrix': None, 'tensor': None, 'stacked': BATCH})
-  make = lambda shape: oracle.KLSoapReference(
-      shape, b1=B1, b2=b2, beta=BETA, eps=EPS, frequency=5)
+      precondition_frequency=5, max_precond_dim=16,
+      dimension_numbers={'matrix': None, 'tensor': None, 'stacked': BATCH,
+                         'wide': None})
+  make = lambda shape, **kw: oracle.KLSoapReference(
+      shape, b1=B1, b2=b2, beta=BETA, eps=EPS, frequency=5, **kw)
   references = {'matrix': make((8, 8)).step, 'tensor': make((4, 5, 6)).step,
-                'stacked': _per_slice([make((6, 6)) for _ in range(2)])}
+                'stacked': _per_slice([make((6, 6)) for _ in range(2)]),
+                'wide': make((8, 40), factored=(True, False)).step}
   worst = _run(tx, shapes, references)
   assert max(worst.values()) <= TOLERANCE, worst
 
@@ -174,3 +198,20 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, match):
 def test_soap_rejects_an_unknown_factor_estimator():
   with pytest.raises(ValueError, match="factor_estimator.*'frobenius', 'kl'"):
     soap_optax.soap(factor_estimator='kullback')
+
+
+def test_an_empty_parameter_keeps_a_finite_state():
+  params = {'empty': jnp.zeros((0, 5)), 'w': jnp.zeros((3, 3))}
+  tx = soap_optax.scale_by_kl_shampoo(precondition_frequency=1)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
+def test_a_state_of_another_option_is_refused_by_name():
+  params = {'w': jnp.zeros((3, 3))}
+  plain = soap_optax.scale_by_rotated_adam().init(params)
+  with pytest.raises(ValueError, match="no field 'eigenvalues'"):
+    soap_optax.scale_by_rotated_adam(factor_estimator='kl').update(
+        params, plain)

@@ -70,7 +70,8 @@ def test_interrupted_and_resumed_run_reproduces_the_losses_bitwise(tmp_path):
     (['--lr', 'soap=fast'], 'is not a number'),
     (['--warmup-steps', '20'], '--warmup-steps must be >= 0 and below'),
     (['--soap-b2', '1.0'], '--soap-b2 must be in [0, 1)'),
-    (['--one-sided', '--optimizers', 'shampoo'], '--one-sided: soap and'),
+    (['--one-sided', '--optimizers', 'shampoo'],
+     '--one-sided: soap, factorized_soap'),
     (['--soap-params', 'embeddings'], 'invalid choice'),
 ])
 def test_bad_input_gets_one_clear_line_and_exit_status_2(args, message):

@@ -296,9 +296,9 @@ class IdealizedKLShampoo:
 
 
 class KLSoapReference(KLFactorState):
-  """KL-SOAP: the KL-Shampoo factors, bases and running estimates (every axis
-  factored; ``lam`` only whitens the factor updates) with Adam in the
-  eigenbasis for the direction.
+  """KL-SOAP: the KL-Shampoo factors, bases and running estimates (``lam``
+  only whitens the factor updates) with Adam in the eigenbasis for the
+  direction.
 
   Call 0 initializes and returns zero. Every later call ``c`` (``t = c``):
   ``G' = rot(G)``; ``m <- b1 m + (1 - b1) G'``; ``v <- b2 v + (1 - b2) G'^2``;
@@ -311,10 +311,11 @@ class KLSoapReference(KLFactorState):
   """
 
   def __init__(self, shape, *, b1, b2, beta, eps, lam0=0.1, frequency,
-               refresh='qr'):
+               refresh='qr', factored=None):
     self.b1, self.b2, self.eps = b1, b2, eps
     self._init_factors(shape, beta=beta, lam0=lam0, frequency=frequency,
-                       refresh=refresh, eigenvalues='running', factored=None)
+                       refresh=refresh, eigenvalues='running',
+                       factored=factored)
     self.m = np.zeros(self.shape)
     self.v = np.zeros(self.shape)
     self.calls = 0
