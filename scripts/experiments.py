@@ -958,16 +958,15 @@ def refresh_tables(results) -> str:
 
 
 # ------------------------------------------------------------------------------
-# Part 'kl_vs_muon': KL-Shampoo and KL-SOAP against tuned SOAP, grafted
-# Shampoo, the strong Muon and AdamW on the main job.
+# Part 'kl_vs_muon': KL-Shampoo and KL-SOAP against tuned SOAP, the strong
+# Muon and AdamW on the main job.
 
 # The Adam/AdamW part's rate, tuned alike for Muon and the eigenbasis
 # optimizers.
 ADAM_PART_GRID = (3e-3, 1e-2)
 # Rate grids (extended while the best is at an edge).
 KL_GRIDS = {'adamw': (3e-3,), 'muon': (1e-2, 3e-2), 'soap': (3e-3,),
-            'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,),
-            'shampoo': (3e-3, 1e-2)}
+            'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,)}
 KL_SEEDS = (0, 1)
 # KL-Shampoo's factor decay away from SOAP's tuned 0.9, at its best rate.
 KL_VARIANTS = (dict(soap_b2=0.95), dict(soap_b2=0.99))
@@ -1071,7 +1070,7 @@ def kl_vs_muon_tables(section) -> str:
             f'{_seconds_cell(r["seconds_to_target"])} | {r["seconds"]:.0f} | '
             f'{"–" if share is None else f"{100 * share:.0f}%"} | '
             f'{"–" if r["state_bytes"] is None else r["state_bytes"] // 1024} |')
-  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap', 'shampoo')
+  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap')
   lines += [line(r) for name in order for r in section['best'].get(name, [])]
   lines += ['', 'Every run on seed 0:', '',
             '| run | lr | Adam part | final valid loss | steps to '
