@@ -213,6 +213,16 @@ def permute_axes(
   return x
 
 
+def permute_per_axis(per_axis: Sequence[jax.Array], layout: FactorLayout,
+                     orders: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """One vector per (merged) axis, each factored axis's reordered by
+  ``orders[i]`` (it follows its basis's columns)."""
+  per_axis = list(per_axis)
+  for axis, order in zip(layout.factored_axes, orders):
+    per_axis[axis] = per_axis[axis][order]
+  return tuple(per_axis)
+
+
 def factor_statistics(
     grad: jax.Array, layout: FactorLayout) -> tuple[jax.Array, ...]:
   """``C_i(G)``: ``G`` contracted with itself over every axis but ``i``.
@@ -333,23 +343,22 @@ def kl_absorbed_statistics(grad: jax.Array, factors: KroneckerFactors,
   return kl_factor_statistics(grad, factors, values)
 
 
-def kl_updated_eigenvalues(values: Sequence[jax.Array], rotated: jax.Array,
-                           beta: Any, running_axes: Sequence[int]
+def kl_updated_eigenvalues(values: Sequence[jax.Array],
+                           increments: Sequence[jax.Array], beta: Any,
+                           running_axes: Sequence[int]
                            ) -> tuple[jax.Array, ...]:
   """The KL estimates after one gradient: on ``running_axes``
-  ``λ_k <- max(β λ_k + (1 - β) mean_{i_{j≠k}} G'^2 / Π_{j≠k} λ_j, floor_k)``
-  (:func:`kl_eigenvalue_increments`); the other axes keep theirs."""
-  increments = kl_eigenvalue_increments(rotated, values)
+  ``λ_k <- max(β λ_k + (1 - β) increment_k, floor_k)`` with the increments
+  of :func:`kl_eigenvalue_increments`; the other axes keep theirs."""
   return tuple(
-      kl_floor_eigenvalues((beta * v + (1 - beta) * new,))[0]
-      if axis in running_axes else v
+      kl_floored(beta * v + (1 - beta) * new) if axis in running_axes else v
       for axis, (v, new) in enumerate(zip(values, increments)))
 
 
-def kl_floor_eigenvalues(values: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-  """Each axis's estimates clamped at :func:`kl_eigenvalue_floor`."""
-  return tuple(jnp.maximum(v, jnp.asarray(kl_eigenvalue_floor(v.shape[-1]),
-                                          v.dtype)) for v in values)
+def kl_floored(values: jax.Array) -> jax.Array:
+  """One axis's estimates clamped at :func:`kl_eigenvalue_floor`."""
+  return jnp.maximum(values, jnp.asarray(
+      kl_eigenvalue_floor(values.shape[-1]), values.dtype))
 
 
 # Rotated coordinates that hold only the rotation's rounding error: below this

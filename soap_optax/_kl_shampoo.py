@@ -88,7 +88,7 @@ class _KLShampooRule(_skeleton.Rule):
         state=_KLShampooStack(
             mu=mu.astype(state.mu.dtype),
             eigenvalues=_engine.kl_updated_eigenvalues(
-                values, rotated, self.factor_beta,
+                values, increments, self.factor_beta,
                 self._running_axes(layout))),
         quotients=tuple(
             self.factor_beta * q + (1 - self.factor_beta) * increments[axis]
@@ -100,12 +100,13 @@ class _KLShampooRule(_skeleton.Rule):
     (``refresh``)."""
     mu = _engine.rotate(
         _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
-    eigenvalues = list(state.eigenvalues)
-    for axis, order, refreshed in zip(old.layout.factored_axes, orders,
-                                      values):
-      eigenvalues[axis] = (
-          eigenvalues[axis][order] if self.running
-          else _engine.kl_floor_eigenvalues((refreshed,))[0])
+    if self.running:
+      eigenvalues = _engine.permute_per_axis(state.eigenvalues, old.layout,
+                                             orders)
+    else:
+      eigenvalues = list(state.eigenvalues)
+      for axis, refreshed in zip(old.layout.factored_axes, values):
+        eigenvalues[axis] = _engine.kl_floored(refreshed)
     return _KLShampooStack(mu=mu.astype(state.mu.dtype),
                            eigenvalues=tuple(eigenvalues))
 

@@ -129,7 +129,7 @@ class _RotatedAdamRule(_skeleton.Rule):
     if self.kl:
       absorbed = _engine.kl_eigenvalue_increments(rotated, eigenvalues)
       eigenvalues = _engine.kl_updated_eigenvalues(
-          eigenvalues, rotated, self.factor_beta,
+          eigenvalues, absorbed, self.factor_beta,
           tuple(range(len(eigenvalues))))
     return _skeleton.UnitStep(
         direction=scale * direction,
@@ -147,18 +147,13 @@ class _RotatedAdamRule(_skeleton.Rule):
     mu = _engine.rotate(
         _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
     if self.factored:
-      nu = list(state.nu)
-      for axis, order in zip(old.layout.factored_axes, orders):
-        nu[axis] = nu[axis][order]
-      nu = tuple(nu)
+      nu = _engine.permute_per_axis(state.nu, old.layout, orders)
     else:
       nu = (_engine.permute_axes(state.nu[0], old.layout, orders),)
-    eigenvalues = list(state.eigenvalues)
-    if self.kl:
-      for axis, order in zip(old.layout.factored_axes, orders):
-        eigenvalues[axis] = eigenvalues[axis][order]
-    return _RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu,
-                             eigenvalues=tuple(eigenvalues))
+    return _RotatedAdamStack(
+        mu=mu.astype(state.mu.dtype), nu=nu,
+        eigenvalues=_engine.permute_per_axis(state.eigenvalues, old.layout,
+                                             orders) if self.kl else ())
 
 
 def scale_by_rotated_adam(
