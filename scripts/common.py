@@ -1,0 +1,191 @@
+"""What every script under scripts/ needs: usage errors and argument helpers,
+device selection, the machine description the scripts record, saving figures,
+timing, and a silent progress bar.
+
+This module imports neither JAX nor matplotlib at import time: a script
+imports it, parses its arguments and selects its device (``select_device``)
+before JAX's backend starts. The functions that need JAX import it when
+called, after that.
+"""
+
+import datetime
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+
+class UsageError(Exception):
+  """Bad input: reported as one line on stderr, exit status 2."""
+
+
+# ------------------------------------------------------------------------------
+# Arguments.
+
+
+def comma_list(flag: str, text: str, choices: tuple[str, ...]):
+  """``"a,b"`` -> ``("a", "b")``; UsageError unless a non-empty subset of
+  ``choices``."""
+  items = tuple(s.strip() for s in text.split(',') if s.strip())
+  unknown = [s for s in items if s not in choices]
+  if not items or unknown:
+    raise UsageError(f'{flag}: unknown {", ".join(unknown) or "(empty)"}; '
+                     f'choose from {", ".join(choices)}')
+  return items
+
+
+def positive_float(flag: str, text: str, what: str = 'values') -> float:
+  """``text`` as a float > 0; UsageError naming ``flag`` (and ``what`` must be
+  positive) otherwise."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise UsageError(f'{flag}: {text!r} is not a number') from None
+  if not value > 0:
+    raise UsageError(f'{flag}: {what} must be > 0, got {text}')
+  return value
+
+
+# ------------------------------------------------------------------------------
+# Device and machine.
+
+
+def select_device(choice: str):
+  """Imports JAX on the requested platform ('cpu', 'gpu' or anything else for
+  JAX's default); returns the jax module. Call it before anything starts
+  JAX's backend."""
+  if choice == 'cpu':
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  if choice == 'gpu':
+    try:
+      jax.devices('gpu')
+    except RuntimeError:
+      raise UsageError('--device gpu: JAX sees no GPU on this machine '
+                       f'(devices: {jax.devices()})') from None
+    jax.config.update('jax_default_device', jax.devices('gpu')[0])
+  return jax
+
+
+def cpu_name() -> str:
+  """The processor's model name (/proc/cpuinfo), else what platform says."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return cpu
+
+
+def machine_info() -> dict:
+  """Date, JAX backend and devices, CPU, core count and versions: the machine
+  the benchmark and the experiments record with their results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  return dict(date=datetime.date.today().isoformat(),
+              backend=jax.default_backend(),
+              devices=[d.device_kind for d in jax.devices()], cpu=cpu_name(),
+              cpu_count=os.cpu_count(), python=sys.version.split()[0],
+              jax=jax.__version__, jaxlib=jaxlib.__version__,
+              optax=optax.__version__)
+
+
+# ------------------------------------------------------------------------------
+# Figures.
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, path: pathlib.Path, dpi: int = 100) -> pathlib.Path:
+  """Writes a matplotlib figure as a PNG, closes it and returns the path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
+# ------------------------------------------------------------------------------
+# Timing.
+
+
+def median(values):
+  values = sorted(values)
+  middle = len(values) // 2
+  if len(values) % 2:
+    return values[middle]
+  return 0.5 * (values[middle - 1] + values[middle])
+
+
+def time_calls(fn: Callable[..., Any], args, repeats: int,
+               budget_s: float = float('inf')) -> list[float]:
+  """Seconds of ``repeats`` calls (after one warm-up), each waited for.
+
+  Stops early once ``budget_s`` is spent, keeping at least 3 calls.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  while len(times) < repeats:
+    tick = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - tick)
+    if len(times) >= 3 and sum(times) > budget_s:
+      break
+  return times
+
+
+def time_calls_interleaved(calls: dict[str, tuple[Callable[..., Any], tuple]],
+                           repeats: int) -> dict[str, list[float]]:
+  """Seconds of ``repeats`` calls of each ``name: (fn, args)``, taken in
+  turns (one call of each per round, after one warm-up call of each), so
+  that a change of the machine's load hits every function alike."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      tick = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - tick)
+  return times
+
+
+# ------------------------------------------------------------------------------
+# Progress.
+
+
+class SilentProgressBar:
+  """The part of tqdm's interface the scripts use, doing nothing."""
+
+  def __init__(self, **kwargs):
+    del kwargs
+
+  def update(self, n):
+    del n
+
+  def set_postfix(self, **kwargs):
+    del kwargs
+
+  def close(self):
+    pass
+
+
+def progress_bar_class(show: bool):
+  """``tqdm.tqdm`` when ``show``, else ``SilentProgressBar``."""
+  if not show:
+    return SilentProgressBar
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm
