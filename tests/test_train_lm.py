@@ -34,7 +34,20 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   for row in results['table']:
     assert row['final_valid_loss'] < 5.545  # below uniform bytes, ln(256).
     assert row['wall_clock_s'] > 0 and row['optimizer_step_share'] > 0
+    # A share of the step's time: never above the whole step.
+    assert row['optimizer_step_share'] < 1
+    assert (row['optimizer_step_share'] ==
+            results['records'][row['optimizer']]['optimizer_step_share'])
   assert str(out / 'results.json') in result.stdout
+  # The printed table: a step count or 'not reached' under 'steps to AdamW
+  # final', never Python's None.
+  table = [line.split(' | ') for line in result.stdout.splitlines()
+           if line.startswith(('soap | ', 'adamw | '))]
+  assert len(table) == 2 and 'None' not in result.stdout
+  for cells, row in zip(table, results['table']):
+    reached = row['steps_to_adamw_final']
+    assert cells[4] == ('not reached' if reached is None else str(reached))
+    assert cells[6] == f'{row["optimizer_step_share"]:.0%}'
   # soap_optax.diagnostics, logged every step and at every evaluation.
   soap = results['records']['soap']
   steps = results['config']['steps']
@@ -105,12 +118,13 @@ def test_empty_or_unreadable_text_file_and_foreign_resume_dir(tmp_path):
 # --one-sided), checked in-process on the quick model.
 
 sys.path.insert(0, str(SCRIPT.parent))
+import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lm_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _build(*flags):
-  config = train_lm.build_config(train_lm.parse_args(['--quick', *flags]))
-  return config, train_lm.build(config)
+  return train_lm.build_config(train_lm.parse_args(['--quick', *flags]))
 
 
 # The quick model's weight matrices (and 3-D attention kernels), by path.
@@ -120,13 +134,13 @@ BLOCK_MATRICES = {f'blocks/0/attention/{p}/kernel'
 OUTER_MATRICES = {'embed/embedding', 'position', 'head/kernel'}
 
 
-def _labels(lib):
+def _labels(config):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  params = nnx.state(lib['ByteTransformer'](nnx.Rngs(0)), nnx.Param)
+  params = nnx.state(lm.ByteTransformer(config, nnx.Rngs(0)), nnx.Param)
   labels = {}
   for path, label in jax.tree_util.tree_flatten_with_path(
-      lib['soap_labels'](params))[0]:
+      lm.soap_labels(config, params))[0]:
     keys = [str(k.key) for k in path  # not the Variables' '.value'.
             if not isinstance(k, jax.tree_util.GetAttrKey)]
     labels['/'.join(keys)] = label
@@ -138,8 +152,7 @@ def _labels(lib):
     ('hidden', BLOCK_MATRICES)])
 def test_soap_params_selects_the_parameters_of_the_eigenbasis_part(
     soap_params, expected):
-  _, lib = _build('--soap-params', soap_params)
-  labels = _labels(lib)
+  labels = _labels(_build('--soap-params', soap_params))
   assert len(labels) == 22  # every parameter of the 1-layer model.
   eigenbasis = {p for p, label in labels.items() if label == 'eigenbasis'}
   assert eigenbasis == (set(labels) if expected is None else expected)
@@ -151,12 +164,12 @@ def test_the_adamw_part_is_optax_adamw_at_the_adam_part_rate():
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  config, lib = _build('--soap-params', 'hidden')
-  params = nnx.state(lib['ByteTransformer'](nnx.Rngs(0)), nnx.Param)
+  config = _build('--soap-params', 'hidden')
+  params = nnx.state(lm.ByteTransformer(config, nnx.Rngs(0)), nnx.Param)
   params = jax.tree.map(lambda x: x, nnx.to_pure_dict(params))
   grads = jax.tree.map(lambda x: np.cos(3.0 * x) + 0.1, params)
-  tx = lib['make_optimizer']('soap', 1e-2)
-  reference = optax.adamw(train_lm.ADAM_PART_LEARNING_RATE, b1=0.9, b2=0.95,
+  tx = lm.make_optimizer(config, 'soap', 1e-2)
+  reference = optax.adamw(lm.ADAM_PART_LEARNING_RATE, b1=0.9, b2=0.95,
                           weight_decay=config.weight_decay)
   state, ref_state = tx.init(params), reference.init(params)
   for _ in range(3):
@@ -181,10 +194,10 @@ def test_learning_rate_schedule_against_its_formula(schedule, warmup):
   flags = ['--schedule', schedule]
   if warmup is not None:
     flags += ['--warmup-steps', str(warmup)]
-  config, lib = _build(*flags)
+  config = _build(*flags)
   total, w = config.steps, config.warmup_steps
   assert w == (total // 10 if warmup is None else warmup)
-  rate = lib['schedule'](0.3)
+  rate = lm.learning_rate_schedule(config, 0.3)
   for t in range(total + 3):
     if t < w:
       expected = 0.3 * t / w
@@ -195,3 +208,48 @@ def test_learning_rate_schedule_against_its_formula(schedule, warmup):
       expected = 0.03 + 0.27 * 0.5 * (1 + math.cos(math.pi * progress))
     got = rate(t) if callable(rate) else rate
     assert abs(float(got) - expected) < 1e-6 * 0.3, (t, got, expected)
+
+
+# ------------------------------------------------------------------------------
+# The report, in-process on made-up records.
+
+
+def _record(name, valid_loss, staleness=(), decompositions=()):
+  steps = [0, 10, 20]
+  return dict(optimizer=name, learning_rate=3e-3, steps=steps,
+              valid_loss=valid_loss, train_loss=valid_loss,
+              wall_clock=[0.0, 1.0, 2.0], staleness=list(staleness),
+              decompositions=list(decompositions), optimizer_step_share=0.4,
+              tokens_per_second=1000.0)
+
+
+def test_report_table_says_not_reached_and_na():
+  config = _build('--optimizers', 'soap,adamw')
+  records = {'soap': _record('soap', [5.5, 4.0, 3.5]),
+             'adamw': _record('adamw', [5.5, 3.6, 3.0])}
+  rows = lm_report.table_rows(config, records)
+  assert [r['steps_to_adamw_final'] for r in rows] == [None, 20]
+  table = lm_report.format_table(config, rows, has_adamw=True)
+  soap_line, adamw_line = table.splitlines()[-2:]
+  assert soap_line.split(' | ')[4] == 'not reached'
+  assert adamw_line.split(' | ')[4] == '20'
+  assert 'None' not in table
+  # Without an AdamW run there is no target: 'n/a'.
+  config = _build('--optimizers', 'soap')
+  rows = lm_report.table_rows(config, {'soap': records['soap']})
+  table = lm_report.format_table(config, rows, has_adamw=False)
+  assert table.splitlines()[-1].split(' | ')[4] == 'n/a'
+
+
+def test_diagnostics_plot_has_integer_steps():
+  config = _build('--optimizers', 'soap,adamw')
+  steps = 20  # the --quick run: matplotlib's own ticks are 2.5, 5, 7.5, ...
+  records = {'soap': _record('soap', [5.5, 4.0, 3.5], [0.1] * steps,
+                             [2.0 * (1 + s // 2) for s in range(steps)]),
+             'adamw': _record('adamw', [5.5, 3.6, 3.0])}
+  fig = lm_report.diagnostics_figure(config, records)
+  fig.canvas.draw()
+  (ax,) = fig.axes  # soap only: adamw has no eigenbasis.
+  ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+  assert len(ticks) >= 2
+  assert all(float(t).is_integer() for t in ticks), ticks
