@@ -1,0 +1,121 @@
+"""Section ``compile``: how long the jitted ``update`` takes to build.
+
+Trace+lower and XLA compile seconds of ``jit(update)`` on abstract shapes (no
+arrays are allocated and no refresh runs), for 1, 12 and 24 transformer
+layers kept as separate parameters and as scanned stacks (a leading layer
+axis named in ``dimension_numbers``). Then the compile goals on GPT-2 small:
+its update and one of its 768 x 3072 matrices against AdamW and
+``optax.contrib.muon``, and its whole training step (forward, backward,
+update; the model of :mod:`benchmark_sections.train_step`) against AdamW's,
+all in this one process.
+"""
+
+import time
+
+import jax
+import optax
+
+from benchmark_sections import shared
+from benchmark_sections import train_step
+
+TITLE = 'Compile time of the jitted update'
+
+QUICK_COMPILE_OPTIMIZERS = ('adamw', 'soap')
+
+
+def aot_seconds(fn, *args) -> tuple[float, float]:
+  """Trace+lower and compile seconds of ``jit(fn)`` on abstract arguments."""
+  tick = time.perf_counter()
+  lowered = jax.jit(fn).lower(*args)
+  lower_s = time.perf_counter() - tick
+  tick = time.perf_counter()
+  lowered.compile()
+  return lower_s, time.perf_counter() - tick
+
+
+def run(quick: bool) -> dict:
+  """Separate and scanned layers at each depth, every optimizer (AdamW and
+  SOAP with ``quick``), then :func:`run_gpt2`."""
+  d = 32 if quick else 256
+  rows = []
+  for layers in ((1, 2) if quick else (1, 12, 24)):
+    for layout in ('separate', 'scanned'):
+      shapes = (shared.transformer_shapes if layout == 'separate' else
+                shared.scanned_transformer_shapes)(d, layers, 256, 256)
+      params = shared.abstract_tree(shapes)
+      numbers = shared.layer_axis_numbers if layout == 'scanned' else None
+      for name in QUICK_COMPILE_OPTIMIZERS if quick else shared.OPTIMIZERS:
+        print(f'  compile: {layers} layers ({layout}) {name}', flush=True)
+        tx = shared.make_optimizer(name, **(
+            {} if name == 'adamw' else dict(dimension_numbers=numbers)))
+        state = jax.eval_shape(tx.init, params)
+        lower_s, compile_s = aot_seconds(tx.update, params, state, params)
+        rows.append(dict(layers=layers, layout=layout, d_model=d,
+                         num_leaves=len(shapes), optimizer=name,
+                         lower_s=lower_s, compile_s=compile_s))
+  return dict(rows=rows, gpt2=run_gpt2(quick))
+
+
+def run_gpt2(quick: bool) -> dict:
+  """The compile goals: GPT-2 small's update (and one of its MLP matrices)
+  with AdamW, Muon and SOAP, and its training step with AdamW and SOAP."""
+  config = train_step.compile_config(quick)
+  params = train_step.abstract_params(config)
+  num_leaves = len(jax.tree.leaves(params))
+  d = config['d']
+  matrix = shared.abstract_tree({'fc': (d, 4 * d)})
+  factories = {'adamw': lambda: shared.make_optimizer('adamw'),
+               'muon': lambda: optax.contrib.muon(1e-3),
+               'soap': lambda: shared.make_optimizer('soap')}
+  rows = []
+  for what, tree in (('update', params), ('one matrix', matrix)):
+    for name, factory in factories.items():
+      print(f'  compile: GPT-2 {what} {name}', flush=True)
+      tx = factory()
+      state = jax.eval_shape(tx.init, tree)
+      lower_s, compile_s = aot_seconds(tx.update, tree, state, tree)
+      rows.append(dict(what=what, optimizer=name,
+                       num_leaves=len(jax.tree.leaves(tree)),
+                       lower_s=lower_s, compile_s=compile_s))
+  batch = train_step.abstract_batch(config)
+  for name in ('adamw', 'soap'):
+    print(f'  compile: GPT-2 training step {name}', flush=True)
+    tx = shared.make_optimizer(name)
+    lower_s, compile_s = aot_seconds(
+        train_step.make_train_step(config, tx), params,
+        jax.eval_shape(tx.init, params), batch)
+    rows.append(dict(what='training step', optimizer=name,
+                     num_leaves=num_leaves, lower_s=lower_s,
+                     compile_s=compile_s))
+  return dict(config=config, rows=rows)
+
+
+def table(section) -> str:
+  lines = ['| layers (leaves) | layout | optimizer | trace+lower s | compile s | '
+           'total s | × 1 layer |', '| --- | --- | --- | --- | --- | --- | --- |']
+  first = {}
+  for r in section['rows']:
+    total = r['lower_s'] + r['compile_s']
+    first.setdefault((r['layout'], r['optimizer']), total)
+    lines.append(f'| {r["layers"]} ({r["num_leaves"]}) | {r["layout"]} | '
+                 f'{r["optimizer"]} | {r["lower_s"]:.2f} | '
+                 f'{r["compile_s"]:.2f} | {total:.2f} | '
+                 f'{total / first[(r["layout"], r["optimizer"])]:.2f} |')
+  if 'gpt2' in section:
+    c = section['gpt2']['config']
+    lines += ['', f'GPT-2 (d {c["d"]}, {c["layers"]} layers, vocabulary '
+              f'{c["vocab"]}, sequence {c["seq"]}; training step: '
+              f'{c["accumulation"]} x {c["micro_batch"]} sequences):', '',
+              '| program | optimizer | trace+lower s | compile s | total s | '
+              '× AdamW | × Muon |', '| --- | --- | --- | --- | --- | --- | --- |']
+    totals = {(r['what'], r['optimizer']): r['lower_s'] + r['compile_s']
+              for r in section['gpt2']['rows']}
+    for r in section['gpt2']['rows']:
+      total = totals[r['what'], r['optimizer']]
+      muon = totals.get((r['what'], 'muon'))
+      lines.append(
+          f'| {r["what"]} ({r["num_leaves"]} leaves) | {r["optimizer"]} | '
+          f'{r["lower_s"]:.2f} | {r["compile_s"]:.2f} | {total:.2f} | '
+          f'{total / totals[r["what"], "adamw"]:.2f} | '
+          + (f'{total / muon:.2f} |' if muon else '– |'))
+  return '\n'.join(lines)
