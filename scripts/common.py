@@ -164,6 +164,26 @@ def time_calls_interleaved(calls: dict[str, tuple[Callable[..., Any], tuple]],
 
 
 # ------------------------------------------------------------------------------
+# Parameter sets.
+
+
+def transformer_shapes(d: int, layers: int, vocab: int, seq: int):
+  """A GPT-style parameter set: name -> shape (fused qkv, 4x MLP, tied head)."""
+  shapes = {'wte': (vocab, d), 'wpe': (seq, d), 'ln_f/scale': (d,),
+            'ln_f/bias': (d,)}
+  for i in range(layers):
+    shapes.update({
+        f'h{i}/ln1/scale': (d,), f'h{i}/ln1/bias': (d,),
+        f'h{i}/qkv/kernel': (d, 3 * d), f'h{i}/qkv/bias': (3 * d,),
+        f'h{i}/proj/kernel': (d, d), f'h{i}/proj/bias': (d,),
+        f'h{i}/ln2/scale': (d,), f'h{i}/ln2/bias': (d,),
+        f'h{i}/fc/kernel': (d, 4 * d), f'h{i}/fc/bias': (4 * d,),
+        f'h{i}/out/kernel': (4 * d, d), f'h{i}/out/bias': (d,),
+    })
+  return shapes
+
+
+# ------------------------------------------------------------------------------
 # Progress.
 
 

@@ -18,7 +18,7 @@ import pytest
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / 'scripts'
 sys.path.insert(0, str(SCRIPTS))
 
-import experiments  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiment_parts import soap_vs_muon  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The synthetic landscape: final loss = FLOOR[name] + 0.1 * (decades from the
 # best rate)^2 - the bonus of each setting. SOAP's best rate is 3e-3 (1e-2
@@ -61,16 +61,19 @@ def synthetic_run(name, learning_rate, seed, sizes, out_dir,
               optimizer_step_share=0.5)
 
 
-@pytest.fixture
-def sweep(tmp_path, monkeypatch):
-  calls = []
-
+def _recording(calls):
+  """synthetic_run, each call's arguments appended to ``calls``."""
   def fake(*args, **kwargs):
     calls.append((args, kwargs))
     return synthetic_run(*args, **kwargs)
+  return fake
 
-  monkeypatch.setattr(experiments, 'train_lm_run', fake)
-  return experiments.run_soap_vs_muon(False, tmp_path), calls, tmp_path
+
+@pytest.fixture
+def sweep(tmp_path):
+  calls = []
+  return (soap_vs_muon.run(False, tmp_path, train=_recording(calls)), calls,
+          tmp_path)
 
 
 def test_target_is_adamws_best_over_grid_and_schedules(sweep):
@@ -144,7 +147,7 @@ def test_finalists_on_two_seeds_and_at_a_larger_batch(sweep):
   for r in result['seed_rows']:
     if r['optimizer'] == 'adamw':
       assert r['steps_to_target'] == STEPS
-  assert result['large_batch'] == experiments.LARGE_BATCH
+  assert result['large_batch'] == soap_vs_muon.LARGE_BATCH
   large = {r['optimizer']: r for r in result['large_rows']}
   assert set(large) == {'adamw', 'muon', 'soap'}
   assert result['large_target'] == pytest.approx(FLOOR['adamw'] - 0.05)
@@ -153,13 +156,13 @@ def test_finalists_on_two_seeds_and_at_a_larger_batch(sweep):
 
 def test_tables_and_a_rerun_reads_the_kept_runs(sweep):
   result, calls, tmp_path = sweep
-  tables = experiments.soap_vs_muon_tables(result)
+  tables = soap_vs_muon.tables(result)
   assert 'soap f=2 hidden only warmup+cosine' in tables
   assert f'{result["target"]:.4f}' in tables
   kept = list((tmp_path / 'soap_vs_muon').glob('*.json'))
   assert len(kept) == len(calls)  # one file per distinct run.
   calls.clear()
-  again = experiments.run_soap_vs_muon(False, tmp_path)
+  again = soap_vs_muon.run(False, tmp_path, train=_recording(calls))
   assert not calls
   assert json.dumps(again) == json.dumps(result)
 
