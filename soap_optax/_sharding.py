@@ -192,6 +192,14 @@ def portable_state(state: Any) -> Any:
       size = plan.stacks[s].size
       if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype)
+      sharding = getattr(x, 'sharding', None)
+      if isinstance(sharding, jax.sharding.NamedSharding):
+        # The unit axis is divided over the mesh and ``size`` need not be a
+        # multiple of the shards: the cut stack is replicated along it (on
+        # Explicit axes an index must say so), its other axes stay divided.
+        spec = tuple(sharding.spec)[1:]
+        return x.at[:size].get(out_sharding=jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(None, *spec)))
       return x[:size]
     return _map_stacked(unpadded, node, plan=plan.unsharded())
   return jax.tree.map(cut, state, is_leaf=_is_stacked_state)
