@@ -138,8 +138,8 @@ def scale_by_adafactor_in_eigenbasis(
     mesh: divide the state and the work over this ``jax.sharding.Mesh``.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
-    The engine options are described in full at
-    :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options are described in full at
+  :class:`soap_optax._skeleton.EngineConfig`.
 
   Returns:
     An ``optax.GradientTransformation``.

@@ -399,9 +399,10 @@ def kl_shampoo(
       :func:`soap_optax.scale_by_kl_shampoo`.
     weight_decay: decoupled weight decay, multiplied by the learning rate.
     weight_decay_mask: which leaves to decay.
-    precondition_frequency, max_precond_dim, merge_dims, precondition_1d,
-      one_sided, mu_dtype, dimension_numbers, block_size, staggered_refresh,
-      rounding_floor, mesh, shard_axes, refresh: as in :func:`soap`.
+    precondition_frequency: as in :func:`soap`; so are ``max_precond_dim``,
+      ``merge_dims``, ``precondition_1d``, ``one_sided``, ``mu_dtype``,
+      ``dimension_numbers``, ``block_size``, ``staggered_refresh``,
+      ``rounding_floor``, ``mesh``, ``shard_axes`` and ``refresh``.
 
   Returns:
     An ``optax.GradientTransformation``.

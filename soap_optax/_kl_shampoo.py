@@ -219,8 +219,8 @@ def scale_by_kl_shampoo(
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: ``"qr"`` (the authors') or ``"eigh"``.
 
-    The engine options are described in full at
-    :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options are described in full at
+  :class:`soap_optax._skeleton.EngineConfig`.
 
   Returns:
     An ``optax.GradientTransformation``.

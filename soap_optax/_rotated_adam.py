@@ -259,9 +259,9 @@ def scale_by_rotated_adam(
       estimates ``λ_j`` kept in ``state.eigenvalues`` and permuted at
       refreshes), Adam's step unchanged.
 
-    The engine options (``precondition_frequency`` to ``shard_axes``, and
-    ``refresh``) are described in full at
-    :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options (``precondition_frequency`` to ``shard_axes``, and
+  ``refresh``) are described in full at
+  :class:`soap_optax._skeleton.EngineConfig`.
 
   Returns:
     An ``optax.GradientTransformation``.
