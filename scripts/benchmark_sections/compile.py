@@ -3,15 +3,17 @@
 Trace+lower and XLA compile seconds of ``jit(update)`` on abstract shapes (no
 arrays are allocated and no refresh runs), for 1, 12 and 24 transformer
 layers kept as separate parameters and as scanned stacks (a leading layer
-axis named in ``dimension_numbers``). Then the compile goals on GPT-2 small:
-its update and one of its 768 x 3072 matrices against AdamW and
-``optax.contrib.muon``, and its whole training step (forward, backward,
-update; the model of :mod:`benchmark_sections.train_step`) against AdamW's,
-all in this one process.
+axis named in ``dimension_numbers``). Then the compile goals at GPT-2-small
+sizes, on the main job's byte-level ``ByteTransformer`` (``scripts/lm.py``;
+d 768, 12 layers, 12 heads, sequence 1024, as built by
+:mod:`benchmark_sections.train_step`): its update and one 768 x 3072 matrix
+against AdamW and ``optax.contrib.muon``, and its whole training step
+(forward, backward, update) against AdamW's, all in this one process.
 """
 
 import time
 
+import common
 import jax
 import optax
 
@@ -40,7 +42,7 @@ def run(quick: bool) -> dict:
   rows = []
   for layers in ((1, 2) if quick else (1, 12, 24)):
     for layout in ('separate', 'scanned'):
-      shapes = (shared.transformer_shapes if layout == 'separate' else
+      shapes = (common.transformer_shapes if layout == 'separate' else
                 shared.scanned_transformer_shapes)(d, layers, 256, 256)
       params = shared.abstract_tree(shapes)
       numbers = shared.layer_axis_numbers if layout == 'scanned' else None
@@ -57,8 +59,9 @@ def run(quick: bool) -> dict:
 
 
 def run_gpt2(quick: bool) -> dict:
-  """The compile goals: GPT-2 small's update (and one of its MLP matrices)
-  with AdamW, Muon and SOAP, and its training step with AdamW and SOAP."""
+  """The compile goals: the GPT-2-small-sized model's update (and one MLP
+  matrix) with AdamW, Muon and SOAP, and its training step with AdamW and
+  SOAP."""
   config = train_step.compile_config(quick)
   params = train_step.abstract_params(config)
   num_leaves = len(jax.tree.leaves(params))

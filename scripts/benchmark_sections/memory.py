@@ -1,7 +1,7 @@
 """Section ``memory``: optimizer-state bytes, checked against closed forms.
 
 For single matrices, the small transformer and GPT-2 small (the shapes of
-:func:`shared.transformer_shapes`, evaluated abstractly: nothing is
+:func:`common.transformer_shapes`, evaluated abstractly: nothing is
 allocated), the state of every optimizer is counted and compared, number for
 number, with formulas written here from the algorithms (not from the
 library), and its bytes with AdamW's. Then GPT-2 small's layout variants
@@ -104,7 +104,7 @@ def run(quick: bool) -> dict:
   """Every optimizer on every set, then GPT-2 small's layout variants."""
   sets = shared.single_matrix_sets(quick)
   sets['transformer'] = shared.small_transformer_shapes(quick)
-  sets['gpt2-small'] = shared.transformer_shapes(*shared.GPT2_SMALL)
+  sets['gpt2-small'] = common.transformer_shapes(*shared.GPT2_SMALL)
   rows = []
   for set_name, shapes in sets.items():
     params = shared.abstract_tree(shapes)

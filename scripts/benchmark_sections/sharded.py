@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import common
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
@@ -67,10 +68,11 @@ def worker(quick: bool) -> dict:
   frequency, calls = 2, 6 if quick else 10
   out: dict[str, Any] = {'devices': SHARDED_DEVICES, 'frequency': frequency,
                          'models': {}}
-  models = {'4 layers, separate': (shared.transformer_shapes(d, 4, vocab, seq),
-                                   lambda params: None),
-            '8 layers, scanned': (shared.scanned_transformer_shapes(
-                d, 8, vocab, seq), shared.layer_axis_numbers)}
+  models = {
+      '4 layers, separate': (common.transformer_shapes(d, 4, vocab, seq),
+                             lambda params: None),
+      '8 layers, scanned': (shared.scanned_transformer_shapes(d, 8, vocab, seq),
+                            shared.layer_axis_numbers)}
   for model, (shapes, numbers) in models.items():
     params = {k: jax.device_put(v, fsdp(v.shape))
               for k, v in shared.random_tree(shapes, 0).items()}

@@ -3,10 +3,10 @@ the parameter sets, and the FLOP count of a SOAP step.
 
 * :data:`OPTIMIZERS` and :func:`make_optimizer`: the optimizers compared, each
   with its library defaults at refresh frequency :data:`FREQUENCY`.
-* :func:`transformer_shapes` / :func:`scanned_transformer_shapes`: a GPT-style
-  parameter set as ``name -> shape`` (the memory section's closed-form checks,
-  GPT-2 small's included, are written against these shapes), and
-  :func:`layer_axis_numbers` for the scanned one.
+* :func:`scanned_transformer_shapes`: ``common.transformer_shapes`` (a
+  GPT-style parameter set as ``name -> shape``; the memory section's
+  closed-form checks, GPT-2 small's included, are written against those
+  shapes) with its layers stacked, and :func:`layer_axis_numbers` for it.
 * :func:`rotated_axes` and :func:`step_flops`: which axes SOAP rotates under
   the aliases' defaults, and the matrix-product flops of one regular step.
 * :func:`random_tree` and :func:`abstract_tree`: arrays or shape-only
@@ -67,31 +67,15 @@ def single_matrix_sets(quick: bool) -> dict:
 def small_transformer_shapes(quick: bool) -> dict:
   """The step and memory sections' small transformer (d 256, 4 layers;
   d 32, 1 layer with ``--quick``)."""
-  return (transformer_shapes(32, 1, 256, 32) if quick else
-          transformer_shapes(256, 4, 256, 256))
-
-
-def transformer_shapes(d: int, layers: int, vocab: int, seq: int):
-  """A GPT-style parameter set: name -> shape (fused qkv, 4x MLP, tied head)."""
-  shapes = {'wte': (vocab, d), 'wpe': (seq, d), 'ln_f/scale': (d,),
-            'ln_f/bias': (d,)}
-  for i in range(layers):
-    shapes.update({
-        f'h{i}/ln1/scale': (d,), f'h{i}/ln1/bias': (d,),
-        f'h{i}/qkv/kernel': (d, 3 * d), f'h{i}/qkv/bias': (3 * d,),
-        f'h{i}/proj/kernel': (d, d), f'h{i}/proj/bias': (d,),
-        f'h{i}/ln2/scale': (d,), f'h{i}/ln2/bias': (d,),
-        f'h{i}/fc/kernel': (d, 4 * d), f'h{i}/fc/bias': (4 * d,),
-        f'h{i}/out/kernel': (4 * d, d), f'h{i}/out/bias': (d,),
-    })
-  return shapes
+  return (common.transformer_shapes(32, 1, 256, 32) if quick else
+          common.transformer_shapes(256, 4, 256, 256))
 
 
 def scanned_transformer_shapes(d: int, layers: int, vocab: int, seq: int):
-  """:func:`transformer_shapes` with the layers stacked: ``h/...`` leaves get a
-  leading ``layers`` axis, as ``nnx.scan``/``nn.scan`` keep them."""
-  shapes = dict(transformer_shapes(d, 0, vocab, seq))
-  for name, shape in transformer_shapes(d, 1, vocab, seq).items():
+  """``common.transformer_shapes`` with the layers stacked: ``h/...`` leaves
+  get a leading ``layers`` axis, as ``nnx.scan``/``nn.scan`` keep them."""
+  shapes = dict(common.transformer_shapes(d, 0, vocab, seq))
+  for name, shape in common.transformer_shapes(d, 1, vocab, seq).items():
     if name.startswith('h0/'):
       shapes['h/' + name[3:]] = (layers,) + shape
   return shapes
