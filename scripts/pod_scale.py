@@ -102,14 +102,19 @@ def collectives(hlo: str) -> dict:
   return found
 
 
+def is_eigenbasis_state(x) -> bool:
+  """Whether ``x`` is an eigenbasis transform's state: a NamedTuple whose
+  ``eigenbasis`` field holds the factors and their plan (the protocol
+  soap_optax.diagnostics and soap_optax.state_shardings follow)."""
+  return hasattr(getattr(x, 'eigenbasis', None), 'plan')
+
+
 def refresh_work(state) -> tuple[float, float]:
   """(most loaded device's ``sum d^3``, total / number of shards)."""
-  import soap_optax  # pylint: disable=g-import-not-at-top
-  from soap_optax import _state  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   per_device, total, shards = None, 0.0, 1
-  for node in jax.tree.leaves(state, is_leaf=_state.is_eigenbasis_state):
-    if not _state.is_eigenbasis_state(node):
+  for node in jax.tree.leaves(state, is_leaf=is_eigenbasis_state):
+    if not is_eigenbasis_state(node):
       continue
     plan = node.eigenbasis.plan
     layout = plan.sharding
@@ -121,7 +126,6 @@ def refresh_work(state) -> tuple[float, float]:
       counts = layout.units_per_shard[s] if layout else (stack.size,)
       for d, n in enumerate(counts):
         per_device[d] += n * cost
-  del soap_optax
   return (max(per_device) if per_device else 0.0), total / shards
 
 
