@@ -13,6 +13,11 @@ The default corpus is the source of the running Python's standard library
 (its top-level ``*.py`` files in sorted order): present on every machine,
 nothing downloaded. ``--text-file`` uses any other text.
 
+This file is the command line and the loop over optimizers; the model, its
+optimizers and steps are ``lm.py`` (its configuration and corpus
+``lm_config.py``), one training run ``lm_training.py`` and the table, plots
+and JSON ``lm_report.py``.
+
 Examples::
 
   python scripts/train_lm.py                       # soap, adamw, muon
@@ -32,11 +37,12 @@ import pathlib
 import sys
 import time
 
-from common import UsageError
 import common
+from common import UsageError
 from lm_config import (ADAM_PART_LEARNING_RATE, Config, DEFAULT_LEARNING_RATES,
                        OPTIMIZERS, SCHEDULES, SOAP_PARAMS, TUNED_SOAP,
                        default_warmup_steps, load_corpus, split_corpus)
+
 
 # ------------------------------------------------------------------------------
 # Command line.
