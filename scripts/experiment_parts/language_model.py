@@ -111,4 +111,12 @@ def tables(section) -> str:
 def plot(section, out_dir) -> list:
   """lm.png: each optimizer's validation loss (mean of the seeds)."""
   plt = common.pyplot()
-
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for r in section['rows']:
+    ax.plot(r['curve_steps'], r['mean_curve'],
+            label=f'{r["optimizer"]} (lr {r["lr"]:g})')
+  ax.set_xlabel('step')
+  ax.set_ylabel('validation loss (nats/byte, mean of seeds)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return [common.save_figure(fig, out_dir / 'lm.png')]
