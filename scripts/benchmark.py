@@ -115,9 +115,8 @@ def plot(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """The figures of the sections that have one and ran."""
   paths = []
   for name in SECTIONS:
-    module = section_module(name) if name in results else None
-    if module is not None and hasattr(module, 'plot'):
-      paths.append(module.plot(results[name], out_dir))
+    if name in results and hasattr(section_module(name), 'plot'):
+      paths.append(section_module(name).plot(results[name], out_dir))
   return paths
 
 
