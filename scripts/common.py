@@ -146,23 +146,6 @@ def time_calls(fn: Callable[..., Any], args, repeats: int,
   return times
 
 
-def time_calls_interleaved(calls: dict[str, tuple[Callable[..., Any], tuple]],
-                           repeats: int) -> dict[str, list[float]]:
-  """Seconds of ``repeats`` calls of each ``name: (fn, args)``, taken in
-  turns (one call of each per round, after one warm-up call of each), so
-  that a change of the machine's load hits every function alike."""
-  import jax  # pylint: disable=g-import-not-at-top
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, (fn, args) in calls.items():
-      tick = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - tick)
-  return times
-
-
 # ------------------------------------------------------------------------------
 # Parameter sets.
 

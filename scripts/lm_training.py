@@ -128,24 +128,28 @@ def train_one(config: lm.Config, name: str, learning_rate: float, data,
 
 
 def optimizer_step_share(model, optimizer, tokens, config: lm.Config,
-                         repeats: int = 10) -> float:
+                         repeats: int = 20) -> float:
   """Fraction of a training step spent in the optimizer update.
 
   Measured after training, on copies of the state and one batch, as the
   training step's two parts, each a jitted function of the same style
   (pure parameters and state in, results out): the gradient (forward and
-  backward) and the update (``tx.update`` + ``apply_updates``). The two are
-  called in turns, ``repeats`` times each after a warm-up, each call waited
-  for, so that a change of the machine's load hits both; the share is the
-  update's median over the sum of the two medians, below 1 by construction.
+  backward) and the update (``tx.update`` + ``apply_updates``). They run in
+  turns for ``repeats`` consecutive steps after a warm-up, the parameters
+  and the optimizer state carried from step to step, so that the update's
+  refresh calls come at the run's own rate (a state held fixed would time
+  either only refresh calls or none) and a change of the machine's load
+  hits both parts. The share is the update's mean over the sum of the two
+  means: below 1 by construction. ``repeats`` = 20 is a whole number of
+  refresh intervals for intervals 1, 2, 4, 5, 10 and 20.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optimizer.tx
   batch = lm.sample_batch(jax.numpy.asarray(tokens), jax.random.PRNGKey(9),
                           config.batch_size, config.seq_len)
   # The same pure structures nnx.Optimizer.update hands to tx.update.
-  pure_params = nnx.as_pure(params)
-  pure_state = nnx.as_pure(optimizer.opt_state)
+  params = nnx.as_pure(params)
+  state = nnx.as_pure(optimizer.opt_state)
 
   @jax.jit
   def gradient(p):
@@ -157,12 +161,19 @@ def optimizer_step_share(model, optimizer, tokens, config: lm.Config,
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s
 
-  grads = gradient(pure_params)
-  times = common.time_calls_interleaved(
-      {'gradient': (gradient, (pure_params,)),
-       'update': (update, (pure_params, pure_state, grads))}, repeats)
-  update_time = common.median(times['update'])
-  return update_time / (common.median(times['gradient']) + update_time)
+  def timed(fn, *args):
+    tick = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - tick
+
+  jax.block_until_ready(update(params, state, gradient(params)))  # compiles
+  gradient_s = update_s = 0.0
+  for _ in range(repeats):
+    grads, seconds = timed(gradient, params)
+    gradient_s += seconds
+    (params, state), seconds = timed(update, params, state, grads)
+    update_s += seconds
+  return update_s / (gradient_s + update_s)
 
 
 def steps_to_reach(record: dict, target: float) -> int | None:
