@@ -3,7 +3,8 @@
 Forward + backward (gradients accumulated over micro-batches in a
 ``lax.scan``) + update of the main job's language model (``ByteTransformer``
 of ``scripts/lm.py``, its loss ``lm.loss_fn``), with AdamW and with SOAP at
-frequency 10, on uniformly random bytes: GPT-2-small sizes (d 768, 12
+frequency 10, on the main job's data (one step's micro-batches drawn from
+the standard library's sources, ``lm.sample_batches``): GPT-2-small sizes (d 768, 12
 layers, 12 heads, sequence 1024; the byte vocabulary, 256) and 262,144
 tokens per step on a GPU (rematerialized, bfloat16 compute), a small model on
 a CPU. SOAP runs first and its first call is timed in three parts before
@@ -55,14 +56,14 @@ def run_config(quick: bool, on_gpu: bool) -> dict:
 
 def model_config(config) -> lm.Config:
   """The main job's ``Config`` with this section's model sizes (only the
-  sizes are read: the optimizers and the data are this section's own)."""
+  sizes are read: the optimizers are this section's own)."""
   return lm.Config(
       optimizers=('soap', 'adamw'), learning_rates=(1e-3, 1e-3), steps=0,
       batch_size=config['micro_batch'], seq_len=config['seq'],
       d_model=config['d'], num_layers=config['layers'],
       num_heads=config['heads'], eval_every=1, eval_batches=0,
       weight_decay=0.0, precondition_frequency=shared.FREQUENCY, seed=0,
-      corpus='uniformly random bytes')
+      corpus='stdlib')
 
 
 def split_model(config, abstract: bool = False):
@@ -96,9 +97,13 @@ def abstract_batch(config):
   return jax.ShapeDtypeStruct(batch_shape(config), jnp.int32)
 
 
-def random_batch(config):
-  return jax.random.randint(jax.random.PRNGKey(0), batch_shape(config), 0,
-                            config['vocab'])
+def corpus_batch(config):
+  """One step's micro-batches (``batch_shape``) of the main job's training
+  bytes."""
+  train, _ = lm.split_corpus(lm.load_corpus(None), config['seq'])
+  return lm.sample_batches(train, jax.random.PRNGKey(0),
+                           config['accumulation'], config['micro_batch'],
+                           config['seq'])
 
 
 def make_loss_fn(config, graphdef):
@@ -140,7 +145,7 @@ def run(steps: int, quick: bool) -> dict:
   on_gpu = jax.default_backend() == 'gpu'
   config = run_config(quick, on_gpu)
   tokens_per_step = config['micro_batch'] * config['accumulation'] * config['seq']
-  batch = random_batch(config)
+  batch = corpus_batch(config)
   # On a CPU a step of the small model takes seconds: 30 calls (3 refreshes).
   steps = shared.FREQUENCY if quick else (steps if on_gpu else
                                           3 * shared.FREQUENCY)
