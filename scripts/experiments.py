@@ -14,7 +14,7 @@ says what it runs):
   (soap_optax.AdaptiveRefresh, and FoamRefresh for Shampoo) on both problems;
 * ``soap_vs_muon``: SOAP tuned against Muon on the main job's model, every
   setting alone and combined, the best on two seeds and at a 4x larger batch
-  (README "Choosing and tuning");
+  (docs/choosing_and_tuning.md);
 * ``kl_vs_muon``: KL-Shampoo and KL-SOAP against tuned SOAP, the strong Muon
   and AdamW, and GPT-2 small's optimizer state;
 * ``chinchilla``: the ranking against tokens per parameter (1x, 4x, 8x).

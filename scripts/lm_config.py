@@ -25,8 +25,8 @@ OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
 # Learning rates used when none is given: 3e-3, SOAP's default, for every
 # optimizer but Muon; for adamw, soap and muon_shared_lr it is also the best
 # of the grid {1e-3, 3e-3, 1e-2, 3e-2} on the default model, and 3e-2 is
-# muon's best of {3e-3, 1e-2, 3e-2, 1e-1} (README). --lr-grid sweeps a grid
-# instead.
+# muon's best of {3e-3, 1e-2, 3e-2, 1e-1} (docs/choosing_and_tuning.md).
+# --lr-grid sweeps a grid instead.
 DEFAULT_LEARNING_RATES = {
     'adamw': 3e-3,
     'muon': 1e-2,
@@ -60,7 +60,7 @@ SCHEDULES = ('constant', 'cosine')
 SOAP_PARAMS = ('all', 'matrices', 'hidden')
 # The main job's defaults for the eigenbasis optimizers: the best SOAP
 # configuration of `python scripts/experiments.py --parts soap_vs_muon` on
-# this model (README "Choosing and tuning"): a refresh every 2 steps,
+# this model (docs/choosing_and_tuning.md): a refresh every 2 steps,
 # b2 = shampoo_beta = 0.9, SOAP on the blocks' matrices and AdamW on the
 # rest, constant rate 3e-3. (Config's own defaults are the library's.)
 TUNED_SOAP = dict(precondition_frequency=2, soap_b2=0.9, soap_params='hidden')

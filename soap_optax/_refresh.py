@@ -80,9 +80,10 @@ class AdaptiveRefresh:
   The first step always decomposes every factor. With ``tolerance=1`` (``s``
   never exceeds 1) this is the fixed interval ``max_interval``.
 
-  The defaults come from ``scripts/experiments.py --parts refresh`` (README,
-  "Adaptive refresh"): after SOAP's power-iteration + QR refresh a basis is
-  not exact (``s`` of 0.1 to 0.3 right after it), and minibatch noise alone
+  The defaults come from ``scripts/experiments.py --parts refresh``
+  (``docs/adaptive_refresh.md``, "Fixed intervals against the adaptive
+  schedule"): after SOAP's power-iteration + QR refresh a basis is not
+  exact (``s`` of 0.1 to 0.3 right after it), and minibatch noise alone
   raises ``s`` to about 0.15 (Kronecker problem) or 0.4 (the main job's
   model) within 10 steps, so a tolerance below about 0.3 refreshes at every
   ``min_interval``; ``min_interval=10`` keeps the stale stacks on the usual

@@ -13,7 +13,7 @@ import sys
 if __name__ == '__main__':
   # Before JAX starts: 8 host devices (4 per process in the 2-process run),
   # and one OpenBLAS thread per device (several host devices oversubscribe
-  # the cores otherwise; see the README's CPU notes).
+  # the cores otherwise; see docs/sharding.md, CPU notes).
   _DEVICES = 4 if sys.argv[1] == 'process' else 8
   os.environ['XLA_FLAGS'] = (
       os.environ.get('XLA_FLAGS', '') +

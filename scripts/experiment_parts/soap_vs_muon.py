@@ -6,7 +6,7 @@ grids, constant and warmup+cosine; SOAP from the main job's former settings
 warmup+cosine, which parameters SOAP handles, one-sided) alone and combined,
 every grid extended until its best rate is interior; the best of each
 optimizer on two seeds and at a 4x larger batch; factorized SOAP and Shampoo
-with the best settings (README "Choosing and tuning"). Each run is kept as
+with the best settings (docs/choosing_and_tuning.md). Each run is kept as
 JSON under ``soap_vs_muon/`` in the output folder and read back when the
 part runs again.
 """
