@@ -274,7 +274,8 @@ def test_state_shardings_jit_orbax_and_bytes_per_device():
 
 def test_checkpoints_move_between_device_counts():
   """portable_state saved with Orbax on one mesh, restored on another by
-  reshard_state: 8->4, 4->8, 8->1, 1->8 and (4,2)->(8,) devices, then three
+  reshard_state: 8->4, 4->8, 8->1, 1->8 and (4,2)->(8,) devices (Auto
+  axes; a live Explicit-mesh state is cut too), then three
   more steps against the uninterrupted one-device run (float64). The bound
   is the one between a sharded and an unsharded run: XLA partitions the
   same arithmetic differently, and the bases (eigenvectors) amplify the
@@ -287,6 +288,9 @@ def test_checkpoints_move_between_device_counts():
       assert errors['state'] <= 1e-12, (name, move, errors)
       assert errors['placed'], (name, move)
   assert len(result['soap']) == 5
+  # A live state on an Explicit (8,) mesh, cut by portable_state, against
+  # the one-device run (ShardingTypeError before the fix).
+  assert result['explicit_cut'] <= 1e-12, result['explicit_cut']
   refused = result['refused']
   assert refused is not None and 'stacks of units' in refused
   assert 'block_size' in refused
