@@ -94,7 +94,8 @@ class EngineConfig:
       :func:`soap_optax.state_shardings`.
     shard_axes: the mesh axis name, or tuple of names, to divide over;
       ``None`` with a mesh means all of its axes.
-    foam_allowed: whether the rule accepts :class:`soap_optax.FoamRefresh`.
+    foam_allowed: set by each transform, not by users: whether its rule
+      accepts :class:`soap_optax.FoamRefresh` (Shampoo's only).
   """
 
   precondition_frequency: Any = 10
