@@ -207,7 +207,9 @@ def factorized_soap(
   (row and column averages for a matrix) and rebuilt as
   ``v = r c^T / sum(r)``. For an ``m x n`` layer the optimizer state is
   ``2m^2 + 2n^2 + mn + m + n`` numbers, or ``2 min(m, n)^2 + mn + m + n`` with
-  ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer).
+  ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer),
+  plus the engine's tracked ``diag(Q^T GG Q)`` (``m + n``; one-sided
+  ``min(m, n)``) and two counters per unit.
 
   Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
     ``block_size``, ``staggered_refresh``, ``rounding_floor``, ``mesh`` and
