@@ -155,8 +155,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  try:
-    sys.exit(main(sys.argv[1:]))
-  except common.UsageError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+  common.exit_with_main(main)

@@ -21,6 +21,17 @@ class UsageError(Exception):
   """Bad input: reported as one line on stderr, exit status 2."""
 
 
+def exit_with_main(main: Callable[[list[str]], int]) -> None:
+  """Runs a script's ``main(argv)`` on the command line's arguments and
+  exits with its status; a UsageError is one line on stderr and status 2."""
+  try:
+    status = main(sys.argv[1:])
+  except UsageError as error:
+    print(f'error: {error}', file=sys.stderr)
+    status = 2
+  sys.exit(status)
+
+
 # ------------------------------------------------------------------------------
 # Arguments.
 
@@ -118,14 +129,6 @@ def save_figure(fig, path: pathlib.Path, dpi: int = 100) -> pathlib.Path:
 
 # ------------------------------------------------------------------------------
 # Timing.
-
-
-def median(values):
-  values = sorted(values)
-  middle = len(values) // 2
-  if len(values) % 2:
-    return values[middle]
-  return 0.5 * (values[middle - 1] + values[middle])
 
 
 def time_calls(fn: Callable[..., Any], args, repeats: int,

@@ -44,7 +44,6 @@ import datetime
 import json
 import os
 import pathlib
-import sys
 import time
 
 import common
@@ -116,8 +115,4 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  try:
-    sys.exit(main(sys.argv[1:]))
-  except common.UsageError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+  common.exit_with_main(main)

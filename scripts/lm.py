@@ -2,8 +2,8 @@
 
 A decoder-only transformer written with ``flax.nnx`` (``ByteTransformer``)
 predicts the next byte of a text corpus; its sizes and every setting that
-determines a run's losses are a ``Config`` (``lm_config.py``, re-exported
-here with the corpus loading). This module builds the rest of a run: the
+determines a run's losses are a ``Config`` (``lm_config.py``, with the
+corpus loading). This module builds the rest of a run: the
 optimizers by name (``make_optimizer``, with the learning-rate schedule and
 the routing of parameters between an eigenbasis optimizer or Muon and
 AdamW), random batches of the corpus, the loss, the jitted training step and
@@ -21,9 +21,7 @@ from flax import nnx
 
 import soap_optax
 
-from lm_config import (  # pylint: disable=unused-import
-    ADAM_PART_LEARNING_RATE, Config, EIGENBASIS_OPTIMIZERS, OPTIMIZERS,
-    TUNED_SOAP, default_warmup_steps, load_corpus, split_corpus)
+from lm_config import Config, OPTIMIZERS
 
 VOCABULARY = 256  # bytes.
 

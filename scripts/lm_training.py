@@ -23,14 +23,15 @@ from flax import nnx
 
 import common
 import lm
+import lm_config
 
 
 class Interrupted(Exception):
   """Raised by ``stop_after`` to simulate an interrupted run."""
 
 
-def train_one(config: lm.Config, name: str, learning_rate: float, data,
-              out_dir: pathlib.Path, *, checkpoint_every: int = 0,
+def train_one(config: lm_config.Config, name: str, learning_rate: float,
+              data, out_dir: pathlib.Path, *, checkpoint_every: int = 0,
               stop_after: int = 0, progress=common.SilentProgressBar,
               tx: optax.GradientTransformation | None = None) -> dict:
   """Trains one optimizer; returns its record (losses, timings).
@@ -127,7 +128,7 @@ def train_one(config: lm.Config, name: str, learning_rate: float, data,
   return record
 
 
-def optimizer_step_share(model, optimizer, tokens, config: lm.Config,
+def optimizer_step_share(model, optimizer, tokens, config: lm_config.Config,
                          repeats: int = 20) -> float:
   """Fraction of a training step spent in the optimizer update.
 

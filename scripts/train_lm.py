@@ -271,10 +271,7 @@ def main(argv: list[str]) -> int:
 
 if __name__ == '__main__':
   try:
-    sys.exit(main(sys.argv[1:]))
-  except UsageError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    common.exit_with_main(main)
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     sys.exit(130)

@@ -119,6 +119,7 @@ def test_empty_or_unreadable_text_file_and_foreign_resume_dir(tmp_path):
 
 sys.path.insert(0, str(SCRIPT.parent))
 import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lm_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -169,7 +170,7 @@ def test_the_adamw_part_is_optax_adamw_at_the_adam_part_rate():
   params = jax.tree.map(lambda x: x, nnx.to_pure_dict(params))
   grads = jax.tree.map(lambda x: np.cos(3.0 * x) + 0.1, params)
   tx = lm.make_optimizer(config, 'soap', 1e-2)
-  reference = optax.adamw(lm.ADAM_PART_LEARNING_RATE, b1=0.9, b2=0.95,
+  reference = optax.adamw(lm_config.ADAM_PART_LEARNING_RATE, b1=0.9, b2=0.95,
                           weight_decay=config.weight_decay)
   state, ref_state = tx.init(params), reference.init(params)
   for _ in range(3):

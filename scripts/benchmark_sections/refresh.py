@@ -9,6 +9,7 @@ factor. Writes ``refresh_cost.png``.
 """
 
 import json
+import statistics
 
 import common
 import jax
@@ -42,9 +43,9 @@ def run(quick: bool) -> dict:
   for n in sizes:
     print(f'  refresh: n={n}', flush=True)
     stat, basis = random_factor(n, n)
-    eigh_s = common.median(common.time_calls(eigh_refresh, (stat, basis),
+    eigh_s = statistics.median(common.time_calls(eigh_refresh, (stat, basis),
                                              repeats, budget))
-    qr_s = common.median(common.time_calls(qr_refresh, (stat, basis), repeats,
+    qr_s = statistics.median(common.time_calls(qr_refresh, (stat, basis), repeats,
                                            budget))
     single.append(dict(n=n, eigh_s=eigh_s, qr_s=qr_s, qr_over_eigh=qr_s / eigh_s,
                        eigh_flops_per_s=9 * n**3 / eigh_s,
@@ -65,9 +66,9 @@ def run(quick: bool) -> dict:
           fn, [a[None] for a in s], [b[None] for b in q]))
       apart = jax.jit(
           lambda s, q, fn=fn: [fn(a, b) for a, b in zip(s, q)])
-      together_s = common.median(common.time_calls(
+      together_s = statistics.median(common.time_calls(
           together, (stats, bases), repeats, budget))
-      apart_s = common.median(common.time_calls(apart, (stats, bases),
+      apart_s = statistics.median(common.time_calls(apart, (stats, bases),
                                                 repeats, budget))
       batched.append(dict(n=n, count=count, method=method,
                           batched_s=together_s, per_factor_s=apart_s,

@@ -13,7 +13,6 @@ machine's cores, so only the ratios measured in the same run mean anything.
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 

@@ -14,6 +14,8 @@ the parameter sets, and the FLOP count of a SOAP step.
 * :func:`summarize_calls`: regular and refresh calls of a timed loop apart.
 """
 
+import statistics
+
 import common
 import jax
 import jax.numpy as jnp
@@ -133,7 +135,7 @@ def summarize_calls(name: str, seconds_by_call) -> dict:
   for k, seconds in enumerate(seconds_by_call, start=1):
     (refresh if name != 'adamw' and k % FREQUENCY == 0 else regular).append(
         seconds)
-  return dict(regular_s=common.median(regular), regular_n=len(regular),
-              refresh_s=common.median(refresh) if refresh else None,
+  return dict(regular_s=statistics.median(regular), regular_n=len(regular),
+              refresh_s=statistics.median(refresh) if refresh else None,
               refresh_n=len(refresh),
               mean_s=(sum(regular) + sum(refresh)) / len(seconds_by_call))

@@ -13,6 +13,7 @@ same number of bytes). Writes ``step_cost.png``.
 """
 
 import json
+import statistics
 import time
 
 import common
@@ -47,7 +48,7 @@ def measure_reference_rates(shapes: dict, repeats: int) -> float:
       if (rows, inner, cols) not in timings:
         a = jax.random.normal(key, (rows, inner))
         b = jax.random.normal(key, (inner, cols))
-        timings[(rows, inner, cols)] = common.median(
+        timings[(rows, inner, cols)] = statistics.median(
             common.time_calls(dot, (a, b), repeats, budget_s=10.0))
       seconds += times * timings[(rows, inner, cols)]
   return shared.step_flops(matrices) / seconds
@@ -63,7 +64,7 @@ def measure_stream_bandwidth(num_floats: int, repeats: int) -> float:
     tick = time.perf_counter()
     x = jax.block_until_ready(add_one(x))
     times.append(time.perf_counter() - tick)
-  return 8 * num_floats / common.median(times)
+  return 8 * num_floats / statistics.median(times)
 
 
 def time_optimizer(name: str, shapes: dict, steps: int) -> dict:

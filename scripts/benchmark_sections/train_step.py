@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import lm
+import lm_config
 from benchmark_sections import shared
 
 TITLE = 'Whole training step'
@@ -54,10 +55,10 @@ def run_config(quick: bool, on_gpu: bool) -> dict:
               micro_batch=16, accumulation=2, remat=False)
 
 
-def model_config(config) -> lm.Config:
+def model_config(config) -> lm_config.Config:
   """The main job's ``Config`` with this section's model sizes (only the
   sizes are read: the optimizers are this section's own)."""
-  return lm.Config(
+  return lm_config.Config(
       optimizers=('soap', 'adamw'), learning_rates=(1e-3, 1e-3), steps=0,
       batch_size=config['micro_batch'], seq_len=config['seq'],
       d_model=config['d'], num_layers=config['layers'],
@@ -100,7 +101,8 @@ def abstract_batch(config):
 def corpus_batch(config):
   """One step's micro-batches (``batch_shape``) of the main job's training
   bytes."""
-  train, _ = lm.split_corpus(lm.load_corpus(None), config['seq'])
+  train, _ = lm_config.split_corpus(lm_config.load_corpus(None),
+                                    config['seq'])
   return lm.sample_batches(train, jax.random.PRNGKey(0),
                            config['accumulation'], config['micro_batch'],
                            config['seq'])

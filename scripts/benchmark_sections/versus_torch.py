@@ -12,9 +12,9 @@ a small set.
 
 import importlib.util
 import os
+import statistics
 import time
 
-import common
 import jax
 import optax
 
@@ -49,10 +49,10 @@ def window_stats(seconds, window: int = FREQUENCY) -> dict:
   window an implementation refreshes on)."""
   windows = [seconds[i:i + window]
              for i in range(0, len(seconds) - window + 1, window)]
-  spike = common.median([max(w) for w in windows])
+  spike = statistics.median([max(w) for w in windows])
   return dict(mean_s=sum(seconds) / len(seconds),
-              median_s=common.median(seconds), spike_s=spike,
-              spike_over_median=spike / common.median(seconds))
+              median_s=statistics.median(seconds), spike_s=spike,
+              spike_over_median=spike / statistics.median(seconds))
 
 
 def time_jax_soap(shapes, steps, layout) -> list[float]:

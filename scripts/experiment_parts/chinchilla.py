@@ -11,6 +11,7 @@ import pathlib
 
 import common
 import lm
+import lm_config
 
 from experiment_parts.sweep import LmSweep, rungs_around, tuned_options
 
@@ -37,7 +38,7 @@ CHINCHILLA_GRIDS = {'adamw': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 1e-1),
 
 def chinchilla_parameters(model) -> int:
   """The main job's ByteTransformer's parameter count at these sizes."""
-  return lm.parameter_count(lm.Config(
+  return lm.parameter_count(lm_config.Config(
       optimizers=('adamw',), learning_rates=(1e-3,), steps=1, eval_every=1,
       weight_decay=0.0, precondition_frequency=1, seed=0, corpus='stdlib',
       **model))

@@ -70,11 +70,6 @@ def tail_mean(curve, fraction=0.1):
   return float(np.mean(curve[-tail:]))
 
 
-def first_below(curve, target):
-  below = np.nonzero(np.asarray(curve) <= target)[0]
-  return int(below[0]) if below.size else None
-
-
 def run(quick: bool, out_dir=None):
   """(a), (b) and (c) on ``kronecker_quadratic`` (m x n, condition 100 per
   factor, Kronecker-structured gradient noise)."""
@@ -117,7 +112,7 @@ def run(quick: bool, out_dir=None):
   rows = []
   for (f, name), c in curves.items():
     index, finals = best_rate(c)
-    steps_to = [first_below(c[s, index], targets[s])
+    steps_to = [problems.steps_to_reach(c[s, index], targets[s])
                 for s in range(len(problem_seeds))]
     rows.append(dict(
         optimizer=name, frequency=f, best_lr=grid[index],

@@ -14,6 +14,7 @@ import numpy as np
 
 import common
 import lm
+import lm_config
 import lm_training
 
 TITLE = 'Language model'
@@ -32,10 +33,11 @@ def run(quick: bool, out_dir: pathlib.Path):
   grid = LM_GRID[1:2] if quick else LM_GRID
   seeds = (0,) if quick else (0, 1)
   records = {}  # (optimizer, lr, seed) -> record
-  base_config = lm.Config(
+  base_config = lm_config.Config(
       optimizers=('adamw',), learning_rates=(grid[0],), weight_decay=0.01,
       precondition_frequency=10, seed=0, corpus='stdlib', **sizes)
-  data = lm.split_corpus(lm.load_corpus(None), sizes['seq_len'])
+  data = lm_config.split_corpus(lm_config.load_corpus(None),
+                                sizes['seq_len'])
 
   def train(name, lr, seed):
     print(f'  lm: {name} lr={lr:g} seed={seed}', flush=True)

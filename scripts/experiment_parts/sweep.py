@@ -12,7 +12,6 @@ import functools
 import json
 import pathlib
 
-import lm
 import lm_config
 import lm_training
 
@@ -37,8 +36,8 @@ def corpus_split(seq_len: int):
 def train_lm_run(name, learning_rate, seed, sizes, out_dir,
                  precondition_frequency=10, **options):
   """One run of the main job's model on the standard library corpus;
-  ``options``: other lm.Config fields (schedule, soap_b2, ...)."""
-  config = lm.Config(
+  ``options``: other lm_config.Config fields (schedule, soap_b2, ...)."""
+  config = lm_config.Config(
       optimizers=(name,), learning_rates=(learning_rate,), weight_decay=0.01,
       precondition_frequency=precondition_frequency, seed=seed,
       corpus='stdlib', **sizes, **options)
