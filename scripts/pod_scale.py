@@ -2,7 +2,9 @@
 
 Nothing is allocated. For every configuration, a subprocess started with
 ``--xla_force_host_platform_device_count=N`` builds Llama-style parameters
-as ``jax.ShapeDtypeStruct``\\ s carrying FSDP ``NamedSharding``\\ s, the
+as ``jax.ShapeDtypeStruct``\\ s carrying FSDP ``NamedSharding``\\ s (each
+divided over ``fsdp`` along the axis :func:`soap_optax.parameter_shardings`
+names), the
 optimizer state's shardings from :func:`soap_optax.state_shardings`, and
 compiles ``jit(tx.update)`` ahead of time. It reports, per device:
 
@@ -11,8 +13,8 @@ compiles ``jit(tx.update)`` ahead of time. It reports, per device:
   divided over (the ``fsdp`` axis);
 * ``temp``: the compiled update's temporary bytes (``memory_analysis``);
 * the collectives of the compiled (partitioned, per-device) program by kind,
-  their total result bytes and the largest one, against the per-device
-  parameter bytes;
+  their total result bytes (``moved``) and the largest one, against the
+  per-device parameter bytes;
 * ``refresh``: the refresh work of the most loaded device (``sum d^3`` over
   the factors of the units it holds) against the total divided evenly;
 * compile seconds of the sharded update, of the same update unsharded (one
@@ -62,17 +64,6 @@ def llama_shapes(d: int, layers: int, ffn: int, vocab: int, scanned: bool):
     shapes.update({f'layer{i}/{k}': s for i in range(layers)
                    for k, s in layer.items()})
   return shapes
-
-
-def fsdp_spec(shape, scanned_leaf: bool, fsdp: int):
-  """FSDP: the largest non-layer axis that ``fsdp`` divides is sharded."""
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  axes = [a for a in range(int(scanned_leaf), len(shape))
-          if shape[a] % fsdp == 0]
-  if not axes:
-    return P()
-  axis = max(axes, key=lambda a: (shape[a], -a))
-  return P(*[('fsdp' if a == axis else None) for a in range(len(shape))])
 
 
 def result_bytes(text: str) -> int:
@@ -144,13 +135,16 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
       jax.sharding.AxisType.Auto,) * len(shape))
   fsdp = mesh.shape['fsdp']
   shapes = llama_shapes(**MODELS[model], scanned=scanned)
-  params = {
-      k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(
-          mesh, fsdp_spec(s, scanned and k.startswith('layers/'), fsdp)))
-      for k, s in shapes.items()}
   plain = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   numbers = {k: soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
              if scanned and k.startswith('layers/') else None for k in shapes}
+  # FSDP as the exchange takes it: each parameter divided over 'fsdp' along
+  # the axis soap_optax.parameter_shardings names (replicated over 'data').
+  layout = soap_optax.parameter_shardings(soap_optax.soap(
+      1e-3, block_size=block_size, dimension_numbers=numbers, mesh=mesh,
+      shard_axes='fsdp'), plain)
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=layout[k])
+            for k, s in shapes.items()}
   param_bytes = sum(4 * math.prod(s) for s in shapes.values())
   row = dict(model=model, devices=devices, mesh=mesh_kind,
              layers='scanned' if scanned else 'separate',
@@ -195,7 +189,8 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
         state=state_bytes(state, shardings), ideal=ideal,
         temp=memory.temp_size_in_bytes, lower_s=lower_s,
         compile_s=compile_s, collectives=found,
-        largest_collective=max(v['largest'] for v in found.values()))
+        largest_collective=max(v['largest'] for v in found.values()),
+        moved=sum(v['bytes'] for v in found.values()))
     if name != 'adamw':
       result['refresh_device'], result['refresh_ideal'] = refresh_work(state)
       tick = time.perf_counter()
@@ -258,6 +253,7 @@ def format_row(row: dict) -> str:
              f' temp {mib(soap["temp"])} MiB, largest collective '
              f'{mib(soap["largest_collective"])} MiB '
              f'({soap["largest_collective"] / row["param_bytes_per_device"]:.2f}x params)'
+             f' moved {soap["moved"] / row["param_bytes_per_device"]:.2f}x params'
              f' refresh {soap["refresh_device"] / soap["refresh_ideal"]:.2f}x'
              f' compile {soap["compile_s"]:.1f}s (unsharded '
              f'{soap["unsharded_compile_s"]:.1f}s)')
@@ -270,20 +266,23 @@ def markdown(rows: list[dict]) -> str:
   """The BENCHMARKS.md table."""
   lines = [
       '| model | devices | mesh | layers | block | state MiB/dev (× ideal) '
-      '| temp MiB/dev | largest collective (× params/dev) | all-gather / '
-      'all-to-all / permute | refresh × ideal | compile s (unsharded) '
+      '| temp MiB/dev (× state) | largest collective (× params/dev) '
+      '| moved × params/dev | all-gather / all-to-all / permute / all-reduce '
+      '| refresh × ideal | compile s (unsharded) '
       '| AdamW state MiB/dev | AdamW compile s |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for row in rows:
     s, c = row['soap'], row['soap']['collectives']
     lines.append(
         f'| {row["model"]} | {row["devices"]} | {row["mesh"]} | '
         f'{row["layers"]} | {row["block_size"] or "none"} | '
         f'{mib(s["state"])} ({s["state"] / s["ideal"]:.2f}) | '
-        f'{mib(s["temp"])} | {mib(s["largest_collective"])} '
+        f'{mib(s["temp"])} ({s["temp"] / s["state"]:.2f}) | '
+        f'{mib(s["largest_collective"])} '
         f'({s["largest_collective"] / row["param_bytes_per_device"]:.2f}) | '
+        f'{s["moved"] / row["param_bytes_per_device"]:.2f} | '
         f'{c["all-gather"]["count"]} / {c["all-to-all"]["count"]} / '
-        f'{c["collective-permute"]["count"]} | '
+        f'{c["collective-permute"]["count"]} / {c["all-reduce"]["count"]} | '
         f'{s["refresh_device"] / s["refresh_ideal"]:.2f} | '
         f'{s["compile_s"]:.1f} ({s["unsharded_compile_s"]:.1f}) | ' + (
             f'{mib(row["adamw"]["state"])} | {row["adamw"]["compile_s"]:.1f} |'

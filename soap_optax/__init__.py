@@ -26,6 +26,7 @@ from soap_optax._rotated_adam import ScaleByRotatedAdamKLState
 from soap_optax._rotated_adam import ScaleByRotatedAdamState
 from soap_optax._shampoo import scale_by_shampoo_eigenbasis
 from soap_optax._shampoo import ScaleByShampooEigenbasisState
+from soap_optax._sharding import parameter_shardings
 from soap_optax._sharding import portable_state
 from soap_optax._sharding import reshard_state
 from soap_optax._sharding import state_shardings
@@ -51,6 +52,7 @@ __all__ = (
     'scale_by_kl_shampoo',
     'scale_by_rotated_adam',
     'scale_by_shampoo_eigenbasis',
+    'parameter_shardings',
     'portable_state',
     'reshard_state',
     'shampoo',

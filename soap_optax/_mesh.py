@@ -66,22 +66,28 @@ def resolve_shard_axes(mesh: Any, shard_axes: Any) -> tuple[str, ...]:
 class ShardedLayout:
   """How the stacks are divided over a mesh (static).
 
-  Stack ``s`` has ``k_s = ceil(U_s / N)`` slots on each of the ``N`` shards
-  (the devices along ``axes``), ``N k_s`` in all, sharded evenly; its units
-  fill them in order (``units_per_shard[s][d]`` of them on shard ``d``:
-  ``k_s`` on the first shards, then the rest, then none), padding last.
-  Padding slots hold zeros and identity bases: their gradient is zero, so
-  are their updates, and the refresh skips them.
+  Every unit has one owner among the ``N`` shards (the devices along
+  ``axes``). Stack ``s`` has ``k_s`` slots on each shard, ``N k_s`` in all,
+  sharded evenly along its leading axis: slot ``q k_s + j`` holds the
+  ``j``-th unit that shard ``q`` owns. Slots without a unit (padding) hold
+  zeros and identity bases; their gradient is zero, so are their updates,
+  and the refresh skips them.
 
   Attributes:
     mesh: the ``jax.sharding.Mesh``.
     axes: the mesh axes the leading axis is sharded over.
-    units_per_shard: per stack, the number of real units on each shard.
+    units_per_shard: per stack, the number of units each shard owns.
+    unit_slots_: per stack, the slot of each unit, in unit order (empty:
+      units in order, ``ceil(U / N)`` per shard).
+    geometries: per parameter, how it is divided over the shards (see
+      :mod:`soap_optax._exchange`); empty without an exchange plan.
   """
 
   mesh: Any
   axes: tuple[str, ...]
   units_per_shard: tuple[tuple[int, ...], ...]
+  unit_slots_: tuple[tuple[int, ...], ...] = ()
+  geometries: tuple[Any, ...] = ()
 
   @property
   def num_shards(self) -> int:
@@ -96,8 +102,14 @@ class ShardedLayout:
     return max(self.units_per_shard[s], default=0)
 
   def unit_slots(self, s: int) -> np.ndarray:
-    """The slot of each unit of stack ``s``, in unit order: its index."""
+    """The slot of each unit of stack ``s``, in unit order."""
+    if self.unit_slots_:
+      return np.asarray(self.unit_slots_[s], np.int64)
     return np.arange(sum(self.units_per_shard[s]))
+
+  def shard_of_units(self, s: int) -> np.ndarray:
+    """The shard that owns each unit of stack ``s``, in unit order."""
+    return self.unit_slots(s) // max(self.slots_per_shard(s), 1)
 
   def slot_mask(self, s: int, units: Any) -> np.ndarray:
     """A boolean mask over stack ``s``'s slots, true at ``units``' slots."""
@@ -112,14 +124,9 @@ def assign_shards(stacks: Sequence[Any], mesh: Any, axes: tuple[str, ...]
 
   Stack ``s`` gets ``k_s = ceil(U_s / N)`` slots per shard and its units
   fill the slots in order: unit ``u`` sits in slot ``u`` (on shard
-  ``u // k_s``), and the ``N k_s - U_s`` padding slots come last. The
-  placement is a function of the unit's index alone, whatever ``N``: two
-  layouts whose stacks have the same number of slots place every unit in the
-  same slot, and a state moves to another device count by cutting or
-  extending the padding (:func:`soap_optax.reshard_state`). The price is
-  balance across stacks: the remainders of every stack sit on the first
-  shards. Where the big stacks have many units per shard (``block_size``)
-  this costs a few percent of the refresh work (see BENCHMARKS.md).
+  ``u // k_s``), and the ``N k_s - U_s`` padding slots come last. (The
+  engine's own layout is :func:`soap_optax._exchange.assign`'s owners; this
+  in-order one is kept for layouts without parameters.)
   """
   num_shards = math.prod(mesh.shape[a] for a in axes)
   counts = []

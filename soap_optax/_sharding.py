@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soap_optax import _dimension_numbers
+from soap_optax import _exchange
 from soap_optax import _mesh
 from soap_optax import _state
 
@@ -121,6 +122,49 @@ def state_shardings(tx: Any, params: Any) -> Any:
 
 
 
+def parameter_shardings(tx: Any, params: Any) -> Any:
+  """The layout of the parameters (and gradients) that ``tx``'s exchange
+  takes as it is.
+
+  Under ``mesh=``, each parameter's gradient is cut into its units' rows and
+  sent to their owners (see ``docs/sharding.md``, "The owner layout and the
+  exchange"). The exchange expects each parameter divided over the shard
+  axes along one axis: the matrix axis whose shards cut the units into the
+  tallest equal parts (then the longest, the first on ties); without one,
+  the first batch axis; else replicated. A gradient laid out otherwise is
+  first moved to this layout (one reshard of it per step). Lay the
+  parameters out with these shardings (``jax.device_put``, or as the
+  ``out_shardings`` of their initialization) and the update moves every
+  gradient row exactly once.
+
+  Args:
+    tx: an optimizer holding an eigenbasis transform built with ``mesh=``
+      (the first one found in its state is used) for all of ``params``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``\\ s).
+
+  Returns:
+    A pytree like ``params`` of ``jax.sharding.NamedSharding``.
+
+  Raises:
+    ValueError: if ``tx`` holds no eigenbasis transform with a mesh for
+      every leaf of ``params``.
+  """
+  state = jax.eval_shape(tx.init, params)
+  leaves, treedef = jax.tree.flatten(params)
+  for node in jax.tree.leaves(state, is_leaf=_is_stacked_state):
+    if not _is_stacked_state(node):
+      continue
+    plan = node.eigenbasis.plan
+    if plan.sharding is not None and len(plan.placements) == len(leaves):
+      layout = plan.sharding
+      return treedef.unflatten([
+          jax.sharding.NamedSharding(layout.mesh, spec)
+          for spec in _exchange.leaf_specs(plan)])
+  raise ValueError(
+      'parameter_shardings needs an eigenbasis transform built with mesh= '
+      'for every parameter in tx (soap_optax.soap(..., mesh=mesh), ...).')
+
+
 # ------------------------------------------------------------------------------
 # Moving a state between layouts.
 
@@ -167,10 +211,11 @@ def _nodes(state: Any):
 def portable_state(state: Any) -> Any:
   """``state`` in a layout that does not depend on the device count.
 
-  A transform built with ``mesh=`` pads every stack of units to a multiple
-  of the number of shards (units first, in order; padding last). This
-  returns the same state with the padding cut off: every stacked array has
-  one entry per unit, exactly as the transform would hold it without a mesh.
+  A transform built with ``mesh=`` keeps every unit in its owner's slot and
+  pads every stack to the same number of slots per shard (see
+  :mod:`soap_optax._exchange`). This returns the same state with the units
+  back in unit order and the padding cut off: every stacked array has one
+  entry per unit, exactly as the transform would hold it without a mesh.
   Save this form, and a checkpoint restores on any number of devices (see
   :func:`reshard_state`). ``state`` may hold arrays or
   ``jax.ShapeDtypeStruct``\\ s (to build Orbax's restore target); anything
@@ -192,15 +237,16 @@ def portable_state(state: Any) -> Any:
       size = plan.stacks[s].size
       if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype)
+      slots = jnp.asarray(plan.sharding.unit_slots(s))
       sharding = getattr(x, 'sharding', None)
       if isinstance(sharding, jax.sharding.NamedSharding):
-        # The unit axis is divided over the mesh and ``size`` need not be a
-        # multiple of the shards: the cut stack is replicated along it (on
-        # Explicit axes an index must say so), its other axes stay divided.
+        # The unit axis is divided over the mesh, the units sit in their
+        # owners' slots: the cut stack is replicated along it (on Explicit
+        # axes an index must say so), its other axes stay divided.
         spec = tuple(sharding.spec)[1:]
-        return x.at[:size].get(out_sharding=jax.sharding.NamedSharding(
+        return x.at[slots].get(out_sharding=jax.sharding.NamedSharding(
             sharding.mesh, jax.sharding.PartitionSpec(None, *spec)))
-      return x[:size]
+      return x[slots]
     return _map_stacked(unpadded, node, plan=plan.unsharded())
   return jax.tree.map(cut, state, is_leaf=_is_stacked_state)
 
@@ -260,6 +306,8 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
       an array's shape).
   """
   target = jax.eval_shape(tx.init, params)
+  # Units in unit order, whatever layout the state was made on.
+  state = portable_state(state)
   source_nodes, _ = _nodes(state)
   target_nodes, _ = _nodes(target)
   source_paths = [jax.tree_util.keystr(p) for p, _ in source_nodes]
@@ -312,7 +360,10 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
       def fill(s, x, y):
         size = plan.stacks[s].size
         x = jnp.asarray(x, y.dtype)[:size]
-        return x if y.shape[0] == size else jnp.concatenate([x, y[size:]])
+        if plan.sharding is None:
+          return x
+        # Each unit into its owner's slot; padding slots as init fills them.
+        return y.at[jnp.asarray(plan.sharding.unit_slots(s))].set(x)
       return _map_stacked(fill, a, b, plan=plan)
     fresh_nodes, treedef = jax.tree.flatten(fresh, is_leaf=_is_stacked_state)
     return treedef.unflatten([

@@ -36,6 +36,7 @@ import numpy as np
 
 from soap_optax import _dimension_numbers
 from soap_optax import _engine
+from soap_optax import _exchange
 from soap_optax import _mesh
 
 
@@ -281,12 +282,13 @@ def plan_stacks(
 
 def shard_plan(plan: EigenbasisPlan, mesh: Any, shard_axes: Any
                ) -> EigenbasisPlan:
-  """``plan`` with its stacks divided over ``mesh`` (see
-  :func:`assign_shards`); ``plan`` itself when ``mesh`` is None."""
+  """``plan`` with its units given owners on ``mesh`` (see
+  :func:`soap_optax._exchange.assign`); ``plan`` itself when ``mesh`` is
+  None."""
   if mesh is None:
     return plan
-  layout = _mesh.assign_shards(plan.stacks, mesh,
-                              _mesh.resolve_shard_axes(mesh, shard_axes))
+  layout = _exchange.assign(plan.placements, plan.stacks, mesh,
+                            _mesh.resolve_shard_axes(mesh, shard_axes))
   stacks = tuple(
       dataclasses.replace(stack, slots=layout.num_shards
                           * layout.slots_per_shard(s))
@@ -329,104 +331,45 @@ def plan_units(
 # Gather and scatter.
 
 
-def _to_grouped(x: jax.Array, placement: ParameterPlacement) -> jax.Array:
-  """``(num_slices, *grouped_shape)``: batch axes first, then the matrix."""
-  x = jnp.transpose(x, placement.permutation)
-  return x.reshape((placement.num_slices,) + placement.grouped_shape)
-
-
-def _from_grouped(x: jax.Array, placement: ParameterPlacement) -> jax.Array:
-  transposed = tuple(placement.shape[a] for a in placement.permutation)
-  inverse = tuple(int(i) for i in np.argsort(placement.permutation))
-  return jnp.transpose(x.reshape(transposed), inverse)
-
-
-def _blocks_to_units(region: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
-  """``(S, k_0 b_0, k_1 b_1, ...)`` to ``(S k_0 k_1 ..., b_0, b_1, ...)``."""
-  if all(k == 1 for k in blocks):
-    return region
-  n = len(blocks)
-  lengths = tuple(region.shape[1 + i] // k for i, k in enumerate(blocks))
-  split = region.reshape(
-      (region.shape[0],) + tuple(v for k, b in zip(blocks, lengths)
-                                 for v in (k, b)))
-  order = (0,) + tuple(1 + 2 * i for i in range(n)) + tuple(
-      2 + 2 * i for i in range(n))
-  return split.transpose(order).reshape(
-      (region.shape[0] * math.prod(blocks),) + lengths)
-
-
-def _units_to_blocks(units: jax.Array, slices: int,
-                     blocks: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`_blocks_to_units`."""
-  if all(k == 1 for k in blocks):
-    return units
-  n = len(blocks)
-  lengths = units.shape[1:]
-  split = units.reshape((slices,) + blocks + lengths)
-  order = (0,) + tuple(v for i in range(n) for v in (1 + i, 1 + n + i))
-  return split.transpose(order).reshape(
-      (slices,) + tuple(k * b for k, b in zip(blocks, lengths)))
-
-
 def gather(leaves: Sequence[jax.Array], plan: EigenbasisPlan) -> list[jax.Array]:
-  """Parameter-shaped arrays to stacks ``(U, *merged_shape)`` in state dtype."""
+  """Parameter-shaped arrays to stacks ``(U, *merged_shape)`` in state dtype.
+
+  With a mesh, the stacks are the owners' ``(N k, *merged_shape)``, divided
+  over the shard axes, and the gradients reach them through the exchange
+  (:func:`soap_optax._exchange.gather`)."""
+  if plan.sharding is not None:
+    return _exchange.gather(leaves, plan)
   parts: list[list[jax.Array]] = [[] for _ in plan.stacks]
   for x, placement in zip(leaves, plan.placements):
     dtype = plan.stacks[placement.pieces[0].stack].dtype
-    grouped = _to_grouped(jnp.asarray(x).astype(dtype), placement)
+    grouped = _exchange.to_grouped(jnp.asarray(x).astype(dtype), placement)
     for piece in placement.pieces:
       region = grouped[(slice(None),) + tuple(
           slice(start, stop) for start, stop in piece.region)]
-      parts[piece.stack].append(_blocks_to_units(region, piece.blocks))
+      parts[piece.stack].append(
+          _exchange.blocks_to_units(region, piece.blocks))
   stacked = []
-  for s, (stack, members) in enumerate(zip(plan.stacks, parts)):
+  for stack, members in zip(plan.stacks, parts):
     joined = members[0] if len(members) == 1 else jnp.concatenate(members)
-    joined = joined.reshape((stack.size,) + stack.layout.merged_shape)
-    stacked.append(_mesh.place(_to_slots(joined, plan, s), plan.sharding))
+    stacked.append(joined.reshape((stack.size,) + stack.layout.merged_shape))
   return stacked
-
-
-def _to_slots(units: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
-  """``(U, ...)`` units to the stack's ``(N k, ...)`` slots: the units in
-  order, then zero padding."""
-  if plan.sharding is None:
-    return units
-  padding = plan.stacks[s].num_slots - units.shape[0]
-  if not padding:
-    return units
-  return jnp.concatenate(
-      [units, jnp.zeros((padding,) + units.shape[1:], units.dtype)])
-
-
-def _from_slots(slots: jax.Array, plan: EigenbasisPlan, s: int) -> jax.Array:
-  """Inverse of :func:`_to_slots`: the real units, in unit order."""
-  return slots[:plan.stacks[s].size]
 
 
 def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan
             ) -> list[jax.Array]:
   """Inverse of :func:`gather`: stacks back to parameter-shaped arrays."""
-  unslotted = [_from_slots(x, plan, s) for s, x in enumerate(stacked)]
+  if plan.sharding is not None:
+    return _exchange.scatter(stacked, plan)
   leaves = []
   for placement in plan.placements:
     regions = {}
     for piece in placement.pieces:
       stack = plan.stacks[piece.stack]
       count = placement.num_slices * math.prod(piece.blocks)
-      units = unslotted[piece.stack][piece.offset:piece.offset + count]
+      units = stacked[piece.stack][piece.offset:piece.offset + count]
       units = units.reshape((count,) + stack.unit_shape)
-      regions[piece.region] = _units_to_blocks(
+      regions[piece.region] = _exchange.units_to_blocks(
           units, placement.num_slices, piece.blocks)
-    leaves.append(_from_grouped(_assemble(regions, 0, ()), placement))
+    leaves.append(_exchange.from_grouped(_exchange.assemble(regions),
+                                         placement))
   return leaves
-
-
-def _assemble(regions: dict[Any, jax.Array], axis: int, prefix: tuple):
-  """Concatenates a grid of regions (keyed by their spans) along each axis."""
-  if axis == len(next(iter(regions))):
-    return regions[prefix]
-  spans = sorted({key[axis] for key in regions if key[:axis] == prefix})
-  parts = [_assemble(regions, axis + 1, prefix + (span,)) for span in spans]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis + 1)
-

@@ -257,9 +257,11 @@ _COLLECTIVES = ('all-reduce', 'all-gather', 'collective-permute',
 
 def compiled_counts(text):
   """From a compiled (partitioned, per-device) HLO module: the solver
-  calls' operand shapes, the trip counts of the loops around them, and the
-  collectives inside the divided refresh (under the shard_map)."""
+  calls' operand shapes, the trip counts of the loops around them, the
+  collectives inside the divided refresh (under its shard_map) and the
+  number of all-to-alls (the exchange's)."""
   solver_shapes, loops, refresh_collectives, loop_collectives = [], [], [], []
+  exchanges = []
   for line in text.splitlines():
     op_name = re.search(r'op_name="([^"]*)"', line)
     op_name = op_name.group(1) if op_name else ''
@@ -274,11 +276,14 @@ def compiled_counts(text):
                     int(trip.group(1)) if trip else -1))
     for kind in _COLLECTIVES:
       if f' {kind}(' in line or f' {kind}-start(' in line:
-        if 'shard_map' in op_name:
+        if kind == 'all-to-all':  # the exchange's, counted apart
+          exchanges.append(kind)
+        elif 'shard_map' in op_name:
           refresh_collectives.append(kind)
           if '/while/' in op_name.split('shard_map', 1)[1]:
             loop_collectives.append(kind)
-  return solver_shapes, loops, refresh_collectives, loop_collectives
+  return (solver_shapes, loops, refresh_collectives, loop_collectives,
+          len(exchanges))
 
 
 def check_compiled():
@@ -299,7 +304,7 @@ def check_compiled():
       for d in stack.layout.factor_sizes:
         expected[d] = expected.get(d, 0) + math.ceil(stack.size / 8)
     text = jax.jit(tx.update).lower(placed, state, placed).compile().as_text()
-    shapes, loops, collectives, in_loops = compiled_counts(text)
+    shapes, loops, collectives, in_loops, exchanges = compiled_counts(text)
     results[name] = {
         'factor_sizes': sorted(expected),
         'expected_trips': sorted(expected.items()),
@@ -308,6 +313,8 @@ def check_compiled():
         'loop_trips': loops,
         'refresh_collectives': collectives,
         'collectives_in_loops': in_loops,
+        'all_to_alls': exchanges,
+        'stacks': len(plan.stacks),
     }
   return results
 
@@ -512,6 +519,102 @@ def check_portable(problem='full_rank'):
   return results
 
 
+def exchange_params(dtype=jnp.float64):
+  """Every geometry of the exchange on 8 shards: parameters divided along a
+  matrix axis (parts of a unit on several shards, whole units, blocks cut
+  inside a shard), along a batch axis (the units stay where they are),
+  replicated (no axis of 8), a 3-D kernel grouped into a matrix, a scalar
+  and an empty parameter."""
+  shapes = {'rows': (24, 40), 'blocked': (40, 24), 'tall': (64, 8),
+            'slices': (8, 3, 5), 'replicated': (5, 3), 'vector': (16,),
+            'kernel': (16, 2, 6), 'scalar': (), 'empty': (0, 4)}
+  keys = jax.random.split(jax.random.PRNGKey(7), len(shapes))
+  return {name: jax.random.normal(key, shape, dtype)
+          for (name, shape), key in zip(shapes.items(), keys)}
+
+
+EXCHANGE_NUMBERS = {
+    'rows': None, 'blocked': None, 'tall': None, 'vector': None,
+    'slices': soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,)),
+    'replicated': None, 'scalar': None, 'empty': None,
+    'kernel': soap_optax.EigenbasisDimensionNumbers(reduction_axes=(0,),
+                                                    output_axes=(1, 2))}
+
+
+def check_exchange():
+  """The exchange moves data exactly, and the compiled update holds only
+  the collectives it should (float64, an (8,) mesh and a (2, 4) mesh
+  divided over both axes)."""
+  from soap_optax import _stacks  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_enable_x64', True)
+  params = exchange_params()
+  results = {}
+  for shape, block_size in (((8,), None), ((8,), 4), ((2, 4), 8)):
+    mesh = make_mesh(shape, 'auto')
+    tx = soap_optax.soap(1e-2, precondition_frequency=2, mesh=mesh,
+                         block_size=block_size,
+                         dimension_numbers=EXCHANGE_NUMBERS)
+    layout = soap_optax.parameter_shardings(tx, params)
+    placed = jax.tree.map(jax.device_put, params, layout)
+    plan = tx.init(placed)[0].eigenbasis.plan
+    leaves = jax.tree.leaves(placed)
+    stacks = jax.jit(lambda l, plan=plan: _stacks.gather(l, plan))(leaves)
+    reference = _stacks.gather([np.asarray(x) for x in leaves],
+                               plan.unsharded())
+    gathered = max((float(np.max(np.abs(
+        np.asarray(a)[plan.sharding.unit_slots(s)] - np.asarray(b))))
+                    for s, (a, b) in enumerate(zip(stacks, reference))
+                    if b.size), default=0.0)
+    padding_zero = all(
+        np.all(np.asarray(a)[~plan.real_slots(s)] == 0)
+        for s, a in enumerate(stacks))
+    back = jax.jit(lambda st, plan=plan: _stacks.scatter(st, plan))(stacks)
+    round_trip = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     if a.size else 0.0 for a, b in zip(back, leaves))
+    # Three steps against the unsharded optimizer.
+    plain = soap_optax.soap(1e-2, precondition_frequency=2,
+                            block_size=block_size,
+                            dimension_numbers=EXCHANGE_NUMBERS)
+    def run(tx, params):
+      state = tx.init(params)
+      step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
+      for i in range(3):
+        grads = jax.tree.map(lambda x, i=i: jnp.cos(x * (i + 1.0)), params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+      return jax.tree.map(np.asarray, params)
+    trained = relative_error(run(tx, placed), run(plain, params))
+    text = jax.jit(tx.update).lower(placed, tx.init(placed), placed).compile(
+        ).as_text()
+    kinds = {}
+    for line in text.splitlines():
+      match = re.match(r'\s*(?:ROOT )?%?[\w.\-]+ = (.*?) ([a-z\-]+)\(', line)
+      if match:
+        kind = match.group(2).removesuffix('-start')
+        if kind in _COLLECTIVES:
+          sizes = [int(np.prod([int(n) for n in dims.split(',') if n]))
+                   for dims in re.findall(r'\[([\d,]*)\]', match.group(1))]
+          kinds.setdefault(kind, []).append(max(sizes, default=1))
+    results[f'{shape} block_size={block_size}'] = {
+        'gathered': gathered, 'round_trip': round_trip,
+        'padding_zero': bool(padding_zero), 'trained': trained,
+        'stacks': len(plan.stacks),
+        'lanes_with_traffic': sum(
+            1 for lanes in _exchange_tables(plan).lanes
+            if any(lane.depth for lane in lanes)),
+        'geometries': sorted({g.mode for g in plan.sharding.geometries}),
+        'collectives': {k: len(v) for k, v in kinds.items()},
+        'largest_all_reduce': max(kinds.get('all-reduce', [0])),
+        'largest_parameter': max(x.size for x in leaves),
+    }
+  return results
+
+
+def _exchange_tables(plan):
+  from soap_optax import _exchange  # pylint: disable=g-import-not-at-top
+  return _exchange.tables(plan)
+
+
 def rank_deficient_params(dtype):
   """Four 64 x 256 matrices: one gradient leaves each 256 x 256 factor
   rank-deficient (rank 64), and so does every step until the fourth."""
@@ -654,7 +757,7 @@ def reference_process_run():
 if __name__ == '__main__':
   CHECKS = {'parity': check_parity, 'compiled': check_compiled,
             'state': check_state, 'process': check_process,
-            'portable': check_portable,
+            'portable': check_portable, 'exchange': check_exchange,
             'rank_deficient': check_rank_deficient}
   print('RESULT ' + json.dumps(CHECKS[sys.argv[1]](*sys.argv[2:])),
         flush=True)
