@@ -193,6 +193,10 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
         moved=sum(v['bytes'] for v in found.values()))
     if name != 'adamw':
       result['refresh_device'], result['refresh_ideal'] = refresh_work(state)
+      result['stacks'] = sum(
+          len(node.eigenbasis.plan.stacks)
+          for node in jax.tree.leaves(state, is_leaf=is_eigenbasis_state)
+          if is_eigenbasis_state(node))
       tick = time.perf_counter()
       jax.jit(build(name, False).update).lower(plain, unsharded,
                                                plain).compile()

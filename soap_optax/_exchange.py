@@ -222,40 +222,55 @@ class _View:
 
 @dataclasses.dataclass(frozen=True)
 class _Lane:
-  """Units of one stack exchanged along one axis (rows of equal length).
+  """Units of one stack cut into parts the same way: along one axis, in
+  parts of equal height.
 
   Attributes:
-    stack, dim: the stack and the unit axis the parts are cut along.
-    length, row: the unit's length along ``dim`` and the length of a row.
-    depth: ``M``, the most rows one shard sends another in this lane.
+    stack, dim, height: the stack, the unit axis the parts are cut along,
+      and the rows of a part.
+    length, row: the unit's length along ``dim`` and the length of a row
+      (a part is ``height * row`` consecutive entries of the buffer).
+    group: the exchange buffer (one per state dtype) the parts travel in.
     units: ``(N, K)`` lane slots per owner: index into the stack's local
       slots (``k`` for an empty lane slot).
-    starts: ``(N, K, G)`` per lane slot and part, the part's first row in
-      the received ``[N M, row]`` buffer (``N M`` for none).
-    heights: ``(N, K)`` rows per part of the unit in each lane slot.
-    sources: ``(view index, (N, n) first row of each part in the send
-      buffer, N M where the part is not in this lane)``.
+    starts: ``(N, K, G)`` per lane slot and part, where the part starts in
+      the received buffer (its end, ``N F``, for none).
+    sources: ``(view index, (N, n) start of each of the view's local parts
+      in the send buffer, N F where the part is not in this lane)``.
   """
 
   stack: int
   dim: int
+  height: int
   length: int
   row: int
-  depth: int
+  group: int
   units: np.ndarray
   starts: np.ndarray
-  heights: np.ndarray
   sources: tuple
+
+  @property
+  def window(self) -> int:
+    return self.height * self.row
 
 
 @dataclasses.dataclass(frozen=True)
 class Exchange:
   """Everything the exchange needs, derived from the plan (not stored in
-  the state: :func:`tables` rebuilds it, cached)."""
+  the state: :func:`tables` rebuilds it, cached).
+
+  Attributes:
+    num_shards: ``N``.
+    views: the local parts of every parameter.
+    lanes: per stack, its lanes.
+    groups: per exchange buffer, ``(dtype, F)``: the buffer is ``[N, F]``,
+      ``F`` the most entries one shard sends another.
+  """
 
   num_shards: int
   views: tuple[_View, ...]
-  lanes: tuple[tuple[_Lane, ...], ...]  # per stack
+  lanes: tuple[tuple[_Lane, ...], ...]
+  groups: tuple[tuple[str, int], ...]
 
 
 def _unit_rows(shape: tuple[int, ...], dim: int) -> tuple[int, int]:
@@ -267,11 +282,11 @@ def _unit_rows(shape: tuple[int, ...], dim: int) -> tuple[int, int]:
                   math.prod(shape[:dim] + shape[dim + 1:]))
 
 
-def _enumerate_units(placements, stacks, geometries, num_shards):
-  """Per stack, per unit: ``(leaf, lane dim, parts)`` where ``parts`` is a
-  list of ``(sender shard or -1 for the owner, rows)``."""
+def _enumerate_units(placements, stacks, geometries):
+  """Per stack, per unit: ``(lane dim, part height, parts)``, ``parts`` a
+  list of the shard that sends each part (-1: the owner itself)."""
   units = [[None] * stack.size for stack in stacks]
-  for leaf, (placement, geometry) in enumerate(zip(placements, geometries)):
+  for placement, geometry in zip(placements, geometries):
     for piece in placement.pieces:
       shape = stacks[piece.stack].unit_shape
       grid = (placement.num_slices,) + piece.blocks
@@ -279,21 +294,29 @@ def _enumerate_units(placements, stacks, geometries, num_shards):
         position = np.unravel_index(index, grid)
         u = piece.offset + index
         if geometry.mode == ROWS:
-          dim = geometry.dim
+          dim, height = geometry.dim, geometry.height
           start, stop = piece.region[dim]
           block = (stop - start) // piece.blocks[dim]
           first = start + int(position[1 + dim]) * block
-          parts = [((first + p * geometry.height) // geometry.rows,
-                    geometry.height)
-                   for p in range(block // geometry.height)]
-          units[piece.stack][u] = (leaf, dim, parts)
+          units[piece.stack][u] = (dim, height, [
+              (first + p * height) // geometry.rows
+              for p in range(block // height)])
           continue
         length, _ = _unit_rows(shape, 0)
         sender = (int(position[0]) // geometry.rows
                   if geometry.mode == SLICES else -1)
-        units[piece.stack][u] = (leaf, 0, [(sender, length)] if length
-                                 else [])
+        units[piece.stack][u] = (0, length, [sender] if length else [])
   return units
+
+
+def _part_size(stack: Any, dim: int, height: int) -> int:
+  return height * _unit_rows(stack.unit_shape, dim)[1]
+
+
+def _groups_of(stacks) -> tuple[list[str], list[int]]:
+  """The exchange buffers (one per state dtype) and each stack's."""
+  names = sorted({stack.dtype for stack in stacks})
+  return names, [names.index(stack.dtype) for stack in stacks]
 
 
 def _unit_cost(stack: Any) -> int:
@@ -312,13 +335,12 @@ def assign(placements: Sequence[Any], stacks: Sequence[Any], mesh: Any,
 def _assign(placements, stacks, mesh, axes) -> _mesh.ShardedLayout:
   num_shards = math.prod(mesh.shape[a] for a in axes)
   geometries = tuple(choose_geometry(p, num_shards) for p in placements)
-  units = _enumerate_units(placements, stacks, geometries, num_shards)
-  lane_of = {}
-  for s, per_unit in enumerate(units):
-    for leaf, dim, _ in per_unit:
-      lane_of.setdefault((s, dim), len(lane_of))
-  pair_rows = np.zeros((len(lane_of), num_shards, num_shards), np.int64)
-  depth = np.zeros((len(lane_of),), np.int64)
+  units = _enumerate_units(placements, stacks, geometries)
+  names, group_of = _groups_of(stacks)
+  # Entries each shard sends each other shard, per exchange buffer; the
+  # buffer's width F is the largest of them.
+  pair = np.zeros((len(names), num_shards, num_shards), np.int64)
+  width = np.zeros((len(names),), np.int64)
   work = np.zeros((num_shards,), np.int64)
   counts = np.zeros((len(stacks), num_shards), np.int64)
   caps = [-(-stack.size // num_shards) for stack in stacks]
@@ -327,30 +349,28 @@ def _assign(placements, stacks, mesh, axes) -> _mesh.ShardedLayout:
                   for u in range(stack.size)), key=lambda t: (-t[0], t[1], t[2]))
   shards = np.arange(num_shards)
   for cost, s, u in order:
-    _, dim, parts = units[s][u]
-    lane = lane_of[s, dim]
+    dim, height, parts = units[s][u]
+    group, size = group_of[s], _part_size(stacks[s], dim, height)
     senders: dict[int, int] = {}
-    for sender, rows in parts:
-      senders[sender] = senders.get(sender, 0) + rows
+    for sender in parts:
+      senders[sender] = senders.get(sender, 0) + size
     if not senders:
       grown = np.zeros((num_shards,), np.int64)
     elif -1 in senders:  # replicated: the owner sends to itself
-      grown = pair_rows[lane, shards, shards] + senders[-1]
+      grown = pair[group, shards, shards] + senders[-1]
     else:
       from_ = np.asarray(list(senders))
-      rows = np.asarray(list(senders.values()))[:, None]
-      grown = np.max(pair_rows[lane, from_, :] + rows, axis=0)
-    growth = np.maximum(grown - depth[lane], 0)
+      sizes = np.asarray(list(senders.values()))[:, None]
+      grown = np.max(pair[group, from_, :] + sizes, axis=0)
+    growth = np.maximum(grown - width[group], 0)
     full = counts[s] >= caps[s]
-    key = np.lexsort((shards, work, growth, full))
-    q = int(key[0])
+    q = int(np.lexsort((shards, work, growth, full))[0])
     owners[s][u] = q
     counts[s, q] += 1
     work[q] += cost
-    for sender, rows in senders.items():
-      d = q if sender == -1 else sender
-      pair_rows[lane, d, q] += rows
-    depth[lane] = max(depth[lane], int(grown[q]))
+    for sender, size in senders.items():
+      pair[group, q if sender == -1 else sender, q] += size
+    width[group] = max(width[group], int(grown[q]))
   # Slots: each owner's units of a stack in unit order.
   unit_slots, per_shard = [], []
   for s, stack in enumerate(stacks):
@@ -377,34 +397,34 @@ def tables(plan: Any) -> Exchange:
 def _tables(placements, stacks, layout) -> Exchange:
   num_shards = layout.num_shards
   geometries = layout.geometries
-  units = _enumerate_units(placements, stacks, geometries, num_shards)
-  owner_of = [np.asarray(layout.unit_slots(s)) // max(layout.slots_per_shard(s), 1)
-              for s in range(len(stacks))]
-  local_slot = [np.asarray(layout.unit_slots(s)) % max(layout.slots_per_shard(s), 1)
+  units = _enumerate_units(placements, stacks, geometries)
+  names, group_of = _groups_of(stacks)
+  owner_of = [layout.shard_of_units(s) for s in range(len(stacks))]
+  local_slot = [layout.unit_slots(s) % max(layout.slots_per_shard(s), 1)
                 for s in range(len(stacks))]
 
   # Lanes and their units, per owner in slot order.
-  lane_keys: dict[tuple[int, int], list[list[int]]] = {}
+  lane_keys: dict[tuple[int, int, int], list[list[int]]] = {}
   for s in range(len(stacks)):
     for u in np.argsort(layout.unit_slots(s), kind='stable'):
-      _, dim, _ = units[s][u]
-      per_owner = lane_keys.setdefault(
-          (s, dim), [[] for _ in range(num_shards)])
-      per_owner[owner_of[s][u]].append(int(u))
-  # Rows each sender sends each owner, part by part, in the owners' order.
-  placed_parts = {}  # (s, u, part) -> (sender, owner, offset)
-  depths = {}
-  for (s, dim), per_owner in lane_keys.items():
-    offsets = np.zeros((num_shards, num_shards), np.int64)
-    for q, members in enumerate(per_owner):
-      for u in members:
-        for p, (sender, rows) in enumerate(units[s][u][2]):
+      dim, height, _ = units[s][u]
+      lane_keys.setdefault((s, dim, height), [
+          [] for _ in range(num_shards)])[owner_of[s][u]].append(int(u))
+  # Where every part sits in its pair's chunk: owners in order, their
+  # lanes' units in slot order, parts in order.
+  offsets = np.zeros((len(names), num_shards, num_shards), np.int64)
+  placed = {}  # (s, u, part) -> (sender, owner, offset)
+  for q in range(num_shards):
+    for (s, dim, height), per_owner in lane_keys.items():
+      size = _part_size(stacks[s], dim, height)
+      for u in per_owner[q]:
+        for p, sender in enumerate(units[s][u][2]):
           d = q if sender == -1 else sender
-          placed_parts[s, u, p] = (d, q, int(offsets[d, q]))
-          offsets[d, q] += rows
-    depths[s, dim] = int(offsets.max()) if offsets.size else 0
+          placed[s, u, p] = (d, q, int(offsets[group_of[s], d, q]))
+          offsets[group_of[s], d, q] += size
+  widths = [int(offsets[g].max()) for g in range(len(names))]
 
-  # Views: the local parts of every parameter, and where each goes.
+  # Views: the local parts of every parameter.
   views = []
   for leaf, (placement, geometry) in enumerate(zip(placements, geometries)):
     if math.prod(placement.shape) == 0:
@@ -422,14 +442,11 @@ def _tables(placements, stacks, layout) -> Exchange:
                            geometry.height))
     else:
       for piece in placement.pieces:
-        shape = stacks[piece.stack].unit_shape
-        views.append(_View(leaf, piece.region, piece.blocks, 0,
-                           _unit_rows(shape, 0)[0]))
+        views.append(_View(leaf, piece.region, piece.blocks, 0, _unit_rows(
+            stacks[piece.stack].unit_shape, 0)[0]))
 
-  # Which (unit, part) each local part of each view is, per shard.
   def locate(view, d):
-    """Per local part of ``view`` on shard ``d``: (stack, unit, part) or
-    None."""
+    """Per local part of ``view`` on shard ``d``: ``(stack, unit, part)``."""
     placement = placements[view.leaf]
     geometry = geometries[view.leaf]
     slices = (geometry.rows if geometry.mode == SLICES
@@ -438,9 +455,8 @@ def _tables(placements, stacks, layout) -> Exchange:
     found = []
     for index in range(math.prod(grid)):
       position = [int(i) for i in np.unravel_index(index, grid)]
-      slice_ = position[0]
-      if geometry.mode == SLICES:
-        slice_ += d * geometry.rows
+      slice_ = position[0] + (d * geometry.rows if geometry.mode == SLICES
+                              else 0)
       region, block, part = list(view.region), list(position[1:]), 0
       if geometry.mode == ROWS:
         dim = geometry.dim
@@ -452,59 +468,47 @@ def _tables(placements, stacks, layout) -> Exchange:
             block[dim] = (row - start) // length
             part = (row - start) % length // geometry.height
             break
-      piece = next(p for p in placement.pieces
-                   if p.region == tuple(region))
-      grid_unit = (placement.num_slices,) + piece.blocks
+      piece = next(p for p in placement.pieces if p.region == tuple(region))
       u = piece.offset + int(np.ravel_multi_index(
-          [slice_] + block, grid_unit))
+          [slice_] + block, (placement.num_slices,) + piece.blocks))
       found.append((piece.stack, u, part))
     return found
 
   located = [[locate(view, d) for d in range(num_shards)] for view in views]
 
   lanes_per_stack = [[] for _ in stacks]
-  for (s, dim), per_owner in lane_keys.items():
-    depth = depths[s, dim]
+  for (s, dim, height), per_owner in lane_keys.items():
+    group = group_of[s]
+    nowhere = num_shards * widths[group]
     length, row = _unit_rows(stacks[s].unit_shape, dim)
-    nowhere = num_shards * depth
-    width = max(len(m) for m in per_owner)
-    parts_max = max([len(units[s][u][2]) for m in per_owner for u in m],
-                    default=0)
+    parts = length // height if height else 0
     k = layout.slots_per_shard(s)
-    lane_units = np.full((num_shards, width), k, np.int64)
-    starts = np.full((num_shards, width, max(parts_max, 1)), nowhere,
-                     np.int64)
-    heights = np.full((num_shards, width), max(length, 1), np.int64)
+    count = max(len(m) for m in per_owner)
+    lane_units = np.full((num_shards, count), k, np.int64)
+    starts = np.full((num_shards, count, max(parts, 1)), nowhere, np.int64)
     for q, members in enumerate(per_owner):
       for j, u in enumerate(members):
         lane_units[q, j] = local_slot[s][u]
-        parts = units[s][u][2]
-        if parts:
-          heights[q, j] = parts[0][1]
-        for p in range(len(parts)):
-          d, _, offset = placed_parts[s, u, p]
-          starts[q, j, p] = d * depth + offset
+        for p in range(len(units[s][u][2])):
+          d, _, offset = placed[s, u, p]
+          starts[q, j, p] = d * widths[group] + offset
     sources = []
     for v, view in enumerate(views):
-      if view.lane_dim != dim:
+      if (view.lane_dim, view.height) != (dim, height):
         continue
       table = np.full((num_shards, len(located[v][0])), nowhere, np.int64)
-      used = False
       for d in range(num_shards):
         for t, (stack, u, part) in enumerate(located[v][d]):
-          if stack != s:
-            continue
-          sender, q, offset = placed_parts[s, u, part]
-          if sender != d:  # replicated: only the owner sends
-            continue
-          table[d, t] = q * depth + offset
-          used = True
-      if used:
+          if stack == s and placed[s, u, part][0] == d:
+            _, q, offset = placed[s, u, part]
+            table[d, t] = q * widths[group] + offset
+      if np.any(table != nowhere):
         sources.append((v, table))
-    lanes_per_stack[s].append(_Lane(s, dim, length, row, depth, lane_units,
-                                    starts, heights, tuple(sources)))
+    lanes_per_stack[s].append(_Lane(s, dim, height, length, row, group,
+                                    lane_units, starts, tuple(sources)))
   return Exchange(num_shards, tuple(views),
-                  tuple(tuple(l) for l in lanes_per_stack))
+                  tuple(tuple(l) for l in lanes_per_stack),
+                  tuple(zip(names, widths)))
 
 
 # ------------------------------------------------------------------------------
@@ -546,13 +550,27 @@ def _parts_to_region(parts: jax.Array, view: _View, slices: int
   return units_to_blocks(units, slices, view.blocks)
 
 
-def _rows(starts: jax.Array, heights: jax.Array, length: int) -> jax.Array:
-  """``(K, length)`` row indices of units assembled from parts."""
-  rho = jnp.arange(length)
-  part = rho[None, :] // heights[:, None]
-  first = jnp.take_along_axis(starts, jnp.minimum(part, starts.shape[1] - 1),
-                              axis=1)
-  return first + rho[None, :] % heights[:, None]
+def _take_windows(flat: jax.Array, starts: jax.Array, size: int
+                  ) -> jax.Array:
+  """``(m, size)``: ``flat[start:start + size]`` for each start (zeros
+  where the window is out of bounds)."""
+  numbers = jax.lax.GatherDimensionNumbers(
+      offset_dims=(1,), collapsed_slice_dims=(), start_index_map=(0,))
+  return jax.lax.gather(
+      flat, starts.reshape(-1, 1), numbers, slice_sizes=(size,),
+      mode=jax.lax.GatherScatterMode.FILL_OR_DROP, fill_value=0)
+
+
+def _put_windows(flat: jax.Array, starts: jax.Array, windows: jax.Array
+                 ) -> jax.Array:
+  """``flat`` with ``windows[i]`` written at ``starts[i]`` (dropped where
+  out of bounds)."""
+  numbers = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=(1,), inserted_window_dims=(),
+      scatter_dims_to_operand_dims=(0,))
+  return jax.lax.scatter(
+      flat, starts.reshape(-1, 1), windows.reshape(starts.size, -1), numbers,
+      mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def _shard_index(layout: _mesh.ShardedLayout) -> jax.Array:
@@ -560,14 +578,25 @@ def _shard_index(layout: _mesh.ShardedLayout) -> jax.Array:
 
 
 def leaf_specs(plan: Any) -> list[jax.sharding.PartitionSpec]:
+  """Per parameter, the partition spec the exchange expects."""
   layout = plan.sharding
   return [leaf_spec(g, len(p.shape), layout.axes)
           for g, p in zip(layout.geometries, plan.placements)]
 
 
+def _exchanged(buffers: list[jax.Array], exchange: Exchange, layout
+               ) -> list[jax.Array]:
+  """One ``all_to_all`` per exchange buffer ``(N F,)``: chunk ``q`` to
+  shard ``q``; chunk ``d`` of the result came from shard ``d``."""
+  n = exchange.num_shards
+  return [buffer if not width else jax.lax.all_to_all(
+      buffer.reshape(n, width), layout.axes, 0, 0, tiled=True).reshape(-1)
+          for buffer, (_, width) in zip(buffers, exchange.groups)]
+
+
 def gather(leaves: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
   """Gradients to the owners' stacks ``(N k, *merged_shape)``, divided over
-  the shard axes: one ``all_to_all`` per stack."""
+  the shard axes: one ``all_to_all`` per state dtype."""
   layout, exchange = plan.sharding, tables(plan)
   n = exchange.num_shards
   dtypes = [plan.stacks[p.pieces[0].stack].dtype for p in plan.placements]
@@ -580,40 +609,37 @@ def gather(leaves: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
         for x, p, g, dtype in zip(local, plan.placements, layout.geometries,
                                   dtypes)]
     parts = [_view_parts(grouped[v.leaf], v) for v in exchange.views]
+    buffers = [jnp.zeros((n * width,), dtype)
+               for dtype, width in exchange.groups]
+    for lanes in exchange.lanes:
+      for lane in lanes:
+        for v, table in lane.sources:
+          buffers[lane.group] = _put_windows(
+              buffers[lane.group], jnp.asarray(table)[q], parts[v])
+    received = _exchanged(buffers, exchange, layout)
     stacked = []
     for s, stack in enumerate(plan.stacks):
       lanes = exchange.lanes[s]
-      buffers = []
-      for lane in lanes:
-        buffer = jnp.zeros((n * lane.depth, lane.row), stack.dtype)
-        for v, table in lane.sources:
-          first = jnp.asarray(table)[q]
-          height = exchange.views[v].height
-          rows = (first[:, None] + jnp.arange(height)).reshape(-1)
-          buffer = buffer.at[rows].set(parts[v].reshape(-1, lane.row),
-                                       mode='drop')
-        buffers.append(buffer.reshape(n, -1))
-      received = _all_to_all(buffers, layout)
-      units = []
-      for lane, buffer in zip(lanes, received):
-        rows = _rows(jnp.asarray(lane.starts)[q], jnp.asarray(lane.heights)[q],
-                     lane.length)
-        got = buffer.reshape(-1, lane.row).at[rows].get(
-            mode='fill', fill_value=0)
-        units.append(_lane_to_units(got, lane, stack))
       k = layout.slots_per_shard(s)
+      units = []
+      for lane in lanes:
+        count = lane.units.shape[1]
+        if lane.window:
+          rows = _take_windows(received[lane.group],
+                               jnp.asarray(lane.starts)[q], lane.window)
+        else:
+          rows = jnp.zeros((count, lane.length, lane.row), stack.dtype)
+        units.append(_lane_to_units(
+            rows.reshape(count, lane.length, lane.row), lane, stack))
       if not lanes:  # a stack without units
         stacked.append(jnp.zeros((k,) + stack.layout.merged_shape,
                                  stack.dtype))
-        continue
-      if _in_slot_order(lanes, k):
+      elif _in_slot_order(lanes, k):
         stacked.append(units[0])
-        continue
-      joined = jnp.concatenate(units)
-      # Local slot j <- the lane slot that holds it.
-      order = _slot_sources(lanes, k, n)
-      stacked.append(joined.at[jnp.asarray(order)[q]].get(
-          mode='fill', fill_value=0))
+      else:  # local slot j <- the lane slot that holds it
+        stacked.append(jnp.concatenate(units).at[
+            jnp.asarray(_slot_sources(lanes, k, n))[q]].get(
+                mode='fill', fill_value=0))
     return stacked
 
   specs = leaf_specs(plan)
@@ -628,36 +654,33 @@ def gather(leaves: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
 
 def scatter(stacked: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
   """Inverse of :func:`gather`: the owners' stacks back to parameter-shaped
-  arrays in the layout :func:`leaf_specs` gives."""
+  arrays in the layout :func:`leaf_specs` gives (a replicated parameter's
+  update is summed over the shards: only its owner's is not zero)."""
   layout, exchange = plan.sharding, tables(plan)
   n = exchange.num_shards
 
   def body(*local):
     q = _shard_index(layout)
-    received = []
+    buffers = [jnp.zeros((n * width,), dtype)
+               for dtype, width in exchange.groups]
     for s, stack in enumerate(plan.stacks):
       lanes = exchange.lanes[s]
-      buffers = []
       in_order = _in_slot_order(lanes, layout.slots_per_shard(s))
       for lane in lanes:
+        if not lane.window:
+          continue
         units = local[s] if in_order else local[s].at[
             jnp.asarray(lane.units)[q]].get(mode='fill', fill_value=0)
-        rows = _rows(jnp.asarray(lane.starts)[q], jnp.asarray(lane.heights)[q],
-                     lane.length)
-        buffer = jnp.zeros((n * lane.depth, lane.row), stack.dtype)
-        buffer = buffer.at[rows.reshape(-1)].set(
-            _units_to_lane(units, lane, stack).reshape(-1, lane.row),
-            mode='drop')
-        buffers.append(buffer.reshape(n, -1))
-      received.append(_all_to_all(buffers, layout))
+        buffers[lane.group] = _put_windows(
+            buffers[lane.group], jnp.asarray(lane.starts)[q],
+            _units_to_lane(units, lane, stack))
+    received = _exchanged(buffers, exchange, layout)
     parts = [None] * len(exchange.views)
-    for s, lanes in enumerate(exchange.lanes):
-      for lane, buffer in zip(lanes, received[s]):
-        buffer = buffer.reshape(-1, lane.row)
+    for lanes in exchange.lanes:
+      for lane in lanes:
         for v, table in lane.sources:
-          height = exchange.views[v].height
-          rows = jnp.asarray(table)[q][:, None] + jnp.arange(height)
-          got = buffer.at[rows].get(mode='fill', fill_value=0)
+          got = _take_windows(received[lane.group], jnp.asarray(table)[q],
+                              lane.window).reshape(-1, lane.height, lane.row)
           parts[v] = got if parts[v] is None else parts[v] + got
     outputs = []
     for leaf, (placement, geometry) in enumerate(
@@ -669,12 +692,11 @@ def scatter(stacked: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
         continue
       regions = {}
       for v, view in enumerate(exchange.views):
-        if view.leaf != leaf:
-          continue
-        got = parts[v]
-        if got is None:
-          got = jnp.zeros(_view_parts_shape(view, grouped), dtype)
-        regions[view.region] = _parts_to_region(got, view, grouped[0])
+        if view.leaf == leaf:
+          got = parts[v]
+          if got is None:
+            got = jnp.zeros(_view_parts_shape(view, grouped), dtype)
+          regions[view.region] = _parts_to_region(got, view, grouped[0])
       x = from_grouped(assemble(regions) if placement.grouped_shape
                        else regions[()].reshape(grouped), placement, shape)
       if geometry.mode == REPLICATED:
@@ -698,20 +720,6 @@ def _view_parts_shape(view: _View, grouped: tuple[int, ...]
     return count, 1, 1
   return count, blocks[view.lane_dim], math.prod(
       blocks[:view.lane_dim] + blocks[view.lane_dim + 1:])
-
-
-def _all_to_all(buffers: list[jax.Array], layout) -> list[jax.Array]:
-  """One ``all_to_all`` of the lanes' ``[N, ...]`` buffers, concatenated."""
-  widths = [b.shape[1] for b in buffers]
-  if not sum(widths):
-    return buffers
-  joined = buffers[0] if len(buffers) == 1 else jnp.concatenate(buffers, 1)
-  received = jax.lax.all_to_all(joined, layout.axes, 0, 0, tiled=True)
-  out, start = [], 0
-  for width in widths:
-    out.append(received[:, start:start + width])
-    start += width
-  return out
 
 
 def _lane_to_units(rows: jax.Array, lane: _Lane, stack: Any) -> jax.Array:
