@@ -15,22 +15,25 @@ first on ties; else its first batch axis; else it is replicated). Its
 gradient arrives in that layout (:func:`leaf_spec`; a gradient laid out
 otherwise is moved to it by one reshard at the update's boundary).
 
-**One exchange in, one out, per stack.** Inside ``jax.shard_map``, each
-device cuts its gradient shards into *parts*: ``h`` consecutive rows of a
-unit along the divided axis (a whole unit where the division runs along a
-batch axis or the parameter is replicated), packs them into one send buffer
-``[N, M, row]`` per stack (rows of the same length, ``M`` the most rows one
-device sends another), and one ``jax.lax.all_to_all`` delivers every part to
-its unit's owner, which assembles its units. The update's rows go back the
-same way, to the same places. Everything between the two exchanges is the
-owners' local work; a replicated parameter's update is summed over the
-shards (only its owner's part is non-zero).
+**One exchange in, one out.** Inside ``jax.shard_map``, each device cuts
+its gradient shards into *parts* (``h`` consecutive rows of a unit along the
+divided axis; a whole unit where the division runs along a batch axis or the
+parameter is replicated) and writes each into its owner's chunk of one send
+buffer ``[N, F]`` per state dtype (``F``: the most entries one device sends
+another); one ``jax.lax.all_to_all`` delivers every part to its unit's
+owner, which assembles its units. The update's parts go back the same way,
+to the same places. Everything between the two exchanges is the owners'
+local work; a replicated parameter's update is summed over the shards (only
+its owner's part is not zero).
 
 **The owners** come from a static, deterministic plan (:func:`assign`):
 units from the most to the least expensive (refresh ``sum d^3`` plus the
-step), each to the shard that keeps the stack's send buffer smallest, then
+step), each to the shard that keeps the send buffer narrowest (``F``), then
 has the least work so far, with at most ``ceil(U / N)`` units of a stack per
-shard (so the state stays within one unit of an even share per stack).
+shard (so the state stays within one unit of an even share per stack). It
+depends on the shapes, the plan and the number of shards only: a state saved
+with :func:`soap_optax.portable_state` (units in unit order) restores on any
+mesh.
 """
 
 import dataclasses

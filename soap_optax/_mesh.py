@@ -3,10 +3,10 @@ Explicit meshes, and the refresh divided over the devices.
 
 With ``mesh=``, every stack of same-shape units (see :mod:`soap_optax._stacks`)
 has its leading (unit) axis divided over the mesh's ``shard_axes``: each device
-holds the state of its own units, does their per-unit work and their refresh.
-Stacks are padded to a multiple of the number of shards, units first in unit
-order and padding last; a padding slot holds zeros and identity bases, gets a
-zero gradient and is never refreshed.
+holds the state of the units it owns (see :mod:`soap_optax._exchange`), does
+their per-unit work and their refresh. Every shard has the same number of
+slots of a stack; a padding slot holds zeros and identity bases, gets a zero
+gradient and is never refreshed.
 """
 
 import contextlib

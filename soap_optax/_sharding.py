@@ -123,8 +123,8 @@ def state_shardings(tx: Any, params: Any) -> Any:
 
 
 def parameter_shardings(tx: Any, params: Any) -> Any:
-  """The layout of the parameters (and gradients) that ``tx``'s exchange
-  takes as it is.
+  """The parameters' layout that ``tx``'s sharded update exchanges without
+  a reshard.
 
   Under ``mesh=``, each parameter's gradient is cut into its units' rows and
   sent to their owners (see ``docs/sharding.md``, "The owner layout and the

@@ -87,11 +87,12 @@ class EngineConfig:
       ``14/3 d^3`` flops) or ``"eigh"`` (about ``9 d^3``). A unit's first
       refresh is always ``"eigh"``.
     mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
-      (single device). With a mesh, every stack of same-shape units has its
-      leading (unit) axis sharded over ``shard_axes``, padded to a multiple
-      of the number of shards: each device keeps the state of, and does the
-      per-unit work and the refresh for, its own units only. See
-      :func:`soap_optax.state_shardings`.
+      (single device). With a mesh, every unit has one owner device along
+      ``shard_axes``, which keeps its state and does its per-unit work and
+      refresh; the gradients reach the owners and the updates come back
+      through one ``all_to_all`` each way. See
+      :func:`soap_optax.state_shardings` and
+      :func:`soap_optax.parameter_shardings`.
     shard_axes: the mesh axis name, or tuple of names, to divide over;
       ``None`` with a mesh means all of its axes.
     foam_allowed: set by each transform, not by users: whether its rule

@@ -111,3 +111,19 @@ def test_quick_experiments_write_tables_and_plots(tmp_path):
 def test_experiments_reject_unknown_parts():
   result = run('experiments.py', '--parts', 'kronecker,vision')
   assert result.returncode == 2 and 'vision' in result.stderr
+
+
+def test_owner_layout_figure_draws_every_unit_once(tmp_path):
+  """scripts/owner_layout.py (the sharding guide's figure): every one of
+  the small model's 38 units (embedding and head 5 x 2 blocks each, three
+  layers of 2 x 3) is drawn once, each device owns its share of them
+  (within one unit of each stack per device: at most 3 stacks here)."""
+  out = tmp_path / 'owner_layout.png'
+  result = run('owner_layout.py', '--out', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert out.stat().st_size > 5_000
+  line = [l for l in result.stdout.splitlines()
+          if l.startswith('units per device:')][-1]
+  counts = json.loads(line.split(':', 1)[1])
+  assert sum(counts.values()) == 38
+  assert max(counts.values()) - min(counts.values()) <= 3
