@@ -287,13 +287,14 @@ def compiled_counts(text):
 
 
 def check_compiled():
-  """What one device runs in a step on an (8,) mesh, per optimizer."""
+  """What one device runs in a step on an (8,) mesh, per optimizer, the
+  parameters laid out as the exchange takes them (parameter_shardings)."""
   params = init_params()
   mesh = make_mesh((8,), 'auto')
-  placed = jax.tree.map(
-      lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
   results = {}
   for name, tx in optimizers(mesh=mesh).items():
+    placed = jax.tree.map(jax.device_put, params,
+                          soap_optax.parameter_shardings(tx, params))
     state = tx.init(placed)
     plan = state[0].eigenbasis.plan if name != 'shampoo' else (
         state[0].direction.eigenbasis.plan)
@@ -523,11 +524,12 @@ def exchange_params(dtype=jnp.float64):
   """Every geometry of the exchange on 8 shards: parameters divided along a
   matrix axis (parts of a unit on several shards, whole units, blocks cut
   inside a shard), along a batch axis (the units stay where they are),
-  replicated (no axis of 8), a 3-D kernel grouped into a matrix, a scalar
-  and an empty parameter."""
+  replicated (no axis of 8), a 3-D kernel grouped into a (6, 24) matrix and
+  divided along its second axis (3 of the matrix's 24 columns a shard), a
+  scalar and an empty parameter."""
   shapes = {'rows': (24, 40), 'blocked': (40, 24), 'tall': (64, 8),
             'slices': (8, 3, 5), 'replicated': (5, 3), 'vector': (16,),
-            'kernel': (16, 2, 6), 'scalar': (), 'empty': (0, 4)}
+            'kernel': (6, 8, 3), 'scalar': (), 'empty': (0, 4)}
   keys = jax.random.split(jax.random.PRNGKey(7), len(shapes))
   return {name: jax.random.normal(key, shape, dtype)
           for (name, shape), key in zip(shapes.items(), keys)}
