@@ -18,7 +18,6 @@ from typing import Any
 
 import common
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 import soap_optax
@@ -60,10 +59,6 @@ def worker(quick: bool) -> dict:
   d, vocab, seq = (32, 64, 16) if quick else (128, 256, 64)
   mesh = jax.make_mesh((SHARDED_DEVICES,), ('data',))
 
-  def fsdp(shape):
-    spec = ('data',) if shape[0] % SHARDED_DEVICES == 0 else ()
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
   frequency, calls = 2, 6 if quick else 10
   out: dict[str, Any] = {'devices': SHARDED_DEVICES, 'frequency': frequency,
                          'models': {}}
@@ -73,10 +68,15 @@ def worker(quick: bool) -> dict:
       '8 layers, scanned': (shared.scanned_transformer_shapes(d, 8, vocab, seq),
                             shared.layer_axis_numbers)}
   for model, (shapes, numbers) in models.items():
-    params = {k: jax.device_put(v, fsdp(v.shape))
-              for k, v in shared.random_tree(shapes, 0).items()}
-    grads = {k: jax.device_put(v, fsdp(v.shape))
-             for k, v in shared.random_tree(shapes, 1).items()}
+    # FSDP as the exchange takes it (soap_optax.parameter_shardings), for
+    # both runs.
+    layout = soap_optax.parameter_shardings(soap_optax.soap(
+        dimension_numbers=numbers(shapes), mesh=mesh),
+                                            shared.random_tree(shapes, 0))
+    params = jax.tree.map(jax.device_put, shared.random_tree(shapes, 0),
+                          layout)
+    grads = jax.tree.map(jax.device_put, shared.random_tree(shapes, 1),
+                         layout)
     rows = {}
     for label, kwargs in (('replicated', {}), ('divided', {'mesh': mesh})):
       tx = soap_optax.soap(precondition_frequency=frequency,
