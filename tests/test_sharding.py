@@ -148,6 +148,39 @@ def test_every_unit_has_one_owner_and_each_shard_at_most_its_share(
     assert _owners(plan, n) == layout
 
 
+@pytest.mark.parametrize('shape, numbers, block_size, expected', [
+    # Both axes divide by 8: the taller parts (8 rows a shard) win.
+    ((64, 32), None, None, ('rows', 0, 8)),
+    # Blocks of 8: 40 rows give parts of 1 row (5 a shard across block
+    # boundaries), 16 columns parts of 2: the columns.
+    ((40, 16), None, 8, ('rows', 1, 2)),
+    # No matrix axis of 8: the layers (units stay whole).
+    ((8, 3, 5), soap_optax.EigenbasisDimensionNumbers((0,)), None,
+     ('slices', 0, 0)),
+    # Nothing divides by 8: replicated.
+    ((5, 3), None, None, ('replicated', None, 0)),
+    # A kernel grouped into (6, 8 * 3): its second axis, 3 of the 24
+    # columns a shard.
+    ((6, 8, 3), soap_optax.EigenbasisDimensionNumbers(
+        reduction_axes=(0,), output_axes=(1, 2)), None, ('rows', 1, 3)),
+])
+def test_each_parameter_is_divided_where_its_units_cut_evenly(
+    shape, numbers, block_size, expected):
+  plan = _plan([shape], block_size, [numbers])
+  geometry = _exchange.choose_geometry(plan.placements[0], 8)
+  assert (geometry.mode, geometry.axis, geometry.height) == expected
+
+
+def test_parameter_shardings_names_the_exchange_layout():
+  mesh = _one_device_mesh()
+  params = {'w': jnp.ones((6, 4)), 'b': jnp.ones((4,))}
+  layout = soap_optax.parameter_shardings(soap_optax.soap(mesh=mesh), params)
+  assert layout['w'].spec == jax.sharding.PartitionSpec(('data',), None)
+  assert layout['b'].spec == jax.sharding.PartitionSpec(('data',))
+  with pytest.raises(ValueError, match='built with mesh='):
+    soap_optax.parameter_shardings(soap_optax.soap(), params)
+
+
 def test_owners_balance_the_refresh_work():
   """Longest-processing-time placement: the busiest shard's refresh work
   (sum d^3 over its units' factors) within 4/3 of the best possible, here
