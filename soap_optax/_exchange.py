@@ -34,6 +34,13 @@ shard (so the state stays within one unit of an even share per stack). It
 depends on the shapes, the plan and the number of shards only: a state saved
 with :func:`soap_optax.portable_state` (units in unit order) restores on any
 mesh.
+
+References:
+  Shi et al., `A Distributed Data-Parallel PyTorch Implementation of the
+  Distributed Shampoo Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023
+  (one owner per block, balanced by cost). The same owner-and-all-to-all
+  pattern is used by Megatron's layer-sharded Muon and by Marin's sharded
+  Muon (whole matrices moved onto a stack axis by one all-to-all).
 """
 
 import dataclasses
@@ -49,7 +56,7 @@ from soap_optax import _mesh
 
 # Geometry modes: how a parameter is divided over the shards.
 ROWS = 'rows'          # along a (grouped) matrix axis: parts of h rows
-SLICES = 'slices'      # along its first batch axis: whole units, local
+SLICES = 'slices'      # along its first batch axis: whole units
 REPLICATED = 'replicated'  # not divided: every shard holds it all
 
 
