@@ -127,7 +127,6 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import soap_optax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
 
   shape = (4, devices // 4) if mesh_kind == 'hsdp' else (devices,)
   names = ('data', 'fsdp') if mesh_kind == 'hsdp' else ('fsdp',)

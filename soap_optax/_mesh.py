@@ -77,8 +77,8 @@ class ShardedLayout:
     mesh: the ``jax.sharding.Mesh``.
     axes: the mesh axes the leading axis is sharded over.
     units_per_shard: per stack, the number of units each shard owns.
-    unit_slots_: per stack, the slot of each unit, in unit order (empty:
-      units in order, ``ceil(U / N)`` per shard).
+    unit_slots_: per stack, the slot of each unit, in unit order (see
+      :func:`soap_optax._exchange.assign`; empty: units in order).
     geometries: per parameter, how it is divided over the shards (see
       :mod:`soap_optax._exchange`); empty without an exchange plan.
   """
@@ -116,25 +116,6 @@ class ShardedLayout:
     mask = np.zeros((self.num_shards * self.slots_per_shard(s),), bool)
     mask[self.unit_slots(s)[np.asarray(list(units), int)]] = True
     return mask
-
-
-def assign_shards(stacks: Sequence[Any], mesh: Any, axes: tuple[str, ...]
-                  ) -> ShardedLayout:
-  """Divides every stack's units over the shards, in unit order.
-
-  Stack ``s`` gets ``k_s = ceil(U_s / N)`` slots per shard and its units
-  fill the slots in order: unit ``u`` sits in slot ``u`` (on shard
-  ``u // k_s``), and the ``N k_s - U_s`` padding slots come last. (The
-  engine's own layout is :func:`soap_optax._exchange.assign`'s owners; this
-  in-order one is kept for layouts without parameters.)
-  """
-  num_shards = math.prod(mesh.shape[a] for a in axes)
-  counts = []
-  for stack in stacks:
-    k = -(-stack.size // num_shards)
-    counts.append(tuple(min(k, max(0, stack.size - d * k))
-                        for d in range(num_shards)))
-  return ShardedLayout(mesh, axes, tuple(counts))
 
 
 def constrain(x: jax.Array, mesh: Any,
