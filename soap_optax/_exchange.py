@@ -702,11 +702,8 @@ def scatter(stacked: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
         continue
       regions = {}
       for v, view in enumerate(exchange.views):
-        if view.leaf == leaf:
-          got = parts[v]
-          if got is None:
-            got = jnp.zeros(_view_parts_shape(view, grouped), dtype)
-          regions[view.region] = _parts_to_region(got, view, grouped[0])
+        if view.leaf == leaf:  # every view feeds a lane: its parts came back
+          regions[view.region] = _parts_to_region(parts[v], view, grouped[0])
       x = from_grouped(assemble(regions) if placement.grouped_shape
                        else regions[()].reshape(grouped), placement, shape)
       if geometry.mode == REPLICATED:
@@ -719,17 +716,6 @@ def scatter(stacked: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
       body, mesh=_mesh.context_mesh(layout.mesh),
       in_specs=tuple([layout.spec] * len(plan.stacks)),
       out_specs=leaf_specs(plan), check_vma=False)(*stacked)
-
-
-def _view_parts_shape(view: _View, grouped: tuple[int, ...]
-                      ) -> tuple[int, int, int]:
-  lengths = [b - a for a, b in view.region]
-  count = grouped[0] * math.prod(view.blocks)
-  blocks = [length // k for length, k in zip(lengths, view.blocks)]
-  if not blocks:
-    return count, 1, 1
-  return count, blocks[view.lane_dim], math.prod(
-      blocks[:view.lane_dim] + blocks[view.lane_dim + 1:])
 
 
 def _lane_to_units(rows: jax.Array, lane: _Lane, stack: Any) -> jax.Array:

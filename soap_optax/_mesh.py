@@ -78,16 +78,16 @@ class ShardedLayout:
     axes: the mesh axes the leading axis is sharded over.
     units_per_shard: per stack, the number of units each shard owns.
     unit_slots_: per stack, the slot of each unit, in unit order (see
-      :func:`soap_optax._exchange.assign`; empty: units in order).
+      :func:`soap_optax._exchange.assign`).
     geometries: per parameter, how it is divided over the shards (see
-      :mod:`soap_optax._exchange`); empty without an exchange plan.
+      :mod:`soap_optax._exchange`).
   """
 
   mesh: Any
   axes: tuple[str, ...]
   units_per_shard: tuple[tuple[int, ...], ...]
-  unit_slots_: tuple[tuple[int, ...], ...] = ()
-  geometries: tuple[Any, ...] = ()
+  unit_slots_: tuple[tuple[int, ...], ...]
+  geometries: tuple[Any, ...]
 
   @property
   def num_shards(self) -> int:
@@ -103,9 +103,7 @@ class ShardedLayout:
 
   def unit_slots(self, s: int) -> np.ndarray:
     """The slot of each unit of stack ``s``, in unit order."""
-    if self.unit_slots_:
-      return np.asarray(self.unit_slots_[s], np.int64)
-    return np.arange(sum(self.units_per_shard[s]))
+    return np.asarray(self.unit_slots_[s], np.int64)
 
   def shard_of_units(self, s: int) -> np.ndarray:
     """The shard that owns each unit of stack ``s``, in unit order."""
