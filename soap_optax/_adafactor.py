@@ -82,6 +82,7 @@ def scale_by_adafactor_in_eigenbasis(
     refresh: str = 'eigh',
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     mesh: Any = None,
@@ -130,6 +131,10 @@ def scale_by_adafactor_in_eigenbasis(
     refresh: ``"eigh"`` or ``"qr"``.
     dimension_numbers: batch axes per parameter.
     block_size: cut longer axes into blocks.
+    bucket_padding: let units of different shapes share one stack, and so
+      one compiled program, padded with zeros, when padding adds at most
+      this fraction of a unit's work (``None`` or 0: one stack per shape);
+      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: floor each statistic at the rotation's rounding level

@@ -98,6 +98,7 @@ def soap(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     mesh: Any = None,
@@ -141,6 +142,10 @@ def soap(
       or ``None`` leaves; each slice along them is optimized on its own.
     block_size: cut every non-batch axis longer than this into blocks with
       their own factors and moments (``None``: no blocking).
+    bucket_padding: let units of different shapes share one stack, and so
+      one compiled program, padded with zeros, when padding adds at most
+      this fraction of a unit's work (``None`` or 0: one stack per shape);
+      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the eigenbasis refreshes evenly over the
       ``precondition_frequency`` steps (each unit still refreshes every
       ``precondition_frequency`` steps) to flatten the refresh spike.
@@ -173,7 +178,8 @@ def soap(
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
+      bucket_padding=bucket_padding, staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor,
       mesh=mesh, shard_axes=shard_axes, factor_estimator=factor_estimator)
 
 
@@ -194,6 +200,7 @@ def factorized_soap(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     mesh: Any = None,
@@ -212,8 +219,8 @@ def factorized_soap(
   ``min(m, n)``) and two counters per unit.
 
   Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
-    ``block_size``, ``staggered_refresh``, ``rounding_floor``, ``mesh`` and
-    ``shard_axes`` included).
+    ``block_size``, ``bucket_padding``, ``staggered_refresh``,
+    ``rounding_floor``, ``mesh`` and ``shard_axes`` included).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -230,7 +237,8 @@ def factorized_soap(
       precondition_1d=precondition_1d, normalize_grads=normalize_grads,
       one_sided=one_sided, mu_dtype=mu_dtype,
       dimension_numbers=dimension_numbers, block_size=block_size,
-      staggered_refresh=staggered_refresh, factored=True,
+      bucket_padding=bucket_padding, staggered_refresh=staggered_refresh,
+      factored=True,
       rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes)
 
 
@@ -256,6 +264,7 @@ def shampoo(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     rayleigh_floor: bool = True,
@@ -304,6 +313,10 @@ def shampoo(
       grafting norms are taken per slice too.
     block_size: cut longer axes into blocks (see :func:`soap`); the grafting
       norms are taken per block too.
+    bucket_padding: let units of different shapes share one stack, and so
+      one compiled program, padded with zeros, when padding adds at most
+      this fraction of a unit's work (``None`` or 0: one stack per shape);
+      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` steps (see :func:`soap`).
     rounding_floor: the rounding-noise floor on the eigenvalues (see
@@ -341,6 +354,7 @@ def shampoo(
       refresh=refresh,
       dimension_numbers=dimension_numbers,
       block_size=block_size,
+      bucket_padding=bucket_padding,
       staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor,
       rayleigh_floor=rayleigh_floor,

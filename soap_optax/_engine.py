@@ -88,6 +88,15 @@ class FactorLayout:
   def factor_sizes(self) -> tuple[int, ...]:
     return tuple(self.merged_shape[i] for i in self.factored_axes)
 
+  @property
+  def unit_cost(self) -> int:
+    """A unit's work, in multiply-adds up to constants: its refresh
+    ``sum(d_i^3)`` over the factors plus a step's ``n (1 + sum(d_i))``
+    (elementwise work and the rotations; ``n`` its size)."""
+    sizes = self.factor_sizes
+    return sum(d**3 for d in sizes) + max(1, math.prod(self.merged_shape)) * (
+        1 + sum(sizes))
+
 
 class KroneckerFactors(NamedTuple):
   """The factors of one unit, or of a stack of units (a leading ``U`` axis).
@@ -99,11 +108,28 @@ class KroneckerFactors(NamedTuple):
     layout: the unit's :class:`FactorLayout` (static).
     stats: ``GG_i``, one ``(d_i, d_i)`` array per factored axis.
     bases: ``Q_i``, one orthonormal ``(d_i, d_i)`` array per factored axis.
+    extent: in a size bucket, the unit's own length along each axis of
+      ``merged_shape`` (an int array; the rest is zero padding), for the
+      few quantities that count entries (means); None: ``merged_shape``.
   """
 
   layout: FactorLayout
   stats: tuple[jax.Array, ...]
   bases: tuple[jax.Array, ...]
+  extent: jax.Array | None = None
+
+
+def unit_mean(x: jax.Array, extent: jax.Array | None,
+              summed_axis: int | None = None) -> jax.Array:
+  """The mean of ``x`` over a unit's own entries: ``x``'s sum over the count
+  ``extent`` gives (a size bucket's zero padding is not counted); with
+  ``summed_axis``, ``x`` was already summed along that axis (length 1)."""
+  if extent is None:
+    return jnp.mean(x)
+  count = jnp.prod(extent)
+  if summed_axis is not None:
+    count = count // extent[summed_axis]
+  return jnp.sum(x) / jnp.maximum(count, 1).astype(x.dtype)
 
 
 def merge_axes(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
@@ -373,7 +399,8 @@ def _rounding_floor_scale(dtype: Any) -> float:
 
 
 def rounding_floor_squared(
-    second_moment: jax.Array, layout: FactorLayout) -> jax.Array:
+    second_moment: jax.Array, layout: FactorLayout,
+    extent: jax.Array | None = None) -> jax.Array:
   r"""The squared rounding-noise floor of one unit's rotated second moment.
 
   Rotating along a factored axis ``a`` (a product with ``Q_a^T``, computed in
@@ -394,7 +421,8 @@ def rounding_floor_squared(
 
   with ``V`` the second moment (its sum over a fibre is the running fibre
   energy), ``\bar F_a`` the mean of ``F_a`` over the unit and
-  ``κ = ROUNDING_FLOOR_ULPS``; the transforms divide by ``sqrt(V + f^2)``
+  ``κ = ROUNDING_FLOOR_ULPS`` (over the unit's own fibres: ``extent`` as in
+  :class:`KroneckerFactors`); the transforms divide by ``sqrt(V + f^2)``
   instead of ``sqrt(V)``. In float32 ``κ ε ≈ 1.2e-4``: a coordinate is
   damped only where its energy is below about ``1e-8`` of the energy of the
   fibres through it. In float64 ``κ ε ≈ 2.2e-13`` and the floor is far below
@@ -409,7 +437,7 @@ def rounding_floor_squared(
   energy = jnp.zeros((), second_moment.dtype)
   for axis in layout.factored_axes:
     fibre = jnp.sum(second_moment, axis=axis, keepdims=True)
-    energy = energy + fibre + jnp.mean(fibre)
+    energy = energy + fibre + unit_mean(fibre, extent, axis)
   return scale * energy
 
 
@@ -601,10 +629,15 @@ class Solution(NamedTuple):
 NULL_SPACE_TOLERANCE = 1.0
 
 
-def null_space_threshold(values: jax.Array) -> jax.Array:
-  """Below this, an eigenvalue of a ``d x d`` factor whose eigenvalues
-  (estimates) are ``values`` is rounding: ``d eps max(values)``."""
-  d = values.shape[-1]
+def null_space_threshold(values: jax.Array, stat: jax.Array) -> jax.Array:
+  """Below this, an eigenvalue of the factor ``stat`` whose eigenvalues
+  (estimates) are ``values`` is rounding: ``d eps max(values)``, ``d`` the
+  number of axes on which ``stat`` is not exactly zero (a zero row and
+  column, a dead input or a size bucket's padding, adds no rounding: the
+  threshold of a padded factor is its real part's)."""
+  live = jnp.sum(jnp.diagonal(stat, axis1=-2, axis2=-1) != 0, axis=-1,
+                 keepdims=True)
+  d = jnp.maximum(live, 1).astype(values.dtype)
   return (NULL_SPACE_TOLERANCE * d * jnp.finfo(values.dtype).eps
           * jnp.max(values, axis=-1, keepdims=True))
 
@@ -663,7 +696,7 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
     ``(basis, values)`` with the null columns replaced.
   """
   d = values.shape[0]
-  threshold = null_space_threshold(values)[0]
+  threshold = null_space_threshold(values, stat)[0]
   small = (values <= threshold) & (threshold > 0)
   null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
   m = jnp.sum(null.astype(jnp.int32))
@@ -731,7 +764,7 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
   # Estimates at rounding level are ties (kept in their order), so that the
   # null columns' order does not depend on rounding either.
-  estimates = jnp.where(estimates <= null_space_threshold(estimates),
+  estimates = jnp.where(estimates <= null_space_threshold(estimates, stat),
                         jnp.zeros_like(estimates), estimates)
   order = jnp.argsort(estimates, descending=True, stable=True)
   # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as

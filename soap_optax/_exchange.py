@@ -114,6 +114,34 @@ def units_to_blocks(units: jax.Array, slices: int,
       (slices,) + tuple(k * b for k, b in zip(blocks, lengths)))
 
 
+def units_to_stack(units: jax.Array, real_shape: tuple[int, ...],
+                   axes: tuple[int, ...] | None,
+                   stack_shape: tuple[int, ...]) -> jax.Array:
+  """``(n, *real_shape)`` units to their stack's ``(n, *stack_shape)``:
+  axes reordered (stack axis ``j`` holds the unit's axis ``axes[j]``), then
+  zero-padded at the end of every axis (a size bucket)."""
+  if axes is not None:
+    units = jnp.transpose(units, (0,) + tuple(1 + a for a in axes))
+  if units.shape[1:] == tuple(stack_shape):
+    return units
+  return jnp.pad(units, [(0, 0)] + [
+      (0, b - x) for x, b in zip(units.shape[1:], stack_shape)])
+
+
+def stack_to_units(units: jax.Array, real_shape: tuple[int, ...],
+                   axes: tuple[int, ...] | None) -> jax.Array:
+  """Inverse of :func:`units_to_stack`: the real part, in the unit's own
+  axis order."""
+  oriented = (real_shape if axes is None
+              else tuple(real_shape[a] for a in axes))
+  if units.shape[1:] != oriented:
+    units = units[(slice(None),) + tuple(slice(0, n) for n in oriented)]
+  if axes is None:
+    return units
+  return jnp.transpose(units, (0,) + tuple(1 + axes.index(a)
+                                           for a in range(len(axes))))
+
+
 def assemble(regions: dict[Any, jax.Array], axis: int = 0,
              prefix: tuple = ()) -> jax.Array:
   """Concatenates a grid of regions (keyed by their spans) along each axis."""
@@ -247,6 +275,9 @@ class _Lane:
       the received buffer (its end, ``N F``, for none).
     sources: ``(view index, (N, n) start of each of the view's local parts
       in the send buffer, N F where the part is not in this lane)``.
+    shape, axes: the shape of the lane's units as cut from their
+      parameters, and their order in the stack (a size bucket reorders and
+      pads them; see :class:`soap_optax._stacks.Piece`).
   """
 
   stack: int
@@ -258,6 +289,8 @@ class _Lane:
   units: np.ndarray
   starts: np.ndarray
   sources: tuple
+  shape: tuple[int, ...] = ()
+  axes: tuple[int, ...] | None = None
 
   @property
   def window(self) -> int:
@@ -293,12 +326,14 @@ def _unit_rows(shape: tuple[int, ...], dim: int) -> tuple[int, int]:
 
 
 def _enumerate_units(placements, stacks, geometries):
-  """Per stack, per unit: ``(lane dim, part height, parts)``, ``parts`` a
-  list of the shard that sends each part (-1: the owner itself)."""
+  """Per stack, per unit: ``(lane dim, part height, parts, shape, axes)``,
+  ``parts`` a list of the shard that sends each part (-1: the owner
+  itself), ``shape`` and ``axes`` the unit's own shape and its order in the
+  stack (see :class:`soap_optax._stacks.Piece`)."""
   units = [[None] * stack.size for stack in stacks]
   for placement, geometry in zip(placements, geometries):
     for piece in placement.pieces:
-      shape = stacks[piece.stack].unit_shape
+      shape = piece.real_shape(stacks[piece.stack])
       grid = (placement.num_slices,) + piece.blocks
       for index in range(math.prod(grid)):
         position = np.unravel_index(index, grid)
@@ -310,29 +345,24 @@ def _enumerate_units(placements, stacks, geometries):
           first = start + int(position[1 + dim]) * block
           units[piece.stack][u] = (dim, height, [
               (first + p * height) // geometry.rows
-              for p in range(block // height)])
+              for p in range(block // height)], shape, piece.axes)
           continue
         length, _ = _unit_rows(shape, 0)
         sender = (int(position[0]) // geometry.rows
                   if geometry.mode == SLICES else -1)
-        units[piece.stack][u] = (0, length, [sender] if length else [])
+        units[piece.stack][u] = (0, length, [sender] if length else [],
+                                 shape, piece.axes)
   return units
 
 
-def _part_size(stack: Any, dim: int, height: int) -> int:
-  return height * _unit_rows(stack.unit_shape, dim)[1]
+def _part_size(shape: tuple[int, ...], dim: int, height: int) -> int:
+  return height * _unit_rows(shape, dim)[1]
 
 
 def _groups_of(stacks) -> tuple[list[str], list[int]]:
   """The exchange buffers (one per state dtype) and each stack's."""
   names = sorted({stack.dtype for stack in stacks})
   return names, [names.index(stack.dtype) for stack in stacks]
-
-
-def _unit_cost(stack: Any) -> int:
-  sizes = stack.layout.factor_sizes
-  size = max(1, math.prod(stack.unit_shape))
-  return sum(d**3 for d in sizes) + size * (1 + sum(sizes))
 
 
 def assign(placements: Sequence[Any], stacks: Sequence[Any], mesh: Any,
@@ -355,12 +385,14 @@ def _assign(placements, stacks, mesh, axes) -> _mesh.ShardedLayout:
   counts = np.zeros((len(stacks), num_shards), np.int64)
   caps = [-(-stack.size // num_shards) for stack in stacks]
   owners = [np.zeros((stack.size,), np.int64) for stack in stacks]
-  order = sorted(((_unit_cost(stack), s, u) for s, stack in enumerate(stacks)
-                  for u in range(stack.size)), key=lambda t: (-t[0], t[1], t[2]))
+  order = sorted(((stack.layout.unit_cost, s, u)
+                  for s, stack in enumerate(stacks)
+                  for u in range(stack.size)),
+                 key=lambda t: (-t[0], t[1], t[2]))
   shards = np.arange(num_shards)
   for cost, s, u in order:
-    dim, height, parts = units[s][u]
-    group, size = group_of[s], _part_size(stacks[s], dim, height)
+    dim, height, parts, shape, _ = units[s][u]
+    group, size = group_of[s], _part_size(shape, dim, height)
     senders: dict[int, int] = {}
     for sender in parts:
       senders[sender] = senders.get(sender, 0) + size
@@ -414,19 +446,19 @@ def _tables(placements, stacks, layout) -> Exchange:
                 for s in range(len(stacks))]
 
   # Lanes and their units, per owner in slot order.
-  lane_keys: dict[tuple[int, int, int], list[list[int]]] = {}
+  lane_keys: dict[tuple[Any, ...], list[list[int]]] = {}
   for s in range(len(stacks)):
     for u in np.argsort(layout.unit_slots(s), kind='stable'):
-      dim, height, _ = units[s][u]
-      lane_keys.setdefault((s, dim, height), [
+      dim, height, _, shape, axes = units[s][u]
+      lane_keys.setdefault((s, dim, height, shape, axes), [
           [] for _ in range(num_shards)])[owner_of[s][u]].append(int(u))
   # Where every part sits in its pair's chunk: owners in order, their
   # lanes' units in slot order, parts in order.
   offsets = np.zeros((len(names), num_shards, num_shards), np.int64)
   placed = {}  # (s, u, part) -> (sender, owner, offset)
   for q in range(num_shards):
-    for (s, dim, height), per_owner in lane_keys.items():
-      size = _part_size(stacks[s], dim, height)
+    for (s, dim, height, shape, _), per_owner in lane_keys.items():
+      size = _part_size(shape, dim, height)
       for u in per_owner[q]:
         for p, sender in enumerate(units[s][u][2]):
           d = q if sender == -1 else sender
@@ -453,7 +485,7 @@ def _tables(placements, stacks, layout) -> Exchange:
     else:
       for piece in placement.pieces:
         views.append(_View(leaf, piece.region, piece.blocks, 0, _unit_rows(
-            stacks[piece.stack].unit_shape, 0)[0]))
+            piece.real_shape(stacks[piece.stack]), 0)[0]))
 
   def locate(view, d):
     """Per local part of ``view`` on shard ``d``: ``(stack, unit, part)``."""
@@ -487,10 +519,10 @@ def _tables(placements, stacks, layout) -> Exchange:
   located = [[locate(view, d) for d in range(num_shards)] for view in views]
 
   lanes_per_stack = [[] for _ in stacks]
-  for (s, dim, height), per_owner in lane_keys.items():
+  for (s, dim, height, shape, axes), per_owner in lane_keys.items():
     group = group_of[s]
     nowhere = num_shards * widths[group]
-    length, row = _unit_rows(stacks[s].unit_shape, dim)
+    length, row = _unit_rows(shape, dim)
     parts = length // height if height else 0
     k = layout.slots_per_shard(s)
     count = max(len(m) for m in per_owner)
@@ -509,13 +541,15 @@ def _tables(placements, stacks, layout) -> Exchange:
       table = np.full((num_shards, len(located[v][0])), nowhere, np.int64)
       for d in range(num_shards):
         for t, (stack, u, part) in enumerate(located[v][d]):
-          if stack == s and placed[s, u, part][0] == d:
+          if (stack == s and units[s][u][3:] == (shape, axes)
+              and placed[s, u, part][0] == d):
             _, q, offset = placed[s, u, part]
             table[d, t] = q * widths[group] + offset
       if np.any(table != nowhere):
         sources.append((v, table))
     lanes_per_stack[s].append(_Lane(s, dim, height, length, row, group,
-                                    lane_units, starts, tuple(sources)))
+                                    lane_units, starts, tuple(sources),
+                                    shape, axes))
   return Exchange(num_shards, tuple(views),
                   tuple(tuple(l) for l in lanes_per_stack),
                   tuple(zip(names, widths)))
@@ -720,22 +754,25 @@ def scatter(stacked: Sequence[jax.Array], plan: Any) -> list[jax.Array]:
 
 def _lane_to_units(rows: jax.Array, lane: _Lane, stack: Any) -> jax.Array:
   """``(K, length, row)`` in the lane's order to ``(K, *merged_shape)``."""
-  shape = stack.unit_shape
+  shape = lane.shape
   if not shape:
     return rows.reshape((rows.shape[0],) + stack.layout.merged_shape)
   moved = (lane.length,) + shape[:lane.dim] + shape[lane.dim + 1:]
   units = jnp.moveaxis(rows.reshape((rows.shape[0],) + moved), 1,
                        1 + lane.dim)
+  units = units_to_stack(units, shape, lane.axes, stack.unit_shape)
   return units.reshape((rows.shape[0],) + stack.layout.merged_shape)
 
 
 def _units_to_lane(units: jax.Array, lane: _Lane, stack: Any) -> jax.Array:
   """Inverse of :func:`_lane_to_units`: ``(K, length, row)``."""
-  shape = stack.unit_shape
+  shape = lane.shape
   k = units.shape[0]
   if not shape:
     return units.reshape(k, 1, 1)
-  units = jnp.moveaxis(units.reshape((k,) + shape), 1 + lane.dim, 1)
+  units = stack_to_units(units.reshape((k,) + stack.unit_shape), shape,
+                         lane.axes)
+  units = jnp.moveaxis(units, 1 + lane.dim, 1)
   return units.reshape(k, lane.length, lane.row)
 
 

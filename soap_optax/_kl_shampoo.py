@@ -56,6 +56,10 @@ class _KLShampooRule(_skeleton.Rule):
   refresh_first = False
   initializes_first = True
 
+  @property
+  def pads_exactly(self):
+    return False  # d_k / n and the estimates' floors count the entries
+
   def init_stack(self, stack):
     shape = (stack.num_slots,) + stack.layout.merged_shape
     return _KLShampooStack(

@@ -83,6 +83,10 @@ class _RotatedAdamRule(_skeleton.Rule):
   def State(self):  # pylint: disable=invalid-name
     return ScaleByRotatedAdamKLState if self.kl else ScaleByRotatedAdamState
 
+  @property
+  def pads_exactly(self):
+    return not self.kl  # KL's d_k / n and floors count the unit's entries
+
   def init_stack(self, stack):
     shape = (stack.num_slots,) + stack.layout.merged_shape
     if self.factored:
@@ -117,12 +121,12 @@ class _RotatedAdamRule(_skeleton.Rule):
       second_moment = nu[0]
     if self.rounding_floor:
       second_moment = second_moment + _engine.rounding_floor_squared(
-          second_moment, factors.layout)
+          second_moment, factors.layout, factors.extent)
     direction = _engine.unrotate(
         mu / (jnp.sqrt(second_moment) + self.eps), factors)
     if self.normalize_grads:  # Normalized first, bias-corrected after.
-      direction = direction / (
-          1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
+      direction = direction / (1e-30 + jnp.sqrt(
+          _engine.unit_mean(jnp.square(direction), factors.extent)))
     t = count  # The first call initialized; count - 1 earlier Adam steps.
     scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
     eigenvalues, absorbed = state.eigenvalues, sums
@@ -171,6 +175,7 @@ def scale_by_rotated_adam(
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     mesh: Any = None,
@@ -245,6 +250,10 @@ def scale_by_rotated_adam(
       dtype, as in ``optax.scale_by_adam``.
     dimension_numbers: batch axes (and matrix axes) per parameter.
     block_size: cut longer axes into blocks with their own factors.
+    bucket_padding: let units of different shapes share one stack, and so
+      one compiled program, padded with zeros, when padding adds at most
+      this fraction of a unit's work (``None`` or 0: one stack per shape);
+      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over ``precondition_frequency``
       calls.
     rounding_floor: divide by ``sqrt(v + f^2)`` (above); ``False``

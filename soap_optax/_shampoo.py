@@ -79,6 +79,10 @@ class _ShampooRule(_skeleton.Rule):
 
   State = ScaleByShampooEigenbasisState
 
+  @property
+  def pads_exactly(self):
+    return self.foam is None  # FOAM's norms count the padded eigenvalues
+
   def init_stack(self, stack):
     layout = stack.layout
     per_axis = lambda: tuple(jnp.zeros((stack.num_slots, d), stack.dtype)
@@ -167,6 +171,7 @@ def scale_by_shampoo_eigenbasis(
     refresh: str = 'eigh',
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
     staggered_refresh: bool = False,
     rounding_floor: bool = True,
     rayleigh_floor: bool = True,
@@ -239,6 +244,10 @@ def scale_by_shampoo_eigenbasis(
       the current basis, with ``Λ = diag(Q^T GG Q)``).
     dimension_numbers: batch axes per parameter.
     block_size: cut longer axes into blocks.
+    bucket_padding: let units of different shapes share one stack, and so
+      one compiled program, padded with zeros, when padding adds at most
+      this fraction of a unit's work (``None`` or 0: one stack per shape);
+      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: add the rounding-noise floor to the eigenvalues (above).

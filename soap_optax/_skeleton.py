@@ -70,6 +70,15 @@ class EngineConfig:
       were a parameter of its own.
     block_size: cut every non-batch axis longer than this into blocks with
       their own factors (``None``: no blocking, the authors' semantics).
+    bucket_padding: let units of different shapes share one stack (and so
+      one compiled per-unit program and one solver program), each reordered
+      longest axis first and padded with zeros up to the stack's shape,
+      when that adds at most this fraction of the unit's own work (refresh
+      plus step); ``None`` or 0: one stack per unit shape. Padding changes
+      no number of a unit (zero rows and columns stay exactly zero, and the
+      canonical null-space basis keeps them as coordinate axes). Rules that
+      count a unit's entries in their arithmetic (the KL estimators, FOAM)
+      do not bucket.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls instead of refreshing every unit on the same call: each unit is
       still refreshed every ``precondition_frequency`` calls, on the residue
@@ -106,6 +115,7 @@ class EngineConfig:
   one_sided: bool = False
   dimension_numbers: Any = None
   block_size: int | None = None
+  bucket_padding: float | None = 0.1
   staggered_refresh: bool = False
   rounding_floor: bool = True
   refresh: str = 'qr'
@@ -121,6 +131,9 @@ class EngineConfig:
     _checks.check_int('max_precond_dim', self.max_precond_dim, 0)
     if self.block_size is not None:
       _checks.check_int('block_size', self.block_size, 1)
+    if self.bucket_padding is not None:
+      _checks.check_nonnegative('bucket_padding', self.bucket_padding)
+      object.__setattr__(self, 'bucket_padding', float(self.bucket_padding))
     _checks.check_choice('refresh', self.refresh, REFRESH_METHODS)
     object.__setattr__(self, 'schedule', _refresh.resolve(
         self.precondition_frequency, foam_allowed=self.foam_allowed,
@@ -143,7 +156,7 @@ class EngineConfig:
         params, max_precond_dim=self.max_precond_dim,
         merge_dims=self.merge_dims, precondition_1d=self.precondition_1d,
         one_sided=self.one_sided, dimension_numbers=self.dimension_numbers,
-        block_size=self.block_size,
+        block_size=self.block_size, bucket_padding=self.bucket_padding,
         staggered_refresh_frequency=(
             self.precondition_frequency if self.staggered_refresh else None),
         mesh=self.mesh, shard_axes=self.shard_axes)
@@ -196,6 +209,13 @@ class Rule:
   factor_beta: Any
   refresh_first = True
   initializes_first = False
+
+  @property
+  def pads_exactly(self) -> bool:
+    """Whether a unit padded with zeros (a size bucket) computes its real
+    entries exactly as unpadded. Rules whose arithmetic counts a unit's
+    entries or adds to its padded coordinates say False."""
+    return True
 
   def init_stack(self, stack: _stacks.Stack) -> Any:
     """The rule's zero state for a stack: a NamedTuple of ``(U, ...)`` arrays
@@ -324,6 +344,8 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     An ``optax.GradientTransformation`` whose state is ``rule.State``.
   """
   fields = tuple(name for name in rule.State._fields if name != 'eigenbasis')
+  if not rule.pads_exactly:
+    config = dataclasses.replace(config, bucket_padding=None)
 
   def init_fn(params):
     eigenbasis = config.init_eigenbasis(params)

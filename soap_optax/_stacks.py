@@ -55,12 +55,28 @@ class Piece:
     region: ``(start, stop)`` per grouped axis: the part of the (grouped)
       parameter these units cover.
     blocks: number of blocks per grouped axis inside ``region``.
+    unit_shape: the shape of one of these units as cut from the parameter
+      (None: the stack's ``unit_shape``).
+    axes: in a size bucket (see :func:`plan_buckets`), the unit's axis that
+      each axis of the stack's units holds (None: the same order); the
+      unit is padded with zeros at the end of every axis up to the stack's
+      ``unit_shape``.
   """
 
   stack: int
   offset: int
   region: tuple[tuple[int, int], ...]
   blocks: tuple[int, ...]
+  unit_shape: tuple[int, ...] | None = None
+  axes: tuple[int, ...] | None = None
+
+  def real_shape(self, stack: 'Stack') -> tuple[int, ...]:
+    """The shape of one of these units before any padding."""
+    return stack.unit_shape if self.unit_shape is None else self.unit_shape
+
+  def is_padded(self, stack: 'Stack') -> bool:
+    """Whether these units are transposed or padded in their stack."""
+    return self.axes is not None or self.real_shape(stack) != stack.unit_shape
 
 
 @jax.tree_util.register_static
@@ -150,6 +166,31 @@ class EigenbasisPlan:
     out[self.sharding.unit_slots(s)] = values
     return out
 
+  def unit_extents(self, s: int) -> np.ndarray | None:
+    """``(slots, ndim)``: each unit's own length along each axis of stack
+    ``s`` (padding slots: the stack's shape); None when no unit of the
+    stack is padded (see :class:`Piece`)."""
+    stack = self.stacks[s]
+    extents = np.tile(np.asarray(stack.unit_shape, np.int32),
+                      (stack.size, 1))
+    padded = False
+    for placement in self.placements:
+      for piece in placement.pieces:
+        if piece.stack == s and piece.is_padded(stack):
+          padded = True
+          real = piece.real_shape(stack)
+          count = placement.num_slices * math.prod(piece.blocks)
+          extents[piece.offset:piece.offset + count] = (
+              real if piece.axes is None else [real[a] for a in piece.axes])
+    if not padded:
+      return None
+    if self.sharding is None:
+      return extents
+    out = np.tile(np.asarray(stack.unit_shape, np.int32),
+                  (stack.num_slots, 1))
+    out[self.sharding.unit_slots(s)] = extents
+    return out
+
   def real_slots(self, s: int) -> np.ndarray:
     """Stack ``s``'s slots that hold a unit (all of them unsharded)."""
     return self.per_slot(s, np.ones((self.stacks[s].size,), bool), False)
@@ -228,6 +269,80 @@ def _segments(length: int, block_size: int | None):
 
 
 
+def plan_buckets(
+    unit_counts: dict[tuple[tuple[int, ...], str], int],
+    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout],
+    max_padding: float | None,
+) -> dict[tuple[tuple[int, ...], str], tuple[tuple[int, ...],
+                                              tuple[int, ...] | None]]:
+  """Size buckets: which stack shape each unit shape is laid out in.
+
+  A unit of shape ``s`` may share a stack with units of a larger shape
+  ``b`` (its axes reordered longest first, the order every shape of a
+  bucket is compared in, then padded with zeros at the end of every axis)
+  when ``b`` covers ``s`` axis by axis, the same axes carry a factor, and
+  ``b``'s work (:attr:`soap_optax._engine.FactorLayout.unit_cost`: refresh
+  plus step) is at most ``1 + max_padding`` times ``s``'s. Shapes are taken
+  from the most to the least costly; each joins the cheapest bucket it may
+  join, or opens one. A bucket that ends with a single shape keeps that
+  shape as it is (no reordering, no padding), so that a tree without
+  shapes to share lays its units out exactly as without buckets.
+
+  Zero rows and columns are exact for the rules that allow buckets: a zero
+  row of ``G`` is a zero row and column of its factor, which the canonical
+  null-space basis keeps as a coordinate axis, so the real unit's numbers
+  do not change (``tests/test_stacks.py`` compares in float64).
+
+  Args:
+    unit_counts: ``{(unit shape, dtype name): number of units}``.
+    unit_layout: the axis rules, applied to one unit's shape.
+    max_padding: the most extra work padding may add to a unit, as a
+      fraction of its own (``None`` or 0: no buckets).
+
+  Returns:
+    ``{(unit shape, dtype name): (stack shape, axes)}``, ``axes`` as in
+    :class:`Piece` (None: not reordered).
+  """
+  result = {key: (key[0], None) for key in unit_counts}
+  if not max_padding:
+    return result
+  candidates = []
+  for (shape, dtype), count in unit_counts.items():
+    layout = unit_layout(shape)
+    axes = tuple(sorted(range(len(shape)), key=lambda a: -shape[a]))
+    oriented = tuple(shape[a] for a in axes)
+    factored = tuple(sorted(axes.index(a) for a in layout.factored_axes))
+    oriented_layout = unit_layout(oriented)
+    if (not shape or layout.merged_shape != shape
+        or oriented_layout.merged_shape != oriented
+        or oriented_layout.factored_axes != factored):
+      continue  # merged axes, or rules that do not commute with the order
+    candidates.append((layout.unit_cost, count, shape, dtype, axes, oriented,
+                       factored))
+  buckets: list[dict[str, Any]] = []
+  for cost, _, shape, dtype, axes, oriented, factored in sorted(
+      candidates, key=lambda c: (-c[0], -c[1], c[2])):
+    fits = [b for b in buckets
+            if (b['dtype'], b['factored'], len(b['shape'])) == (
+                dtype, factored, len(oriented))
+            and all(x <= y for x, y in zip(oriented, b['shape']))
+            and b['cost'] <= (1 + max_padding) * cost]
+    if fits:
+      bucket = min(fits, key=lambda b: b['cost'])
+    else:
+      bucket = dict(shape=oriented, dtype=dtype, factored=factored,
+                    cost=cost, members=[])
+      buckets.append(bucket)
+    bucket['members'].append((shape, axes))
+  for bucket in buckets:
+    if len(bucket['members']) > 1:
+      for shape, axes in bucket['members']:
+        identity = axes == tuple(range(len(axes)))
+        result[shape, bucket['dtype']] = (bucket['shape'],
+                                          None if identity else axes)
+  return result
+
+
 def plan_stacks(
     shapes: Sequence[tuple[int, ...]],
     state_dtypes: Sequence[Any],
@@ -235,6 +350,7 @@ def plan_stacks(
     *,
     block_size: int | None,
     unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout],
+    bucket_padding: float | None = None,
 ) -> EigenbasisPlan:
   """Cuts every parameter into units and groups the units into stacks.
 
@@ -245,23 +361,40 @@ def plan_stacks(
       :func:`resolve_dimension_numbers`).
     block_size: cut longer grouped axes into blocks of this length, or None.
     unit_layout: the axis rules, applied to one unit's shape.
+    bucket_padding: let units of different shapes share a stack, padded,
+      within this much extra work (see :func:`plan_buckets`); None: one
+      stack per unit shape.
 
   Returns:
     The :class:`EigenbasisPlan`.
   """
+  cut = []
+  unit_counts: dict[tuple[tuple[int, ...], str], int] = {}
+  for shape, dtype, numbers in zip(shapes, state_dtypes, dimension_numbers):
+    shape = tuple(int(n) for n in shape)
+    permutation, num_batch, grouped = _dimension_numbers.placement_axes(
+        shape, numbers)
+    slices = math.prod(shape[a] for a in permutation[:num_batch])
+    combos = _product([_segments(n, block_size) for n in grouped])
+    name = jnp.dtype(dtype).name
+    for combo in combos:
+      key = (tuple(length for _, _, _, length in combo), name)
+      unit_counts[key] = unit_counts.get(key, 0) + slices * math.prod(
+          count for _, _, count, _ in combo)
+    cut.append((shape, name, permutation, num_batch, grouped, slices, combos))
+  buckets = plan_buckets(unit_counts, unit_layout, bucket_padding)
+
   stack_index: dict[tuple[Any, ...], int] = {}
   stack_sizes: list[int] = []
   stack_keys: list[tuple[Any, ...]] = []
   placements = []
-  for shape, dtype, numbers in zip(shapes, state_dtypes, dimension_numbers):
-    shape = tuple(int(n) for n in shape)
-    permutation, num_batch, grouped = _dimension_numbers.placement_axes(shape, numbers)
-    slices = math.prod(shape[a] for a in permutation[:num_batch])
+  for shape, name, permutation, num_batch, grouped, slices, combos in cut:
     pieces = []
-    for combo in _product([_segments(n, block_size) for n in grouped]):
+    for combo in combos:
       unit_shape = tuple(length for _, _, _, length in combo)
       blocks = tuple(count for _, _, count, _ in combo)
-      key = (unit_shape, jnp.dtype(dtype).name)
+      stack_shape, axes = buckets[unit_shape, name]
+      key = (stack_shape, name)
       if key not in stack_index:
         stack_index[key] = len(stack_sizes)
         stack_sizes.append(0)
@@ -270,7 +403,9 @@ def plan_stacks(
       pieces.append(Piece(
           stack=index, offset=stack_sizes[index],
           region=tuple((start, stop) for start, stop, _, _ in combo),
-          blocks=blocks))
+          blocks=blocks,
+          unit_shape=None if unit_shape == stack_shape else unit_shape,
+          axes=axes))
       stack_sizes[index] += slices * math.prod(blocks)
     placements.append(ParameterPlacement(
         shape, permutation, num_batch, grouped, tuple(pieces)))
@@ -312,6 +447,7 @@ def plan_units(
     block_size: int | None,
     unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout] = (
         _no_factors),
+    bucket_padding: float | None = None,
 ) -> EigenbasisPlan:
   """:func:`plan_stacks` for the leaves of ``tree``.
 
@@ -323,7 +459,8 @@ def plan_units(
       [jnp.shape(x) for x in leaves],
       [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
       _dimension_numbers.resolve_dimension_numbers(dimension_numbers, tree),
-      block_size=block_size, unit_layout=unit_layout)
+      block_size=block_size, unit_layout=unit_layout,
+      bucket_padding=bucket_padding)
 
 
 
@@ -346,8 +483,10 @@ def gather(leaves: Sequence[jax.Array], plan: EigenbasisPlan) -> list[jax.Array]
     for piece in placement.pieces:
       region = grouped[(slice(None),) + tuple(
           slice(start, stop) for start, stop in piece.region)]
-      parts[piece.stack].append(
-          _exchange.blocks_to_units(region, piece.blocks))
+      stack = plan.stacks[piece.stack]
+      parts[piece.stack].append(_exchange.units_to_stack(
+          _exchange.blocks_to_units(region, piece.blocks),
+          piece.real_shape(stack), piece.axes, stack.unit_shape))
   stacked = []
   for stack, members in zip(plan.stacks, parts):
     joined = members[0] if len(members) == 1 else jnp.concatenate(members)
@@ -367,7 +506,9 @@ def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan
       stack = plan.stacks[piece.stack]
       count = placement.num_slices * math.prod(piece.blocks)
       units = stacked[piece.stack][piece.offset:piece.offset + count]
-      units = units.reshape((count,) + stack.unit_shape)
+      units = _exchange.stack_to_units(
+          units.reshape((count,) + stack.unit_shape),
+          piece.real_shape(stack), piece.axes)
       regions[piece.region] = _exchange.units_to_blocks(
           units, placement.num_slices, piece.blocks)
     leaves.append(_exchange.from_grouped(_exchange.assemble(regions),

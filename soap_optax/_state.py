@@ -77,6 +77,7 @@ def init_eigenbasis(
     one_sided: bool = False,
     dimension_numbers: Any = None,
     block_size: int | None = None,
+    bucket_padding: float | None = None,
     staggered_refresh_frequency: int | None = None,
     mesh: Any = None,
     shard_axes: Any = None,
@@ -107,7 +108,8 @@ def init_eigenbasis(
       None if block_size is None else int(block_size),
       unit_layout=lambda shape: _engine.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
-          precondition_1d=precondition_1d, one_sided=one_sided))
+          precondition_1d=precondition_1d, one_sided=one_sided),
+      bucket_padding=bucket_padding)
   plan = dataclasses.replace(
       plan, leaf_paths=_dimension_numbers.leaf_paths(params))
   plan = _stacks.shard_plan(plan, mesh, shard_axes)
@@ -162,9 +164,12 @@ def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
   """The per-stack factors (arrays with a leading unit axis)."""
   plan = state.plan
   return [
-      _engine.KroneckerFactors(stack.layout, stats, bases)
-      for stack, stats, bases in zip(
-          plan.stacks, plan.split(state.stats), plan.split(state.bases))
+      _engine.KroneckerFactors(
+          stack.layout, stats, bases,
+          None if extent is None else jnp.asarray(extent))
+      for stack, stats, bases, extent in zip(
+          plan.stacks, plan.split(state.stats), plan.split(state.bases),
+          map(plan.unit_extents, range(len(plan.stacks))))
   ]
 
 

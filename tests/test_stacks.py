@@ -568,3 +568,174 @@ def test_staggered_refresh_compiles_once_and_refreshes_each_unit_per_period():
     period = sorted(u for c in changed[start:start + 3] for u in c)
     assert period == list(range(6)), changed
   assert all(len(c) == 2 for c in changed[1:])  # two units per step.
+
+
+# ------------------------------------------------------------------------------
+# Size buckets.
+
+# Shapes that share stacks at bucket_padding=0.5: a matrix and its transpose
+# (reordered), a shorter and a narrower one (zero-padded), a 3-D kernel in
+# two axis orders, and two vectors.
+BUCKET_SHAPES = {'a': (10, 6), 'b': (6, 10), 'c': (9, 6), 'd': (5, 10),
+                 'e': (4, 3, 5), 'f': (5, 4, 3), 'g': (10,), 'h': (9,)}
+
+
+def _bucket_gradients(seed):
+  """Per call, the gradients of :data:`BUCKET_SHAPES`: ``c``'s row 3 is
+  always zero (a dead input) and ``d`` has rank 2 (the same two row
+  vectors every call), so that their factors are rank-deficient."""
+  rng = np.random.default_rng(seed)
+  rows = rng.normal(size=(2, 10))
+  calls = []
+  for _ in range(NUM_CALLS):
+    grads = {k: rng.normal(size=s) for k, s in BUCKET_SHAPES.items()}
+    grads['c'][3] = 0.0
+    grads['d'] = rng.normal(size=(5, 2)) @ rows
+    calls.append(grads)
+  return calls
+
+
+def test_buckets_share_stacks_within_the_padding_bound():
+  params = {k: jnp.zeros(s) for k, s in BUCKET_SHAPES.items()}
+  tx = soap_optax.soap(bucket_padding=0.5)
+  plan = tx.init(params)[0].eigenbasis.plan
+  assert [(s.unit_shape, s.size) for s in plan.stacks] == [
+      ((10, 6), 4), ((5, 4, 3), 2), ((10,), 2)]
+  pieces = {path: placement.pieces[0] for path, placement in zip(
+      sorted(BUCKET_SHAPES), plan.placements)}
+  assert (pieces['a'].unit_shape, pieces['a'].axes) == (None, None)
+  assert (pieces['b'].unit_shape, pieces['b'].axes) == ((6, 10), (1, 0))
+  assert (pieces['c'].unit_shape, pieces['c'].axes) == ((9, 6), None)
+  assert (pieces['d'].unit_shape, pieces['d'].axes) == ((5, 10), (1, 0))
+  assert (pieces['e'].unit_shape, pieces['e'].axes) == ((4, 3, 5), (2, 0, 1))
+  # Each padded unit's work within 1.5x its own.
+  for path, piece in pieces.items():
+    stack = plan.stacks[piece.stack]
+    own = soap_optax._engine.plan_layout(  # pylint: disable=protected-access
+        BUCKET_SHAPES[path], max_precond_dim=10000, merge_dims=False,
+        precondition_1d=False)
+    assert stack.layout.unit_cost <= 1.5 * own.unit_cost, path
+  # The default bound (0.1) only reorders the transposes (a shape alone in
+  # its bucket keeps its own order); None: no buckets.
+  default = soap_optax.soap().init(params)[0].eigenbasis.plan
+  assert sorted(s.unit_shape for s in default.stacks) == sorted(
+      [(10, 6), (9, 6), (5, 10), (5, 4, 3), (10,), (9,)])
+  unbucketed = soap_optax.soap(bucket_padding=None).init(params)[0]
+  assert len(unbucketed.eigenbasis.plan.stacks) == len(BUCKET_SHAPES)
+
+
+def test_gather_pads_and_reorders_and_scatter_inverts_it():
+  rng = np.random.default_rng(3)
+  leaves = [rng.normal(size=s) for _, s in sorted(BUCKET_SHAPES.items())]
+  tx = soap_optax.soap(bucket_padding=0.5)
+  tree = dict(zip(sorted(BUCKET_SHAPES), leaves))
+  plan = tx.init(tree)[0].eigenbasis.plan
+  stacks = _stacks.gather([jnp.asarray(x) for x in leaves], plan)
+  by_name = dict(zip(sorted(BUCKET_SHAPES), leaves))
+  # Independent: the stack rows, written out by hand from the bucket rule.
+  np.testing.assert_array_equal(stacks[0][1], np.pad(by_name['b'].T,
+                                                     ((0, 0), (0, 0))))
+  np.testing.assert_array_equal(stacks[0][2], np.pad(by_name['c'],
+                                                     ((0, 1), (0, 0))))
+  np.testing.assert_array_equal(stacks[0][3], np.pad(by_name['d'].T,
+                                                     ((0, 0), (0, 1))))
+  np.testing.assert_array_equal(stacks[1][0],
+                                np.transpose(by_name['e'], (2, 0, 1)))
+  np.testing.assert_array_equal(stacks[2][1], np.pad(by_name['h'], (0, 1)))
+  for got, want in zip(_stacks.scatter(stacks, plan), leaves):
+    np.testing.assert_array_equal(got, want)
+
+
+# As FACTORIES, with eps 1e-6 throughout: round-off in the null coordinates
+# of a rank-deficient factor (c's dead row, d's rank-2 rows) is divided by
+# eps, and a padded and an unpadded product round differently (measured with
+# eps 1e-8: 1.5e-9 absolute, 1.6e-8 relative, in factorized SOAP's dead row).
+_SOAP = dict(learning_rate=0.1, b1=0.9, weight_decay=0.0, eps=1e-6)
+BUCKET_FACTORIES = {
+    'soap': lambda **kw: soap_optax.soap(**_SOAP, **_every(**kw)),
+    'factorized_soap': lambda **kw: soap_optax.factorized_soap(
+        **_SOAP, **_every(**kw)),
+    'one_sided_soap': lambda **kw: soap_optax.soap(
+        **_SOAP, one_sided=True, **_every(**kw)),
+    'normalized_soap': lambda **kw: soap_optax.soap(
+        **_SOAP, normalize_grads=True, **_every(**kw)),
+    'soap_1d_eigh': lambda **kw: soap_optax.scale_by_rotated_adam(
+        eps=1e-6, precondition_1d=True, refresh='eigh', **_every(**kw)),
+    'shampoo': FACTORIES['shampoo'],
+    'adafactor_in_eigenbasis': FACTORIES['adafactor_in_eigenbasis'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(BUCKET_FACTORIES))
+def test_bucketed_units_equal_independent_unpadded_runs(x64, name):
+  """Every leaf of a bucketed tree (reordered, padded, rank-deficient
+  factors included) is updated exactly as by its own optimizer, alone and
+  unpadded (float64)."""
+  del x64
+  factory = BUCKET_FACTORIES[name]
+  calls = _bucket_gradients(seed=11)
+  tx = factory(bucket_padding=0.5)
+  update = jax.jit(tx.update)
+  params = {k: jnp.zeros(s) for k, s in BUCKET_SHAPES.items()}
+  state = tx.init(params)
+  plan, = [x.plan for x in jax.tree.leaves(
+      state, is_leaf=lambda x: hasattr(x, 'plan')) if hasattr(x, 'plan')]
+  assert any(p.is_padded(plan.stacks[p.stack]) and p.axes
+             for placement in plan.placements for p in placement.pieces)
+  together = []
+  for grads in calls:
+    out, state = update(jax.tree.map(jnp.asarray, grads), state, params)
+    together.append(out)
+  for k, shape in BUCKET_SHAPES.items():
+    alone = _independent_updates(
+        lambda: factory(bucket_padding=None),
+        [[grads[k]] for grads in calls])
+    # Rank-deficient factors (c, d): their null-space round-off is
+    # normalized by eps (see BUCKET_FACTORIES).
+    tolerance = 1e-9 if k in 'cd' else 1e-12
+    for call, (got, want) in enumerate(zip(together, alone)):
+      assert got[k].shape == shape
+      assert _relative_error(got[k], want[0]) < tolerance, (k, call)
+
+
+def test_rounding_floor_of_a_padded_unit_is_its_own(x64):
+  """The floor's mean fibre energy counts the unit's own fibres only
+  (NumPy, from the formula: f^2 = (κε)^2 Σ_a (F_a + mean F_a))."""
+  del x64
+  from soap_optax import _engine  # pylint: disable=g-import-not-at-top
+  v = np.random.default_rng(5).uniform(size=(3, 4))
+  scale = (_engine.ROUNDING_FLOOR_ULPS * np.finfo(np.float64).eps)**2
+  rows, cols = v.sum(axis=1, keepdims=True), v.sum(axis=0, keepdims=True)
+  want = scale * (rows + rows.mean() + cols + cols.mean())
+  padded = np.pad(v, ((0, 2), (0, 3)))
+  layout = _engine.plan_layout((5, 7), max_precond_dim=100, merge_dims=False,
+                               precondition_1d=False)
+  got = _engine.rounding_floor_squared(jnp.asarray(padded), layout,
+                                       jnp.asarray([3, 4]))
+  np.testing.assert_allclose(np.asarray(got)[:3, :4], want, rtol=1e-15)
+
+
+def test_null_space_of_a_padded_factor_is_its_own_plus_the_padding(x64):
+  """A factor padded with zero rows and columns gets the unpadded factor's
+  eigenvalues and basis (up to column signs), the padding as the last
+  coordinate axes, and the same null-space threshold (``d eps max`` with d
+  the 6 real axes, not the 8 padded ones: an eigenvalue of ``7 eps max``
+  lies between the two)."""
+  del x64
+  from soap_optax import _engine  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(8)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  eps = np.finfo(np.float64).eps
+  values = np.array([2.0, 1.0, 0.5, 7 * eps * 2.0, 0.0, 0.0])
+  stat = (q * values) @ q.T
+  padded = np.pad(stat, ((0, 2), (0, 2)))
+  for solver in (_engine.solve_eigh, _engine.solve_power_qr):
+    own = solver(jnp.asarray(stat), jnp.eye(6))
+    pad = solver(jnp.asarray(padded), jnp.eye(8))
+    basis, basis_pad = np.asarray(own.basis), np.asarray(pad.basis)
+    signs = np.sign(np.sum(basis * basis_pad[:6, :6], axis=0))
+    np.testing.assert_allclose(basis_pad[:6, :6] * signs, basis, atol=1e-14)
+    np.testing.assert_array_equal(basis_pad[6:, 6:], np.eye(2))
+    np.testing.assert_array_equal(basis_pad[:6, 6:], 0.0)
+    np.testing.assert_allclose(np.asarray(pad.values)[:6], own.values,
+                               atol=1e-15)
