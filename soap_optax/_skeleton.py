@@ -78,7 +78,9 @@ class EngineConfig:
       no number of a unit (zero rows and columns stay exactly zero, and the
       canonical null-space basis keeps them as coordinate axes). Rules that
       count a unit's entries in their arithmetic (the KL estimators, FOAM)
-      do not bucket.
+      do not bucket. Under ``optax.inject_hyperparams`` with ``jit``-ed
+      ``init``, list it in ``static_args`` to change it (traced, the
+      default applies).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls instead of refreshing every unit on the same call: each unit is
       still refreshed every ``precondition_frequency`` calls, on the residue
@@ -115,7 +117,7 @@ class EngineConfig:
   one_sided: bool = False
   dimension_numbers: Any = None
   block_size: int | None = None
-  bucket_padding: float | None = 0.1
+  bucket_padding: float | None = _state.DEFAULT_BUCKET_PADDING
   staggered_refresh: bool = False
   rounding_floor: bool = True
   refresh: str = 'qr'
@@ -133,7 +135,6 @@ class EngineConfig:
       _checks.check_int('block_size', self.block_size, 1)
     if self.bucket_padding is not None:
       _checks.check_nonnegative('bucket_padding', self.bucket_padding)
-      object.__setattr__(self, 'bucket_padding', float(self.bucket_padding))
     _checks.check_choice('refresh', self.refresh, REFRESH_METHODS)
     object.__setattr__(self, 'schedule', _refresh.resolve(
         self.precondition_frequency, foam_allowed=self.foam_allowed,

@@ -68,6 +68,10 @@ def is_eigenbasis_state(x: Any) -> bool:
   return isinstance(getattr(x, 'eigenbasis', None), EigenbasisState)
 
 
+# The default ``bucket_padding`` of every transform that buckets.
+DEFAULT_BUCKET_PADDING = 0.1
+
+
 def init_eigenbasis(
     params: Any,
     *,
@@ -103,13 +107,18 @@ def init_eigenbasis(
           'inject_hyperparams under jit). Pass static_args=("max_precond_dim",'
           ' "precondition_frequency", "block_size") to '
           'optax.inject_hyperparams.')
+  if isinstance(bucket_padding, jax.core.Tracer):
+    # Injected and traced (a float hyperparameter not in static_args): the
+    # default bound; buckets change no number, only the layout.
+    bucket_padding = DEFAULT_BUCKET_PADDING
   plan = _stacks.plan_units(
       jax.tree.leaves(params), dimension_numbers, params,
       None if block_size is None else int(block_size),
       unit_layout=lambda shape: _engine.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided),
-      bucket_padding=bucket_padding)
+      bucket_padding=None if bucket_padding is None else float(
+          bucket_padding))
   plan = dataclasses.replace(
       plan, leaf_paths=_dimension_numbers.leaf_paths(params))
   plan = _stacks.shard_plan(plan, mesh, shard_axes)
