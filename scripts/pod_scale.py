@@ -121,7 +121,7 @@ def refresh_work(state) -> tuple[float, float]:
 
 
 def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
-               block_size, optimizers) -> dict:
+               block_size, optimizers, bucket_padding=0.1) -> dict:
   """One configuration, in this process (whose device count is set)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -141,13 +141,14 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
   # the axis soap_optax.parameter_shardings names (replicated over 'data').
   layout = soap_optax.parameter_shardings(soap_optax.soap(
       1e-3, block_size=block_size, dimension_numbers=numbers, mesh=mesh,
-      shard_axes='fsdp'), plain)
+      shard_axes='fsdp', bucket_padding=bucket_padding), plain)
   params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=layout[k])
             for k, s in shapes.items()}
   param_bytes = sum(4 * math.prod(s) for s in shapes.values())
   row = dict(model=model, devices=devices, mesh=mesh_kind,
              layers='scanned' if scanned else 'separate',
-             block_size=block_size, params=sum(math.prod(s)
+             block_size=block_size, bucket_padding=bucket_padding,
+             params=sum(math.prod(s)
                                                for s in shapes.values()),
              param_bytes_per_device=param_bytes / fsdp)
 
@@ -157,7 +158,8 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
     return soap_optax.soap(
         1e-3, block_size=block_size, dimension_numbers=numbers,
         mesh=mesh if sharded else None,
-        shard_axes='fsdp' if sharded else None)
+        shard_axes='fsdp' if sharded else None,
+        bucket_padding=bucket_padding)
 
   def state_bytes(state, shardings):
     return sum(
@@ -209,7 +211,7 @@ def child(args) -> None:
   for config in json.loads(args.child):
     row = run_config(config['model'], args.devices, config['mesh'],
                      config['scanned'], config['block_size'],
-                     config['optimizers'])
+                     config['optimizers'], config['bucket_padding'])
     print('ROW ' + json.dumps(row), flush=True)
 
 
@@ -218,9 +220,12 @@ def configurations(args):
     for mesh in args.meshes:
       for layers in args.layers:
         for block in args.blocks:
-          yield dict(model=model, mesh=mesh, scanned=layers == 'scanned',
-                     block_size=None if block == 'none' else int(block),
-                     optimizers=args.optimizers)
+          for buckets in args.buckets:
+            yield dict(model=model, mesh=mesh, scanned=layers == 'scanned',
+                       block_size=None if block == 'none' else int(block),
+                       bucket_padding=(None if buckets == 'none'
+                                       else float(buckets)),
+                       optimizers=args.optimizers)
 
 
 def run(args) -> list[dict]:
@@ -250,7 +255,7 @@ def mib(n: float) -> str:
 def format_row(row: dict) -> str:
   soap = row.get('soap', {})
   text = (f'{row["model"]} {row["devices"]} {row["mesh"]} {row["layers"]} '
-          f'block={row["block_size"]}')
+          f'block={row["block_size"]} buckets={row.get("bucket_padding")}')
   if soap:
     text += (f' | state {mib(soap["state"])} MiB ({soap["state"] / soap["ideal"]:.2f}x)'
              f' temp {mib(soap["temp"])} MiB, largest collective '
@@ -303,13 +308,16 @@ def parse_args(argv):
   parser.add_argument('--layers', default='scanned')
   parser.add_argument('--blocks', default='1024')
   parser.add_argument('--optimizers', default='soap,adamw')
+  parser.add_argument('--buckets', default='0.1',
+                      help="SOAP's bucket_padding values ('none': off)")
   parser.add_argument('--out', default=None, help='write the rows as JSON')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.quick:
     args.models, args.devices, args.meshes = 'quick', '16', 'fsdp'
     args.blocks = 'none,512'
-  for name in ('models', 'meshes', 'layers', 'blocks', 'optimizers'):
+  for name in ('models', 'meshes', 'layers', 'blocks', 'optimizers',
+               'buckets'):
     setattr(args, name, getattr(args, name).split(','))
   args.devices = [int(n) for n in str(args.devices).split(',')]
   unknown = set(args.models) - set(MODELS)

@@ -127,3 +127,23 @@ def test_owner_layout_figure_draws_every_unit_once(tmp_path):
   counts = json.loads(line.split(':', 1)[1])
   assert sum(counts.values()) == 38
   assert max(counts.values()) - min(counts.values()) <= 3
+
+
+def test_bucket_report_keeps_padding_within_its_bound(tmp_path):
+  """scripts/buckets.py: at the default bound the GPT-2-sized main job's
+  padding adds at most 10% work (the issue's goal) and buckets never add
+  stacks; every row's extra work is within its bucket_padding."""
+  out = tmp_path / 'buckets.json'
+  result = run('buckets.py', '--json', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(out.read_text())
+  gpt2 = results['GPT-2 small (main job, 198 leaves)']
+  default = next(r for r in gpt2 if r['bucket_padding'] == 0.1)
+  assert default['extra_work_pct'] <= 10.0
+  for rows in results.values():
+    off = next(r for r in rows if r['bucket_padding'] is None)
+    assert off['extra_work_pct'] == 0.0 and off['extra_state_pct'] == 0.0
+    for r in rows:
+      assert r['stacks'] <= off['stacks']
+      if r['bucket_padding']:
+        assert r['extra_work_pct'] <= 100 * r['bucket_padding'] + 1e-9
