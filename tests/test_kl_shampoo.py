@@ -45,9 +45,9 @@ def _run(tx, shapes, references, steps=STEPS, scale=1.0):
     for name, reference in references.items():
       expected = reference(grads[name])
       got = np.asarray(updates[name])
-      scale = max(float(np.max(np.abs(expected))), 1e-300)
+      magnitude = max(float(np.max(np.abs(expected))), 1e-300)
       worst[name] = max(worst[name],
-                        float(np.max(np.abs(got - expected))) / scale)
+                        float(np.max(np.abs(got - expected))) / magnitude)
   return worst
 
 
