@@ -16,11 +16,10 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.fixtures import make_v0_checkpoints as fixture
-
-ocp = pytest.importorskip('orbax.checkpoint')
 
 # State leaves kept in rotated coordinates whose unit refreshes a
 # rank-deficient factor during the continuation: the canonical null-space

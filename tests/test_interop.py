@@ -119,7 +119,7 @@ def test_inject_hyperparams_with_traced_max_precond_dim_says_what_to_do():
 
 
 def test_orbax_round_trip_continues_identically(tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,))}
   opt = soap_optax.soap(1e-2, precondition_frequency=2)
   state = opt.init(params)
