@@ -93,13 +93,15 @@ def _run(opt, params, grads_list, state=None):
 
 @pytest.mark.parametrize('frequency', [1, 2])
 @pytest.mark.parametrize('name', sorted(EVERY))
-def test_a_rejected_call_leaves_every_floating_state_array_unchanged(
+def test_a_rejected_call_leaves_the_eigenbasis_states_floats_unchanged(
     name, frequency):
   """All units rejected (NaN gradients) on call 2 (a refresh call at both
   frequencies) and on call 5 (between refreshes at frequency 2): every
-  floating array of the eigenbasis state is bitwise unchanged and the
-  transforms' updates are zero; the refresh that fell due on call 2 is done
-  on call 3, the next accepted call."""
+  floating array of the eigenbasis transforms' states is bitwise unchanged
+  and the transforms' own updates are zero; the refresh that fell due on
+  call 2 is done on call 3, the next accepted call. (The aliases' optax
+  links after the transform, weight decay and Shampoo's momentum, act on
+  the zero as on any zero gradient: docs/numerics.md.)"""
   opt = EVERY[name](precondition_frequency=frequency)
   params = _params()
   update = jax.jit(opt.update)
