@@ -43,6 +43,12 @@ class _AdafactorRule(_skeleton.Rule):
 
   State = ScaleByAdafactorInEigenbasisState
 
+  @property
+  def pads_exactly(self):
+    # The factored moment's total sums axis 0's floored statistics: the
+    # floor added to padded (or, reordered, other) entries changes it.
+    return not self.rounding_floor
+
   def init_stack(self, stack):
     return _AdafactorStack(tuple(
         jnp.zeros((stack.num_slots, d), stack.dtype)

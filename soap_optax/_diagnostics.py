@@ -113,10 +113,14 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
       name = _stack_name(plan, s, k, len(found))
       largest = functools.partial(plan.largest_over_units, s)
       quotients = plan.split(eigenbasis.quotients)[s]
+      extents = plan.unit_extents(s)
       for i, axis in enumerate(stack.layout.factored_axes):
         out[f'staleness/{name}/axis{axis}'] = largest(stale[s][i])
+        # A size bucket's padded rows (quotient 0) are not the unit's.
+        length = (jnp.full(quotients[i].shape[:1], quotients[i].shape[-1])
+                  if extents is None else jnp.asarray(extents[:, axis]))
         out[f'condition/{name}/axis{axis}'] = largest(
-            jax.vmap(_condition)(quotients[i]))
+            jax.vmap(_condition)(quotients[i], length))
         if damping is not None:
           out[f'damping/{name}/axis{axis}'] = largest(damping[s][i])
       out[f'steps_since_refresh/{name}'] = largest(eigenbasis.age[s])
@@ -130,9 +134,12 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
   return out
 
 
-def _condition(values: jax.Array) -> jax.Array:
-  """``max / min`` of eigenvalue estimates, at most ``1 / epsilon``."""
+def _condition(values: jax.Array, length: jax.Array) -> jax.Array:
+  """``max / min`` of the first ``length`` eigenvalue estimates (a unit's
+  own rows), at most ``1 / epsilon``."""
   largest = jnp.max(values)
   floor = jnp.finfo(values.dtype).eps * largest
-  ratio = largest / jnp.maximum(jnp.min(values), floor)
+  own = jnp.arange(values.shape[-1]) < length
+  smallest = jnp.min(jnp.where(own, values, largest))
+  ratio = largest / jnp.maximum(smallest, floor)
   return jnp.where(largest > 0, ratio, 1.0)

@@ -81,7 +81,9 @@ class _ShampooRule(_skeleton.Rule):
 
   @property
   def pads_exactly(self):
-    return self.foam is None  # FOAM's norms count the padded eigenvalues
+    # FOAM's norms count the padded eigenvalues; the trace is axis 0's
+    # (another axis for a reordered unit) and sums the padding's floor.
+    return self.foam is None and not self.trace_normalize
 
   def init_stack(self, stack):
     layout = stack.layout

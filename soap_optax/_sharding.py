@@ -260,8 +260,8 @@ def _check_same_units(source: Any, target: Any, where: str) -> None:
   """The two plans cut the parameters into the same units (whatever their
   meshes); a ValueError naming the first difference otherwise."""
   hint = ('the state was made by an optimizer with other block_size, '
-          'dimension_numbers, max_precond_dim, merge_dims, precondition_1d '
-          'or one_sided, or for other parameters')
+          'bucket_padding, dimension_numbers, max_precond_dim, merge_dims, '
+          'precondition_1d or one_sided, or for other parameters')
   if len(source.stacks) != len(target.stacks):
     raise ValueError(
         f'reshard_state: at {where} the state has {len(source.stacks)} '

@@ -78,9 +78,11 @@ class EngineConfig:
       no number of a unit (zero rows and columns stay exactly zero, and the
       canonical null-space basis keeps them as coordinate axes). Rules that
       count a unit's entries in their arithmetic (the KL estimators, FOAM)
-      do not bucket. Under ``optax.inject_hyperparams`` with ``jit``-ed
-      ``init``, list it in ``static_args`` to change it (traced, the
-      default applies).
+      do not bucket, nor do adaptive refresh policies (they decide per
+      stack); under ``staggered_refresh`` phases are assigned over the
+      bucketed stacks (each unit still refreshes every
+      ``precondition_frequency`` calls). Under ``optax.inject_hyperparams``
+      with a ``jit``-ed ``init``, list it in ``static_args``.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls instead of refreshing every unit on the same call: each unit is
       still refreshed every ``precondition_frequency`` calls, on the residue
@@ -345,7 +347,8 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     An ``optax.GradientTransformation`` whose state is ``rule.State``.
   """
   fields = tuple(name for name in rule.State._fields if name != 'eigenbasis')
-  if not rule.pads_exactly:
+  if not rule.pads_exactly or _refresh.is_policy(config.schedule):
+    # A policy decides per stack: a bucket would tie its shapes' refreshes.
     config = dataclasses.replace(config, bucket_padding=None)
 
   def init_fn(params):

@@ -108,9 +108,13 @@ def init_eigenbasis(
           ' "precondition_frequency", "block_size") to '
           'optax.inject_hyperparams.')
   if isinstance(bucket_padding, jax.core.Tracer):
-    # Injected and traced (a float hyperparameter not in static_args): the
-    # default bound; buckets change no number, only the layout.
-    bucket_padding = DEFAULT_BUCKET_PADDING
+    raise ValueError(
+        'bucket_padding decides the stacks of the optimizer state and must '
+        'be a concrete number at init, but it is traced here (optax.'
+        'inject_hyperparams under jit). Pass "bucket_padding" in static_args '
+        'to optax.inject_hyperparams, with the other shape-deciding '
+        'arguments ("max_precond_dim", "precondition_frequency", '
+        '"block_size").')
   plan = _stacks.plan_units(
       jax.tree.leaves(params), dimension_numbers, params,
       None if block_size is None else int(block_size),

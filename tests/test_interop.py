@@ -62,7 +62,7 @@ def test_nnx_optimizer_trains_and_matches_plain_optax():
   assert nnx_losses[-1] < 0.9 * nnx_losses[0]
 
 
-STRUCTURAL = ('precondition_frequency', 'max_precond_dim')
+STRUCTURAL = ('precondition_frequency', 'max_precond_dim', 'bucket_padding')
 
 
 @pytest.mark.parametrize('static_args, jit_init', [
@@ -233,3 +233,10 @@ def test_linen_train_state_trains_with_soap():
     state, loss = step(state)
     losses.append(float(loss))
   assert losses[-1] < 0.9 * losses[0]
+
+
+def test_inject_hyperparams_with_traced_bucket_padding_says_what_to_do():
+  opt = optax.inject_hyperparams(soap_optax.soap, static_args=(
+      'precondition_frequency', 'max_precond_dim'))(learning_rate=1e-3)
+  with pytest.raises(ValueError, match='bucket_padding'):
+    jax.jit(opt.init)({'w': jnp.ones((4, 6))})

@@ -233,8 +233,9 @@ def test_state_shardings_follows_optax_wrappers():
             'b': jax.ShapeDtypeStruct((6,), jnp.float32, sharding=sharding)}
   tx = optax.MultiSteps(optax.chain(
       optax.inject_hyperparams(soap_optax.soap, static_args=(
-          'precondition_frequency', 'max_precond_dim', 'block_size', 'mesh',
-          'shard_axes'))(learning_rate=1e-3, mesh=mesh),
+          'precondition_frequency', 'max_precond_dim', 'block_size',
+          'bucket_padding', 'mesh', 'shard_axes'))(learning_rate=1e-3,
+                                                   mesh=mesh),
       optax.masked(optax.scale_by_adam(), {'a': True, 'b': False})),
       every_k_schedule=2)
   shardings = soap_optax.state_shardings(tx, params)

@@ -662,9 +662,36 @@ BUCKET_FACTORIES = {
         **_SOAP, normalize_grads=True, **_every(**kw)),
     'soap_1d_eigh': lambda **kw: soap_optax.scale_by_rotated_adam(
         eps=1e-6, precondition_1d=True, refresh='eigh', **_every(**kw)),
-    'shampoo': FACTORIES['shampoo'],
-    'adafactor_in_eigenbasis': FACTORIES['adafactor_in_eigenbasis'],
+    # Ungrafted, without the trace normalization (which turns buckets off):
+    # no per-unit rescaling hides a wrong scale.
+    'shampoo': lambda **kw: soap_optax.shampoo(
+        0.1, weight_decay=0.0, eps=1e-6, grafting='none',
+        trace_normalize=False, **_every(**kw)),
+    'adafactor_in_eigenbasis': lambda **kw: (
+        soap_optax.scale_by_adafactor_in_eigenbasis(
+            eps=1e-6, rounding_floor=False, **_every(**kw))),
 }
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: soap_optax.soap(factor_estimator='kl'),
+    lambda: soap_optax.kl_shampoo(),
+    lambda: soap_optax.shampoo(),  # trace_normalize: axis 0's sum
+    lambda: soap_optax.shampoo(trace_normalize=False, grafting='none',
+                               precondition_frequency=soap_optax.FoamRefresh()),
+    lambda: soap_optax.scale_by_adafactor_in_eigenbasis(),  # separable floor
+    lambda: soap_optax.soap(precondition_frequency='adaptive'),
+], ids=['kl_soap', 'kl_shampoo', 'trace_normalized_shampoo', 'foam',
+        'floored_adafactor', 'adaptive_soap'])
+def test_rules_and_policies_that_count_entries_do_not_bucket(factory):
+  """Where padding or reordering would change a number (entry counts, an
+  axis-0 trace, a floor added to padded entries, a per-stack refresh
+  decision), every unit shape keeps its own stack."""
+  params = {k: jnp.zeros(s) for k, s in BUCKET_SHAPES.items()}
+  state = factory().init(params)
+  plan, = [x.plan for x in jax.tree.leaves(
+      state, is_leaf=lambda x: hasattr(x, 'plan')) if hasattr(x, 'plan')]
+  assert len(plan.stacks) == len(BUCKET_SHAPES)
 
 
 @pytest.mark.parametrize('name', sorted(BUCKET_FACTORIES))
@@ -740,3 +767,24 @@ def test_null_space_of_a_padded_factor_is_its_own_plus_the_padding(x64):
     np.testing.assert_array_equal(basis_pad[:6, 6:], 0.0)
     np.testing.assert_allclose(np.asarray(pad.values)[:6], own.values,
                                atol=1e-15)
+
+
+def test_condition_diagnostics_read_each_units_own_rows(x64):
+  """A padded unit's zero rows are not its eigenvalues: the largest
+  condition number over the tree is the same with and without buckets."""
+  del x64
+  params = {k: jnp.zeros(s) for k, s in BUCKET_SHAPES.items()}
+  largest = []
+  for padding in (0.5, None):
+    tx = soap_optax.soap(bucket_padding=padding, precondition_frequency=1)
+    state = tx.init(params)
+    rng = np.random.default_rng(4)
+    for _ in range(3):  # full-rank factors: every condition number finite
+      grads = {k: jnp.asarray(rng.normal(size=s))
+               for k, s in BUCKET_SHAPES.items()}
+      _, state = tx.update(grads, state, params)
+    found = soap_optax.diagnostics(state)
+    largest.append(max(float(v) for k, v in found.items()
+                       if k.startswith('condition/')))
+  assert largest[1] < 1e6
+  np.testing.assert_allclose(largest[0], largest[1], rtol=1e-10)
