@@ -117,10 +117,10 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
       for i, axis in enumerate(stack.layout.factored_axes):
         out[f'staleness/{name}/axis{axis}'] = largest(stale[s][i])
         # A size bucket's padded rows (quotient 0) are not the unit's.
-        length = (jnp.full(quotients[i].shape[:1], quotients[i].shape[-1])
-                  if extents is None else jnp.asarray(extents[:, axis]))
+        length = (quotients[i].shape[-1] if extents is None
+                  else extents[:, axis])
         out[f'condition/{name}/axis{axis}'] = largest(
-            jax.vmap(_condition)(quotients[i], length))
+            _condition(quotients[i], length))
         if damping is not None:
           out[f'damping/{name}/axis{axis}'] = largest(damping[s][i])
       out[f'steps_since_refresh/{name}'] = largest(eigenbasis.age[s])
@@ -134,12 +134,14 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
   return out
 
 
-def _condition(values: jax.Array, length: jax.Array) -> jax.Array:
-  """``max / min`` of the first ``length`` eigenvalue estimates (a unit's
-  own rows), at most ``1 / epsilon``."""
-  largest = jnp.max(values)
+def _condition(values: jax.Array, length: Any) -> jax.Array:
+  """Per unit of a ``(U, d)`` stack: ``max / min`` of its first ``length``
+  eigenvalue estimates (the unit's own rows; ``length`` an int or a static
+  ``(U,)`` array), at most ``1 / epsilon``."""
+  largest = jnp.max(values, axis=-1, keepdims=True)
   floor = jnp.finfo(values.dtype).eps * largest
-  own = jnp.arange(values.shape[-1]) < length
-  smallest = jnp.min(jnp.where(own, values, largest))
-  ratio = largest / jnp.maximum(smallest, floor)
+  own = np.arange(values.shape[-1])[None, :] < np.reshape(length, (-1, 1))
+  smallest = jnp.min(jnp.where(own, values, largest), axis=-1, keepdims=True)
+  ratio = (largest / jnp.maximum(smallest, floor))[:, 0]
+  largest = largest[:, 0]
   return jnp.where(largest > 0, ratio, 1.0)
