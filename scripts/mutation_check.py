@@ -1,0 +1,161 @@
+"""Plants small bugs in the library, one at a time, and runs the tests.
+
+Every mutant must be *killed* (some test fails). Each mutant is one textual
+replacement in one file of ``soap_optax/`` (the file is restored afterwards,
+whatever happens); the tests run are the mutant's own first (the quickest
+to fail), then the core files, stopping at the first failure. Run by hand,
+not in CI (each mutant costs a test run):
+
+  python scripts/mutation_check.py [--only NAME,...] [--json PATH]
+
+Prints one line per mutant: killed (by which test) or SURVIVED.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CORE = ('tests/test_transforms.py', 'tests/test_engine.py',
+        'tests/test_stacks.py', 'tests/test_kl_shampoo.py',
+        'tests/test_refresh.py', 'tests/test_contract.py')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str
+  old: str
+  new: str
+  first: tuple[str, ...] = ()
+
+
+MUTANTS = (
+    Mutant('adam bias correction off by one step', 'soap_optax/_rotated_adam.py',
+           'jnp.sqrt(1 - b2**t) / (1 - b1**t)',
+           'jnp.sqrt(1 - b2**(t + 1)) / (1 - b1**(t + 1))',
+           ('tests/test_transforms.py',)),
+    Mutant('swapped betas in the first moment', 'soap_optax/_rotated_adam.py',
+           'mu = b1 * state.mu.astype(g.dtype) + (1 - b1) * rotated',
+           'mu = b2 * state.mu.astype(g.dtype) + (1 - b2) * rotated',
+           ('tests/test_transforms.py',)),
+    Mutant('eps inside the square root', 'soap_optax/_rotated_adam.py',
+           'mu / (jnp.sqrt(second_moment) + self.eps)',
+           'mu / jnp.sqrt(second_moment + self.eps)',
+           ('tests/test_transforms.py',)),
+    Mutant('factor EMA weights swapped', 'soap_optax/_engine.py',
+           'new_stats = tuple(beta * old + (1 - beta) * new',
+           'new_stats = tuple((1 - beta) * old + beta * new',
+           ('tests/test_engine.py',)),
+    Mutant('dropped permutation of the second moment', 'soap_optax/_engine.py',
+           '    x = jnp.take(x, order, axis=axis)\n', '    x = x\n',
+           ('tests/test_transforms.py',)),
+    Mutant('rotation with Q instead of Q^T', 'soap_optax/_engine.py',
+           'def rotate(x: jax.Array, factors: KroneckerFactors) -> jax.Array:',
+           'def rotate(x: jax.Array, factors: KroneckerFactors) -> jax.Array:'
+           '\n  return unrotate(x, factors)',
+           ('tests/test_engine.py',)),
+    Mutant('Shampoo exponent halved', 'soap_optax/_shampoo.py',
+           'self.exponent)\n         for v, d in zip(floored',
+           'self.exponent / 2)\n         for v, d in zip(floored',
+           ('tests/test_transforms.py',)),
+    Mutant('rejection mask lets a non-finite unit through',
+           'soap_optax/_skeleton.py',
+           'jnp.isfinite(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))',
+           'jnp.isfinite(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))'
+           ' | True', ('tests/test_contract.py',)),
+    Mutant('rounding floor off by a factor 10', 'soap_optax/_engine.py',
+           'ROUNDING_FLOOR_ULPS = 1000.0', 'ROUNDING_FLOOR_ULPS = 10000.0',
+           ('tests/test_numerics.py',)),
+    # (Cutting the last full block off as a separate segment, divmod(length
+    # - 1, ...), is an equivalent mutant: the same blocks in two pieces.)
+    Mutant('every block boundary one row later', 'soap_optax/_stacks.py',
+           'full, rest = divmod(length, block_size)',
+           'block_size += 1; full, rest = divmod(length, block_size)',
+           ('tests/test_stacks.py',)),
+    Mutant('KL whitening exponent', 'soap_optax/_engine.py',
+           'x = x * _inverse_outer(values, axis, 0.5)',
+           'x = x * _inverse_outer(values, axis, 0.25)',
+           ('tests/test_kl_shampoo.py',)),
+    Mutant('null-space threshold counts padded axes', 'soap_optax/_engine.py',
+           'd = jnp.maximum(live, 1).astype(values.dtype)',
+           'd = jnp.asarray(values.shape[-1], values.dtype)',
+           ('tests/test_stacks.py',)),
+    Mutant('bucket inverse axis order', 'soap_optax/_exchange.py',
+           'tuple(1 + axes.index(a)', 'tuple(1 + axes[a]',
+           ('tests/test_stacks.py',)),
+    Mutant('normalize_grads counts padding', 'soap_optax/_rotated_adam.py',
+           '_engine.unit_mean(jnp.square(direction), factors.extent)',
+           '_engine.unit_mean(jnp.square(direction), None)',
+           ('tests/test_stacks.py',)),
+    Mutant('Adafactor total from the wrong axis', 'soap_optax/_factored.py',
+           'total = jnp.sum(stats[0])', 'total = jnp.sum(stats[-1]) * 1.01',
+           ('tests/test_transforms.py',)),
+    Mutant('wrong owner in the exchange', 'soap_optax/_exchange.py',
+           '    owners[s][u] = q\n', '    owners[s][u] = (q + 1) % num_shards\n',
+           ('tests/test_sharding.py::'
+            'test_every_unit_has_one_owner_and_each_shard_at_most_its_share',
+            'tests/test_sharding.py::test_owners_balance_the_refresh_work')),
+)
+
+
+def run_tests(files, timeout) -> tuple[bool, str]:
+  """``(passed, the first failing test)``."""
+  done = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-x', *files], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+      check=False)
+  failed = [line.split()[1] for line in done.stdout.splitlines()
+            if line.startswith(('FAILED ', 'ERROR '))]
+  return done.returncode == 0, (failed[0] if failed else
+                                done.stdout.strip().splitlines()[-1:])
+
+
+def check(mutant: Mutant, timeout: int) -> dict:
+  path = ROOT / mutant.path
+  original = path.read_text()
+  if original.count(mutant.old) != 1:
+    return dict(name=mutant.name, status='not applicable: text not found once')
+  tick = time.perf_counter()
+  try:
+    path.write_text(original.replace(mutant.old, mutant.new))
+    for files in (mutant.first, tuple(f for f in CORE
+                                      if f not in mutant.first)):
+      if not files:
+        continue
+      passed, failure = run_tests(files, timeout)
+      if not passed:
+        return dict(name=mutant.name, status='killed', by=failure,
+                    seconds=round(time.perf_counter() - tick))
+    return dict(name=mutant.name, status='SURVIVED',
+                seconds=round(time.perf_counter() - tick))
+  finally:
+    path.write_text(original)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--only', default=None,
+                      help='comma-separated mutant names (default: all)')
+  parser.add_argument('--timeout', type=int, default=1800)
+  parser.add_argument('--json', default=None)
+  args = parser.parse_args(argv)
+  chosen = [m for m in MUTANTS if args.only is None
+            or m.name in args.only.split(',')]
+  rows = []
+  for mutant in chosen:
+    rows.append(check(mutant, args.timeout))
+    print(json.dumps(rows[-1]), flush=True)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+  survived = [r['name'] for r in rows if r['status'] != 'killed']
+  print(f'{len(rows) - len(survived)} of {len(rows)} killed'
+        + (f'; not killed: {survived}' if survived else ''))
+  sys.exit(1 if survived else 0)
+
+
+if __name__ == '__main__':
+  main()
