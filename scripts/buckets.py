@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import soap_optax
+from soap_optax import _engine
 
 import pod_scale
 from benchmark_sections import train_step
@@ -36,12 +37,11 @@ SETTINGS = (None, 0.1, 0.25)
 
 
 def _own_work_and_state(stack, extent):
-  """A unit's work and state entries at its own lengths ``extent`` (the
-  stack's factored axes)."""
-  sizes = [extent[a] for a in stack.layout.factored_axes]
-  n = max(1, math.prod(extent))
-  return (sum(d**3 for d in sizes) + n * (1 + sum(sizes)),
-          2 * n + 2 * sum(d * d for d in sizes))
+  """A unit's work (:attr:`FactorLayout.unit_cost`) and state entries at
+  its own lengths ``extent`` (the stack's factored axes)."""
+  own = _engine.FactorLayout(extent, extent, stack.layout.factored_axes)
+  return (own.unit_cost, 2 * max(1, math.prod(extent))
+          + 2 * sum(d * d for d in own.factor_sizes))
 
 
 def report(params, **soap_kwargs) -> list[dict]:

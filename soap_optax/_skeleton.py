@@ -119,7 +119,7 @@ class EngineConfig:
   one_sided: bool = False
   dimension_numbers: Any = None
   block_size: int | None = None
-  bucket_padding: float | None = _state.DEFAULT_BUCKET_PADDING
+  bucket_padding: float | None = 0.1
   staggered_refresh: bool = False
   rounding_floor: bool = True
   refresh: str = 'qr'

@@ -157,12 +157,13 @@ class EigenbasisPlan:
         stacks=tuple(dataclasses.replace(s, slots=None) for s in self.stacks))
 
   def per_slot(self, s: int, per_unit: Sequence[Any], fill: Any) -> np.ndarray:
-    """A per-unit sequence of stack ``s`` laid out over its slots (padding
-    slots get ``fill``)."""
+    """A per-unit sequence (or ``(U, ...)`` array) of stack ``s`` laid out
+    over its slots (padding slots get ``fill``, broadcast)."""
     values = np.asarray(per_unit)
     if self.sharding is None:
       return values
-    out = np.full((self.stacks[s].num_slots,), fill, values.dtype)
+    out = np.full((self.stacks[s].num_slots,) + values.shape[1:], fill,
+                  values.dtype)
     out[self.sharding.unit_slots(s)] = values
     return out
 
@@ -182,14 +183,7 @@ class EigenbasisPlan:
           count = placement.num_slices * math.prod(piece.blocks)
           extents[piece.offset:piece.offset + count] = (
               real if piece.axes is None else [real[a] for a in piece.axes])
-    if not padded:
-      return None
-    if self.sharding is None:
-      return extents
-    out = np.tile(np.asarray(stack.unit_shape, np.int32),
-                  (stack.num_slots, 1))
-    out[self.sharding.unit_slots(s)] = extents
-    return out
+    return self.per_slot(s, extents, stack.unit_shape) if padded else None
 
   def real_slots(self, s: int) -> np.ndarray:
     """Stack ``s``'s slots that hold a unit (all of them unsharded)."""

@@ -68,10 +68,6 @@ def is_eigenbasis_state(x: Any) -> bool:
   return isinstance(getattr(x, 'eigenbasis', None), EigenbasisState)
 
 
-# The default ``bucket_padding`` of every transform that buckets.
-DEFAULT_BUCKET_PADDING = 0.1
-
-
 def init_eigenbasis(
     params: Any,
     *,
@@ -99,22 +95,15 @@ def init_eigenbasis(
   """
   for name, value in (('max_precond_dim', max_precond_dim),
                       ('block_size', block_size),
+                      ('bucket_padding', bucket_padding),
                       ('precondition_frequency', staggered_refresh_frequency)):
     if isinstance(value, jax.core.Tracer):
       raise ValueError(
           f'{name} decides the shapes of the optimizer state and must be a '
-          'concrete integer at init, but it is traced here (optax.'
+          'concrete number at init, but it is traced here (optax.'
           'inject_hyperparams under jit). Pass static_args=("max_precond_dim",'
-          ' "precondition_frequency", "block_size") to '
+          ' "precondition_frequency", "block_size", "bucket_padding") to '
           'optax.inject_hyperparams.')
-  if isinstance(bucket_padding, jax.core.Tracer):
-    raise ValueError(
-        'bucket_padding decides the stacks of the optimizer state and must '
-        'be a concrete number at init, but it is traced here (optax.'
-        'inject_hyperparams under jit). Pass "bucket_padding" in static_args '
-        'to optax.inject_hyperparams, with the other shape-deciding '
-        'arguments ("max_precond_dim", "precondition_frequency", '
-        '"block_size").')
   plan = _stacks.plan_units(
       jax.tree.leaves(params), dimension_numbers, params,
       None if block_size is None else int(block_size),
