@@ -267,9 +267,14 @@ def accumulate(
     factors: KroneckerFactors, statistics: Sequence[jax.Array], beta: Any
 ) -> KroneckerFactors:
   """``GG_i <- beta GG_i + (1 - beta) C_i``, ``C_i`` per factored axis (by
-  default :func:`factor_statistics` of the gradient)."""
-  new_stats = tuple(beta * old + (1 - beta) * new
-                    for old, new in zip(factors.stats, statistics))
+  default :func:`factor_statistics` of the gradient). ``1 - beta`` is taken
+  in the factors' dtype, so that a Python ``beta`` and the same ``beta``
+  injected as an array (``optax.inject_hyperparams``) give the same bits:
+  a rank-deficient float32 factor would carry their last-bit difference into
+  the update."""
+  new_stats = tuple(
+      beta * old + (1 - jnp.asarray(beta, old.dtype)) * new
+      for old, new in zip(factors.stats, statistics))
   return factors._replace(stats=new_stats)
 
 

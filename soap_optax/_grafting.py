@@ -129,7 +129,10 @@ def scale_by_adam_graft(
 
     def second_moment(g, nu):
       square = jnp.square(g.astype(nu.dtype))
-      return jnp.where(jnp.isfinite(square), b2 * nu + (1 - b2) * square, nu)
+      # 1 - b2 in v's dtype, a Python b2 as an injected one (see
+      # _engine.accumulate).
+      decayed = b2 * nu + (1 - jnp.asarray(b2, nu.dtype)) * square
+      return jnp.where(jnp.isfinite(square), decayed, nu)
 
     def direction(g, nu):
       g = g.astype(nu.dtype)

@@ -263,6 +263,32 @@ class Rule:
     return states, None
 
 
+class _OutsideMapParams:
+  """The state ``init`` gives ``optax.tree.map_params``' placeholder.
+
+  No array of an eigenbasis transform's state is shaped like the parameters
+  (moments and factors are laid out flat over stacks of units), so
+  ``map_params`` maps none of them: it sees this one leaf where the state
+  is, and hands the transform's whole state, unchanged, to
+  ``transform_non_params`` when one is given. The shardings of the state
+  come from :func:`soap_optax.state_shardings`.
+  """
+
+  def __repr__(self):
+    return 'soap_optax.OUTSIDE_MAP_PARAMS'
+
+
+OUTSIDE_MAP_PARAMS = _OutsideMapParams()
+
+
+def _is_optax_params_placeholder(params: Any) -> bool:
+  """Whether ``params`` is the leafless stand-in with which
+  ``optax.tree.map_params`` calls ``init`` to find parameter-shaped trees."""
+  kind = type(params)
+  return (kind.__name__ == '_ParamsPlaceholder'
+          and kind.__module__.startswith('optax.'))
+
+
 def _as_tuple(x: Any) -> tuple[Any, ...]:
   return x if isinstance(x, tuple) else (x,)
 
@@ -352,6 +378,8 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     config = dataclasses.replace(config, bucket_padding=None)
 
   def init_fn(params):
+    if _is_optax_params_placeholder(params):
+      return OUTSIDE_MAP_PARAMS
     eigenbasis = config.init_eigenbasis(params)
     layout = eigenbasis.plan.sharding
     per_stack = [_mesh.place_state(rule.init_stack(stack), layout)

@@ -7,12 +7,48 @@ is imported, so that every one of those processes shares it.
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), 'soap_optax-test-jax-cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+# The tests compile many small programs and run each a few times, so the
+# backend's optimizations cost far more than they save: without LLVM's
+# optimization passes and with XLA's older CPU loop emitters, a cold suite
+# compiles in well under half the time (BENCHMARKS.md, "The test suite").
+# Neither flag changes the HLO program; they change how it becomes machine
+# code, so float32 results may differ in their last bits (a multiply-add
+# fused or not), as between any two builds. Subprocesses (the scripts, the
+# multi-device checks) inherit them; a flag already named in XLA_FLAGS is left
+# as it is, and the flags without these are kept in USER_XLA_FLAGS_VARIABLE
+# for a check whose tolerance is stated for the default build.
+FAST_COMPILE_FLAGS = {'--xla_backend_optimization_level': '0',
+                      '--xla_cpu_use_fusion_emitters': 'false'}
+USER_XLA_FLAGS_VARIABLE = 'SOAP_OPTAX_USER_XLA_FLAGS'
+
+
+def _with_fast_compile_flags(flags: str) -> str:
+  """``flags`` and the fast-compile flags it does not name, if this jaxlib
+  knows them (XLA aborts on an unknown flag; a one-second probe)."""
+  added = ' '.join(f'{name}={value}'
+                   for name, value in FAST_COMPILE_FLAGS.items()
+                   if name not in flags)
+  combined = f'{flags} {added}'.strip()
+  probe = subprocess.run(
+      [sys.executable, '-c', 'import jax; jax.devices()'],
+      env=dict(os.environ, XLA_FLAGS=combined, JAX_PLATFORMS='cpu'),
+      capture_output=True, check=False)
+  return combined if probe.returncode == 0 else flags
+
+
+if USER_XLA_FLAGS_VARIABLE not in os.environ:  # not in an xdist worker
+  os.environ[USER_XLA_FLAGS_VARIABLE] = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = _with_fast_compile_flags(
+      os.environ[USER_XLA_FLAGS_VARIABLE])
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

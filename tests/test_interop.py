@@ -80,7 +80,10 @@ def test_inject_hyperparams_changes_floats_without_recompiling(
   # to round-off: two different programs could then disagree.)
   grads_at = lambda step: jax.tree.map(
       lambda p: jax.random.normal(jax.random.PRNGKey(step), p.shape), params)
-  schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+  # Learning rates exact in float32 at every step, (64 - 7k) / 2**13: the
+  # schedule runs in float32 (an int32 count), and how XLA rounds 1e-2 - 9e-4 k
+  # (a multiply-add fused or not) would otherwise decide the last float32 bit.
+  schedule = optax.linear_schedule(2.0**-7, 2.0**-10, 8)
   opt = optax.inject_hyperparams(soap_optax.soap, static_args=static_args)(
       learning_rate=schedule, b1=0.9, precondition_frequency=2)
   state = (jax.jit(opt.init) if jit_init else opt.init)(params)
