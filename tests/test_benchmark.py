@@ -1,4 +1,5 @@
-"""scripts/benchmark.py and scripts/experiments.py in their --quick sizes.
+"""scripts/benchmark.py, scripts/experiments.py and scripts/numerics.py in
+their --quick sizes, every section and part.
 
 These prove that the scripts run end to end and write what BENCHMARKS.md is
 built from. They assert no timing: the numbers of a quick run mean little.
@@ -22,9 +23,8 @@ def run(script, *args, timeout=900):
 
 
 def test_quick_benchmark_writes_every_section(tmp_path):
-  # 'sharded' (8 host devices) is left to tests/test_sharding.py's checks.
   result = run('benchmark.py', '--quick', '--device', 'cpu', '--sections',
-               'step,refresh,compile,memory,train_step,versus_torch',
+               'step,refresh,compile,memory,train_step,versus_torch,sharded',
                '--out', str(tmp_path))
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
@@ -60,6 +60,19 @@ def test_quick_benchmark_writes_every_section(tmp_path):
   for r in train:  # a few steps of training lower the loss below uniform.
     assert math.isfinite(r['final_loss']) and r['final_loss'] < math.log(256)
 
+  # 8 host devices: the divided state is the replicated one laid out over
+  # the devices (the same factors and stacks, one compiled program, the
+  # busiest device holding at most a quarter of the replicated bytes).
+  sharded = results['sharded']
+  assert sharded['devices'] == 8
+  for name, model in sharded['models'].items():
+    replicated, divided = model['replicated'], model['divided']
+    assert divided['factors'] == replicated['factors'], name
+    assert divided['stack_sizes'] == replicated['stack_sizes'], name
+    assert divided['compiles'] == 1, name
+    assert (4 * divided['max_device_state_bytes']
+            <= replicated['max_device_state_bytes']), name
+
 
 def test_benchmark_rejects_bad_arguments():
   result = run('benchmark.py', '--sections', 'step,speed')
@@ -80,7 +93,8 @@ def test_benchmark_asks_for_a_gpu_it_cannot_find():
 def test_quick_experiments_write_tables_and_plots(tmp_path):
   # 'soap_vs_muon' runs in tests/test_experiments.py (another xdist file).
   result = run('experiments.py', '--quick', '--parts',
-               'kronecker,lm,muon,refresh', '--out', str(tmp_path))
+               'kronecker,lm,muon,refresh,kl_vs_muon,chinchilla',
+               '--out', str(tmp_path))
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
   for name in ('kronecker.png', 'frequency.png', 'lm.png', 'muon.png',
@@ -106,6 +120,56 @@ def test_quick_experiments_write_tables_and_plots(tmp_path):
   assert set(lm) == {'adamw', 'soap'}  # the others only at full size.
   for r in lm.values():
     assert all(math.isfinite(v) for v in r['final_valid_loss'])
+
+  # The README's main table and BENCHMARKS.md section 13.
+  kl = results['kl_vs_muon']
+  assert {r['optimizer'] for r in kl['rows']} == {
+      'muon', 'soap', 'kl_shampoo', 'kl_soap'}
+  assert set(kl['best']) >= {'muon', 'soap', 'kl_shampoo', 'kl_soap'}
+  assert all(math.isfinite(r['final_valid_loss']) for r in kl['rows'])
+  state = kl['gpt2_state']
+  # AdamW's two float32 moments of GPT-2 small's 124,439,808 parameters (the
+  # published count, tied embeddings) and its int32 step count.
+  assert state['adamw'] == 2 * 4 * 124_439_808 + 4
+  # KL-Shampoo keeps no second moment of the rotated gradient; one-sided
+  # layouts and blocks hold smaller factors.
+  assert state['kl_shampoo'] < state['soap']
+  assert state['soap one-sided'] < state['soap block_size=1024'] < state['soap']
+  chinchilla = results['chinchilla']
+  assert (tmp_path / 'chinchilla.png').stat().st_size > 5_000
+  for r in chinchilla['rows']:  # each row is the best rate of its grid.
+    assert r['final_valid_loss'] == min(r['grid'].values()), r
+    assert r['grid'][str(r['lr'])] == r['final_valid_loss'], r
+  for ratio in chinchilla['ratios']:
+    assert sorted(chinchilla['ranking'][str(ratio)]) == sorted(
+        {r['optimizer'] for r in chinchilla['rows']})
+
+
+def test_quick_numerics_show_what_each_safeguard_changes(tmp_path):
+  """scripts/numerics.py (docs/numerics.md, BENCHMARKS.md): in float32 the
+  rounding floor keeps dead and out-of-span coordinates still (against
+  full-size updates without it), changes nothing where the factors have
+  full rank, and brings eager and jitted runs together."""
+  result = run('numerics.py', '--quick', '--out', str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  dead = results['dead']
+  assert dead['float32_floor_True'] < 1e-2 < 0.1 < dead['float32_floor_False']
+  assert dead['float64'] < 1e-6
+  for rank, runs in results['span'].items():
+    assert max(runs['True']) < 0.05 and min(runs['False']) > 0.5, rank
+  eager = results['eager']
+  assert 10 * eager['True'] < eager['False']
+  full = results['full_rank']
+  for with_floor, without in zip(full['True'], full['False']):
+    assert abs(with_floor - without) <= 1e-4 * abs(without)
+  # Ungrafted Shampoo between refreshes: the Rayleigh floor keeps the update
+  # at the gradients' scale; without it frozen near-zero eigenvalues blow
+  # it up by orders of magnitude.
+  rms = results['shampoo']['rms']
+  assert 1000 * max(rms['True']) < max(rms['False'])
+  assert all(math.isfinite(x) for x in results['shampoo']['kronecker_ungrafted'])
+  assert (tmp_path / 'tables.md').read_text().strip()
 
 
 def test_experiments_reject_unknown_parts():
