@@ -22,7 +22,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORE = ('tests/test_transforms.py', 'tests/test_engine.py',
         'tests/test_stacks.py', 'tests/test_kl_shampoo.py',
-        'tests/test_refresh.py', 'tests/test_contract.py')
+        'tests/test_refresh.py', 'tests/test_contract.py',
+        'tests/test_grafting.py')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +48,15 @@ MUTANTS = (
            'mu / (jnp.sqrt(second_moment) + self.eps)',
            'mu / jnp.sqrt(second_moment + self.eps)',
            ('tests/test_transforms.py',)),
-    Mutant('factor EMA weights swapped', 'soap_optax/_engine.py',
-           'new_stats = tuple(beta * old + (1 - beta) * new',
-           'new_stats = tuple((1 - beta) * old + beta * new',
+    Mutant('factor EMA weights swapped', 'soap_optax/_estimators.py',
+           'beta * old + (1 - jnp.asarray(beta, old.dtype)) * new',
+           '(1 - jnp.asarray(beta, old.dtype)) * old + beta * new',
            ('tests/test_engine.py',)),
-    Mutant('dropped permutation of the second moment', 'soap_optax/_engine.py',
+    Mutant('dropped permutation of the second moment',
+           'soap_optax/_kronecker.py',
            '    x = jnp.take(x, order, axis=axis)\n', '    x = x\n',
            ('tests/test_transforms.py',)),
-    Mutant('rotation with Q instead of Q^T', 'soap_optax/_engine.py',
+    Mutant('rotation with Q instead of Q^T', 'soap_optax/_kronecker.py',
            'def rotate(x: jax.Array, factors: KroneckerFactors) -> jax.Array:',
            'def rotate(x: jax.Array, factors: KroneckerFactors) -> jax.Array:'
            '\n  return unrotate(x, factors)',
@@ -68,7 +70,7 @@ MUTANTS = (
            'jnp.isfinite(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))',
            'jnp.isfinite(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))'
            ' | True', ('tests/test_contract.py',)),
-    Mutant('rounding floor off by a factor 10', 'soap_optax/_engine.py',
+    Mutant('rounding floor off by a factor 10', 'soap_optax/_floors.py',
            'ROUNDING_FLOOR_ULPS = 1000.0', 'ROUNDING_FLOOR_ULPS = 10000.0',
            ('tests/test_numerics.py',)),
     # (Cutting the last full block off as a separate segment, divmod(length
@@ -77,11 +79,11 @@ MUTANTS = (
            'full, rest = divmod(length, block_size)',
            'block_size += 1; full, rest = divmod(length, block_size)',
            ('tests/test_stacks.py',)),
-    Mutant('KL whitening exponent', 'soap_optax/_engine.py',
+    Mutant('KL whitening exponent', 'soap_optax/_estimators.py',
            'x = x * _inverse_outer(values, axis, 0.5)',
            'x = x * _inverse_outer(values, axis, 0.25)',
            ('tests/test_kl_shampoo.py',)),
-    Mutant('null-space threshold counts padded axes', 'soap_optax/_engine.py',
+    Mutant('null-space threshold counts padded axes', 'soap_optax/_solvers.py',
            'd = jnp.maximum(live, 1).astype(values.dtype)',
            'd = jnp.asarray(values.shape[-1], values.dtype)',
            ('tests/test_stacks.py',)),
@@ -89,8 +91,8 @@ MUTANTS = (
            'tuple(1 + axes.index(a)', 'tuple(1 + axes[a]',
            ('tests/test_stacks.py',)),
     Mutant('normalize_grads counts padding', 'soap_optax/_rotated_adam.py',
-           '_engine.unit_mean(jnp.square(direction), factors.extent)',
-           '_engine.unit_mean(jnp.square(direction), None)',
+           '_kronecker.unit_mean(jnp.square(direction), factors.extent)',
+           '_kronecker.unit_mean(jnp.square(direction), None)',
            ('tests/test_stacks.py',)),
     Mutant('Adafactor total from the wrong axis', 'soap_optax/_factored.py',
            'total = jnp.sum(stats[0])', 'total = jnp.sum(stats[-1]) * 1.01',
@@ -100,6 +102,22 @@ MUTANTS = (
            ('tests/test_sharding.py::'
             'test_every_unit_has_one_owner_and_each_shard_at_most_its_share',
             'tests/test_sharding.py::test_owners_balance_the_refresh_work')),
+    Mutant('refresh one call late', 'soap_optax/_refresh.py',
+           'scheduled = count % frequency == 0',
+           'scheduled = count % frequency == 1',
+           ('tests/test_refresh.py', 'tests/test_transforms.py')),
+    Mutant('staggered phase one step late', 'soap_optax/_refresh.py',
+           'scheduled = phases == count % plan.refresh_frequency',
+           'scheduled = phases == (count - 1) % plan.refresh_frequency',
+           ('tests/test_stacks.py',)),
+    Mutant('grafting to the inverse norm ratio', 'soap_optax/_grafting.py',
+           'm_norm / jnp.where(safe, d_norm, 1.0)',
+           'd_norm / jnp.where(safe, m_norm, 1.0)',
+           ('tests/test_grafting.py',)),
+    Mutant('KL floor 1/c instead of 1/c^2', 'soap_optax/_estimators.py',
+           'return 1.0 / float(min(max(d, low), high))**2',
+           'return 1.0 / float(min(max(d, low), high))',
+           ('tests/test_kl_shampoo.py',)),
 )
 
 

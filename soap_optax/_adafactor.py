@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
 from soap_optax import _factored
+from soap_optax import _floors
+from soap_optax import _kronecker
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -60,7 +61,7 @@ class _AdafactorRule(_skeleton.Rule):
     # Rotated in the current bases (new ones on a refresh call): the
     # statistic of an unrotated axis does not depend on the other axes'
     # rotation, and the rotated axes' statistics are re-estimated anyway.
-    rotated = _engine.rotate(g, factors)
+    rotated = _kronecker.rotate(g, factors)
     running = tuple(b2 * s + (1 - b2) * new for s, new in zip(
         state.axis_stats, _factored.axis_sums_of_squares(rotated)))
     fresh = dict(zip(layout.factored_axes, refreshed.values))
@@ -68,9 +69,9 @@ class _AdafactorRule(_skeleton.Rule):
         jnp.where(refreshed.due, fresh[axis], s) if axis in fresh else s
         for axis, s in enumerate(running))
     second_moment = _factored.factored_second_moment(
-        _engine.with_separable_rounding_floor(stats) if self.rounding_floor
+        _floors.with_separable_rounding_floor(stats) if self.rounding_floor
         else stats)
-    direction = _engine.unrotate(
+    direction = _kronecker.unrotate(
         rotated * _factored.inverse_power(second_moment + self.eps, 0.5),
         factors)
     return _skeleton.UnitStep(
@@ -108,7 +109,7 @@ def scale_by_adafactor_in_eigenbasis(
 
   (for a matrix ``V = r c^T / sum(r)``; with ``rounding_floor`` each ``s_k``
   enters ``V`` as ``s_k + (κ ε)^2 sum(s_k)``, the separable rounding-noise
-  floor of :func:`soap_optax._engine.with_separable_rounding_floor`, the same
+  floor of :func:`soap_optax._floors.with_separable_rounding_floor`, the same
   as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
   same ``b2``. On a refresh (same schedule and order as
   :func:`scale_by_shampoo_eigenbasis`: statistics absorb the gradient, then

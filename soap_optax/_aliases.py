@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
+from soap_optax import _estimators
 from soap_optax import _grafting
 from soap_optax import _kl_shampoo
 from soap_optax import _rotated_adam
@@ -381,7 +381,8 @@ def kl_shampoo(
     shampoo_beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.01,
-    initial_eigenvalue: jax.typing.ArrayLike = _engine.KL_INITIAL_EIGENVALUE,
+    initial_eigenvalue: jax.typing.ArrayLike = (
+        _estimators.KL_INITIAL_EIGENVALUE),
     eigenvalues: str = 'running',
     precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,

@@ -81,7 +81,7 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
 
   * ``staleness/{stack}/axis{i}``: ``‖B - diag B‖_F / ‖B‖_F`` of the factor of
     merged axis ``i``, ``B = Q^T GG Q`` (0: the basis diagonalizes the
-    factor; see :func:`soap_optax._engine.staleness`);
+    factor; see :func:`soap_optax._staleness.staleness`);
   * ``condition/{stack}/axis{i}``: ``max(λ) / min(λ)`` of that factor's
     eigenvalue estimates ``diag(Q^T GG Q)`` (the eigenvalues right after a
     refresh), capped at ``1 / (dtype epsilon)`` where ``min(λ)`` is not

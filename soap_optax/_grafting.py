@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from soap_optax import _engine
+from soap_optax import _kronecker
 from soap_optax import _stacks
 
 
@@ -22,7 +22,7 @@ def in_state_dtype(
   """
   def widen(tree):
     return jax.tree.map(
-        lambda x: x.astype(_engine.state_dtype(x.dtype)), tree)
+        lambda x: x.astype(_kronecker.state_dtype(x.dtype)), tree)
 
   def init_fn(params):
     return inner.init(widen(params))
@@ -121,7 +121,7 @@ def scale_by_adam_graft(
     return AdamGraftState(
         count=jnp.zeros([], jnp.int32),
         nu=jax.tree.map(lambda p: jnp.zeros(
-            jnp.shape(p), _engine.state_dtype(jnp.result_type(p))), params))
+            jnp.shape(p), _kronecker.state_dtype(jnp.result_type(p))), params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -130,7 +130,7 @@ def scale_by_adam_graft(
     def second_moment(g, nu):
       square = jnp.square(g.astype(nu.dtype))
       # 1 - b2 in v's dtype, a Python b2 as an injected one (see
-      # _engine.accumulate).
+      # _estimators.accumulate).
       decayed = b2 * nu + (1 - jnp.asarray(b2, nu.dtype)) * square
       return jnp.where(jnp.isfinite(square), decayed, nu)
 

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
+from soap_optax import _estimators
 from soap_optax import _factored
+from soap_optax import _floors
+from soap_optax import _kronecker
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -69,8 +71,8 @@ class _KLShampooRule(_skeleton.Rule):
                      stack.dtype) for d in stack.layout.merged_shape))
 
   def factor_statistics(self, grad, factors, state, initializing):
-    return _engine.kl_absorbed_statistics(grad, factors, state.eigenvalues,
-                                          initializing)
+    return _estimators.kl_absorbed_statistics(grad, factors, state.eigenvalues,
+                                              initializing)
 
   def _running_axes(self, layout):
     return tuple(axis for axis in range(len(layout.merged_shape))
@@ -79,19 +81,19 @@ class _KLShampooRule(_skeleton.Rule):
   def unit_step(self, g, factors, state, quotients, refreshed, count):
     del refreshed, count
     layout, values = factors.layout, state.eigenvalues
-    rotated = _engine.rotate(g, factors)
+    rotated = _kronecker.rotate(g, factors)
     mu = self.b1 * state.mu.astype(g.dtype) + (1 - self.b1) * rotated
-    scales = (_engine.with_separable_rounding_floor(values)
+    scales = (_floors.with_separable_rounding_floor(values)
               if self.rounding_floor else values)
-    direction = _engine.unrotate(
+    direction = _kronecker.unrotate(
         mu / (_factored.outer_product([jnp.sqrt(v) for v in scales])
               + self.eps), factors)
-    increments = _engine.kl_eigenvalue_increments(rotated, values)
+    increments = _estimators.kl_eigenvalue_increments(rotated, values)
     return _skeleton.UnitStep(
         direction=direction,
         state=_KLShampooStack(
             mu=mu.astype(state.mu.dtype),
-            eigenvalues=_engine.kl_updated_eigenvalues(
+            eigenvalues=_estimators.kl_updated_eigenvalues(
                 values, increments, self.factor_beta,
                 self._running_axes(layout))),
         quotients=tuple(
@@ -102,15 +104,15 @@ class _KLShampooRule(_skeleton.Rule):
     """``m`` carried exactly into the new bases; each factored axis's
     estimates follow their columns (``running``) or are the refresh's
     (``refresh``)."""
-    mu = _engine.rotate(
-        _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
+    mu = _kronecker.rotate(
+        _kronecker.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
     if self.running:
-      eigenvalues = _engine.permute_per_axis(state.eigenvalues, old.layout,
-                                             orders)
+      eigenvalues = _kronecker.permute_per_axis(state.eigenvalues, old.layout,
+                                                orders)
     else:
       eigenvalues = list(state.eigenvalues)
       for axis, refreshed in zip(old.layout.factored_axes, values):
-        eigenvalues[axis] = _engine.kl_floored(refreshed)
+        eigenvalues[axis] = _estimators.kl_floored(refreshed)
     return _KLShampooStack(mu=mu.astype(state.mu.dtype),
                            eigenvalues=tuple(eigenvalues))
 
@@ -119,7 +121,8 @@ def scale_by_kl_shampoo(
     b1: jax.typing.ArrayLike = 0.95,
     shampoo_beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
-    initial_eigenvalue: jax.typing.ArrayLike = _engine.KL_INITIAL_EIGENVALUE,
+    initial_eigenvalue: jax.typing.ArrayLike = (
+        _estimators.KL_INITIAL_EIGENVALUE),
     eigenvalues: str = 'running',
     precondition_frequency: Any = 10,
     max_precond_dim: int = 10000,
@@ -218,7 +221,7 @@ def scale_by_kl_shampoo(
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: ``λ_k + (κ ε)^2 sum(λ_k)`` in the update (see
-      :func:`soap_optax._engine.with_separable_rounding_floor`).
+      :func:`soap_optax._floors.with_separable_rounding_floor`).
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: ``"qr"`` (the authors') or ``"eigh"``.

@@ -22,7 +22,7 @@ Staleness of a factor ``GG`` with basis ``Q``, ``B = Q^T GG Q``:
 
 (``B`` and ``GG`` have the same Frobenius norm). ``s`` is 0 when ``Q``
 diagonalizes ``GG`` and at most 1. The engine keeps ``diag B`` current at no
-extra cost (see :func:`soap_optax._engine.staleness`).
+extra cost (see :func:`soap_optax._staleness.staleness`).
 
 Whatever the policy, a unit is refreshed only on a call that accepted its
 gradient (see :mod:`soap_optax._skeleton`): the first accepted call
@@ -38,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soap_optax import _batching
 from soap_optax import _checks
-from soap_optax import _engine
+from soap_optax import _kronecker
 from soap_optax import _mesh
+from soap_optax import _solvers
 from soap_optax import _stacks
 from soap_optax import _state
 
@@ -63,6 +65,40 @@ def _check_interval(owner: str, name: str, value: Any, minimum: int) -> None:
       or value < minimum):
     raise ValueError(f'{owner}: {name} must be an integer >= {minimum}, '
                      f'got {value!r}.')
+
+
+def foam_damping(
+    stat: jax.Array, basis: jax.Array, eigenvalues: jax.Array,
+    damping: jax.Array, *, exponent: float, tau: float, base_damping: float,
+) -> jax.Array:
+  r"""FOAM's damping update for one factor (see
+  :class:`soap_optax.FoamRefresh`).
+
+  With ``B = Q^T GG Q``, cached eigenvalues ``D``, ``p = 1/exponent`` and the
+  current damping ``ε``:
+  ``RC = ‖(D + ε)^{-1/2} (B - D) (D + ε)^{-1/2}‖_F``,
+  ``α = max(λ̃) / ‖λ̃‖_2`` with ``λ̃ = (D + ε)^{-1/p}``,
+  ``h = RC α / p``; returns ``max(ε_0, ε h / τ)``. Non-positive ``D + ε``
+  count as zero in the inverse powers. Costs two ``d x d`` products.
+  """
+  highest = _kronecker.HIGHEST
+  rotated = jnp.matmul(basis.T, jnp.matmul(stat, basis, precision=highest),
+                       precision=highest)
+  shifted = eigenvalues + damping
+  positive = shifted > 0
+  safe = jnp.where(positive, shifted, 1)
+  scale = jnp.where(positive, safe ** -0.5, 0)
+  residual = rotated - jnp.diag(eigenvalues)
+  relative = jnp.sqrt(jnp.sum(jnp.square(
+      scale[:, None] * residual * scale[None, :])))
+  inverse_root = jnp.where(positive, safe ** -exponent, 0)
+  norm = jnp.sqrt(jnp.sum(jnp.square(inverse_root)))
+  alpha = jnp.where(norm > 0, jnp.max(inverse_root) / jnp.where(
+      norm > 0, norm, 1), 0)
+  proxy = relative * alpha * exponent
+  return jnp.maximum(jnp.asarray(base_damping, damping.dtype),
+                     (damping * proxy / tau).astype(damping.dtype))
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +266,7 @@ def stale_stacks(eigenbasis: _state.EigenbasisState,
   """Per stack, whether :class:`AdaptiveRefresh` refreshes it this call.
 
   Read from the state as the previous call left it: the staleness of every
-  factor (:func:`soap_optax._engine.staleness`) and the calls since the
+  factor (:func:`soap_optax._staleness.staleness`) and the calls since the
   stack's last refresh.
   """
   plan = eigenbasis.plan
@@ -300,12 +336,12 @@ class Refreshed(NamedTuple):
     values: per factored axis, ``(U, d)`` eigenvalue estimates matching the
       new bases' columns (zeros where not due).
     orders: per factored axis, ``(U, d)``: the old columns the new ones
-      follow (see :class:`soap_optax._engine.Solution`).
+      follow (see :class:`soap_optax._solvers.Solution`).
     failures: int32 scalar, the number of due factors whose result was not
       finite (they kept their old basis).
   """
 
-  factors: list[_engine.KroneckerFactors]
+  factors: list[_kronecker.KroneckerFactors]
   values: list[tuple[jax.Array, ...]]
   orders: list[tuple[jax.Array, ...]]
   failures: jax.Array
@@ -319,7 +355,7 @@ def _count_failures(solutions) -> jax.Array:
 def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
                batched: bool):
   """``solver`` on every due factor, batched by factor size; a factor not
-  due keeps its basis (:func:`soap_optax._engine.keep_basis`).
+  due keeps its basis (:func:`soap_optax._solvers.keep_basis`).
 
   With ``skip`` each factor's solve sits in a ``lax.cond``, so that a factor
   not due costs nothing (staggered schedules, a mesh's padding slots);
@@ -328,15 +364,15 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
   ``vmap``-ed call per size (accelerators), else ``lax.map``.
   """
   def conditional(stat, basis, due):
-    return jax.lax.cond(due, solver, _engine.keep_basis, stat, basis)
+    return jax.lax.cond(due, solver, _solvers.keep_basis, stat, basis)
 
   def selected(stat, basis, due):
     return jax.tree.map(lambda new, old: jnp.where(due, new, old),
-                        solver(stat, basis), _engine.keep_basis(stat, basis))
+                        solver(stat, basis), _solvers.keep_basis(stat, basis))
 
   def local(fn, *lists):
-    solutions = _engine.map_by_size(fn, *lists, batched_call=(
-        _engine.vmap_items if batched else _engine.map_items))
+    solutions = _batching.map_by_size(fn, *lists, batched_call=(
+        _batching.vmap_items if batched else _batching.map_items))
     return solutions, _count_failures(solutions)
 
   fn = conditional if skip else selected
@@ -345,7 +381,7 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
   return _mesh.divided_map(fn, layout, (stats, bases, masks), local)
 
 
-def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
+def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
             method: str, plan: _stacks.EigenbasisPlan,
             partial: bool = False) -> Refreshed:
   """Refreshes the bases of the due units; one program per factor size.
@@ -354,7 +390,7 @@ def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
   batched solver call, inside one ``lax.cond`` that skips the whole refresh
   on calls where nothing is due. A call where some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
-  :data:`soap_optax._engine.SOLVERS`). Where a call refreshes only some
+  :data:`soap_optax._solvers.SOLVERS`). Where a call refreshes only some
   units (staggering, a policy's per-stack decision: ``partial``) and on a
   mesh, the solver runs per factor under ``lax.map`` and a ``lax.cond``
   skips the factors not due (on a mesh inside one ``shard_map``, each device
@@ -374,11 +410,11 @@ def refresh(factors: Sequence[_engine.KroneckerFactors], due: Due,
   batched = not skip and jax.default_backend() != 'cpu'
 
   def solve(name):
-    return lambda: _solve_due(_engine.SOLVERS[name], stats, bases, masks,
+    return lambda: _solve_due(_solvers.SOLVERS[name], stats, bases, masks,
                               plan.sharding, skip=skip, batched=batched)
 
   def keep():
-    solutions = [jax.vmap(lambda b: _engine.keep_basis(None, b))(b)
+    solutions = [jax.vmap(lambda b: _solvers.keep_basis(None, b))(b)
                  for b in bases]
     return solutions, jnp.zeros([], jnp.int32)
 

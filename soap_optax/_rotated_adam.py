@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
+from soap_optax import _estimators
 from soap_optax import _factored
+from soap_optax import _floors
+from soap_optax import _kronecker
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -95,7 +97,7 @@ class _RotatedAdamRule(_skeleton.Rule):
     else:
       nu = (jnp.zeros(shape, stack.dtype),)
     eigenvalues = () if not self.kl else tuple(
-        jnp.full((stack.num_slots, d), _engine.KL_INITIAL_EIGENVALUE,
+        jnp.full((stack.num_slots, d), _estimators.KL_INITIAL_EIGENVALUE,
                  stack.dtype) for d in stack.layout.merged_shape)
     return _RotatedAdamStack(
         mu=jnp.zeros(shape, self.mu_dtype or stack.dtype), nu=nu,
@@ -104,13 +106,13 @@ class _RotatedAdamRule(_skeleton.Rule):
   def factor_statistics(self, grad, factors, state, initializing):
     if not self.kl:
       return super().factor_statistics(grad, factors, state, initializing)
-    return _engine.kl_absorbed_statistics(grad, factors, state.eigenvalues,
-                                          initializing)
+    return _estimators.kl_absorbed_statistics(grad, factors, state.eigenvalues,
+                                              initializing)
 
   def unit_step(self, g, factors, state, quotients, refreshed, count):
     del refreshed
     b1, b2 = self.b1, self.b2
-    rotated = _engine.rotate(g, factors)
+    rotated = _kronecker.rotate(g, factors)
     sums = _factored.axis_sums_of_squares(rotated)
     mu = b1 * state.mu.astype(g.dtype) + (1 - b1) * rotated
     if self.factored:
@@ -120,19 +122,19 @@ class _RotatedAdamRule(_skeleton.Rule):
       nu = (b2 * state.nu[0] + (1 - b2) * rotated**2,)
       second_moment = nu[0]
     if self.rounding_floor:
-      second_moment = second_moment + _engine.rounding_floor_squared(
+      second_moment = second_moment + _floors.rounding_floor_squared(
           second_moment, factors.layout, factors.extent)
-    direction = _engine.unrotate(
+    direction = _kronecker.unrotate(
         mu / (jnp.sqrt(second_moment) + self.eps), factors)
     if self.normalize_grads:  # Normalized first, bias-corrected after.
       direction = direction / (1e-30 + jnp.sqrt(
-          _engine.unit_mean(jnp.square(direction), factors.extent)))
+          _kronecker.unit_mean(jnp.square(direction), factors.extent)))
     t = count  # The first call initialized; count - 1 earlier Adam steps.
     scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
     eigenvalues, absorbed = state.eigenvalues, sums
     if self.kl:
-      absorbed = _engine.kl_eigenvalue_increments(rotated, eigenvalues)
-      eigenvalues = _engine.kl_updated_eigenvalues(
+      absorbed = _estimators.kl_eigenvalue_increments(rotated, eigenvalues)
+      eigenvalues = _estimators.kl_updated_eigenvalues(
           eigenvalues, absorbed, self.factor_beta,
           tuple(range(len(eigenvalues))))
     return _skeleton.UnitStep(
@@ -148,16 +150,16 @@ class _RotatedAdamRule(_skeleton.Rule):
     axis's statistic, and KL's estimates) permuted with the columns, not
     rotated."""
     del values
-    mu = _engine.rotate(
-        _engine.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
+    mu = _kronecker.rotate(
+        _kronecker.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
     if self.factored:
-      nu = _engine.permute_per_axis(state.nu, old.layout, orders)
+      nu = _kronecker.permute_per_axis(state.nu, old.layout, orders)
     else:
-      nu = (_engine.permute_axes(state.nu[0], old.layout, orders),)
+      nu = (_kronecker.permute_axes(state.nu[0], old.layout, orders),)
     return _RotatedAdamStack(
         mu=mu.astype(state.mu.dtype), nu=nu,
-        eigenvalues=_engine.permute_per_axis(state.eigenvalues, old.layout,
-                                             orders) if self.kl else ())
+        eigenvalues=_kronecker.permute_per_axis(state.eigenvalues, old.layout,
+                                                orders) if self.kl else ())
 
 
 def scale_by_rotated_adam(
@@ -188,7 +190,7 @@ def scale_by_rotated_adam(
   Per unit (a parameter, or one slice along its batch axes or one block of it:
   see ``dimension_numbers`` and ``block_size``), with
   ``sb = shampoo_beta if shampoo_beta is not None else b2`` and the Kronecker
-  factors ``GG_i`` and bases ``Q_i`` of :mod:`._engine`:
+  factors ``GG_i`` and bases ``Q_i`` of :mod:`soap_optax._kronecker`:
 
   * first accepted call (initialization): ``GG_i = (1 - sb) C_i(G)``,
     ``Q_i = eigh(GG_i)``; the update is zero;
@@ -204,7 +206,7 @@ def scale_by_rotated_adam(
 
     where, if ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
     authors' order: normalized, then bias-corrected), and ``f^2`` is the
-    rounding-noise floor of :func:`soap_optax._engine.rounding_floor_squared`
+    rounding-noise floor of :func:`soap_optax._floors.rounding_floor_squared`
     (``rounding_floor=True``; 0 otherwise); then
     ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
     the basis it is preconditioned in); and when ``t % precondition_frequency

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
 from soap_optax import _factored
+from soap_optax import _floors
+from soap_optax import _kronecker
 from soap_optax import _refresh
 from soap_optax import _skeleton
 from soap_optax import _state
@@ -105,7 +106,7 @@ class _ShampooRule(_skeleton.Rule):
     foam, plan = self.foam, eigenbasis.plan
     checked = (count > 0) & (count % foam.check_interval == 0)
     update = jax.vmap(functools.partial(
-        _engine.foam_damping, exponent=self.exponent, tau=foam.tau,
+        _refresh.foam_damping, exponent=self.exponent, tau=foam.tau,
         base_damping=self.eps))
 
     def check():
@@ -133,7 +134,7 @@ class _ShampooRule(_skeleton.Rule):
         _per_axis(layout, refreshed.values, diagonals), state.eigenvalues))
     damping = tuple(jnp.where(due, jnp.asarray(self.eps, d.dtype), d)
                     for d in state.damping)
-    rotated = _engine.rotate(g, factors)
+    rotated = _kronecker.rotate(g, factors)
     rayleigh = tuple(
         jnp.where(due, v, beta * r + (1 - beta) * new) for v, r, new in zip(
             values, state.rayleigh_quotients,
@@ -142,7 +143,7 @@ class _ShampooRule(_skeleton.Rule):
     if self.rayleigh_floor:
       floored = tuple(jnp.maximum(v, r) for v, r in zip(floored, rayleigh))
     if self.rounding_floor:
-      floored = _engine.with_separable_rounding_floor(floored)
+      floored = _floors.with_separable_rounding_floor(floored)
     per_axis_damping = _per_axis(
         layout, damping or (None,) * len(layout.factored_axes),
         (None,) * (len(layout.merged_shape) - len(layout.factored_axes)))
@@ -150,7 +151,7 @@ class _ShampooRule(_skeleton.Rule):
         [_factored.inverse_power(v + (self.eps if d is None else d),
                                  self.exponent)
          for v, d in zip(floored, per_axis_damping)])
-    direction = _engine.unrotate(scaled, factors)
+    direction = _kronecker.unrotate(scaled, factors)
     if self.trace_normalize:
       total = jnp.maximum(jnp.sum(floored[0]), 0.0)
       direction = direction * total ** (
@@ -218,7 +219,7 @@ def scale_by_shampoo_eigenbasis(
     refresh.
   * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
     :func:`scale_by_rotated_adam`'s rounding-noise floor (see
-    :func:`soap_optax._engine.with_separable_rounding_floor`).
+    :func:`soap_optax._floors.with_separable_rounding_floor`).
 
   Order within a call (the rule shared with
   :func:`scale_by_adafactor_in_eigenbasis`): the statistics absorb the current

@@ -38,13 +38,15 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _engine
+from soap_optax import _estimators
+from soap_optax import _kronecker
 from soap_optax import _mesh
 from soap_optax import _refresh
+from soap_optax import _solvers
 from soap_optax import _stacks
 from soap_optax import _state
 
-REFRESH_METHODS = tuple(_engine.SOLVERS)
+REFRESH_METHODS = tuple(_solvers.SOLVERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +187,7 @@ class UnitStep(NamedTuple):
     state: the unit's new rule state.
     quotients: per factored axis, ``diag(Q^T GG Q)`` with the factor that
       absorbed this call's gradient, in the basis the gradient was
-      preconditioned in (see :func:`soap_optax._engine.staleness`).
+      preconditioned in (see :func:`soap_optax._staleness.staleness`).
   """
 
   direction: jax.Array
@@ -225,7 +227,7 @@ class Rule:
     or tuples of them."""
     raise NotImplementedError
 
-  def unit_step(self, grad: jax.Array, factors: _engine.KroneckerFactors,
+  def unit_step(self, grad: jax.Array, factors: _kronecker.KroneckerFactors,
                 state: Any, quotients: tuple[jax.Array, ...],
                 refreshed: UnitRefresh | None, count: jax.Array) -> UnitStep:
     """One unit's step. ``count`` is the number of calls before this one;
@@ -233,17 +235,17 @@ class Rule:
     raise NotImplementedError
 
   def factor_statistics(self, grad: jax.Array,
-                        factors: _engine.KroneckerFactors, state: Any,
+                        factors: _kronecker.KroneckerFactors, state: Any,
                         initializing: jax.Array) -> tuple[jax.Array, ...]:
     """What one unit's factors absorb on this call, per factored axis, with
     the unit's bases and rule state before the call; ``initializing``: a
     scalar boolean, whether this is the unit's first accepted call. By
     default Shampoo's ``C_i(G)``."""
     del state, initializing
-    return _engine.factor_statistics(grad, factors.layout)
+    return _estimators.factor_statistics(grad, factors.layout)
 
-  def on_refresh(self, state: Any, old: _engine.KroneckerFactors,
-                 new: _engine.KroneckerFactors,
+  def on_refresh(self, state: Any, old: _kronecker.KroneckerFactors,
+                 new: _kronecker.KroneckerFactors,
                  orders: tuple[jax.Array, ...],
                  values: tuple[jax.Array, ...]) -> Any:
     """One refreshed unit's rule state carried into its new bases (rules
@@ -253,7 +255,7 @@ class Rule:
     return state
 
   def decide(self, count: jax.Array,
-             factors: list[_engine.KroneckerFactors], states: list[Any],
+             factors: list[_kronecker.KroneckerFactors], states: list[Any],
              eigenbasis: _state.EigenbasisState
              ) -> tuple[list[Any], list[jax.Array] | None]:
     """A rule's own refresh decision (FOAM): per stack, the states it
@@ -410,7 +412,7 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     old_states = _from_public(rule, state)
     old_quotients = plan.split(eigenbasis.quotients)
     def absorb(f, g, st, initializing):
-      return _engine.accumulate(
+      return _estimators.accumulate(
           f, rule.factor_statistics(g, f, st, initializing), rule.factor_beta)
     absorbed = [
         _where_units(ok, jax.vmap(absorb)(f, g, st, refreshes == 0), f)

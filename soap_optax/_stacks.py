@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from soap_optax import _dimension_numbers
-from soap_optax import _engine
 from soap_optax import _exchange
+from soap_optax import _kronecker
 from soap_optax import _mesh
 
 
@@ -122,7 +122,7 @@ class Stack:
   unit_shape: tuple[int, ...]
   dtype: str
   size: int
-  layout: _engine.FactorLayout
+  layout: _kronecker.FactorLayout
   slots: int | None = None
 
   @property
@@ -265,7 +265,7 @@ def _segments(length: int, block_size: int | None):
 
 def plan_buckets(
     unit_counts: dict[tuple[tuple[int, ...], str], int],
-    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout],
+    unit_layout: Callable[[tuple[int, ...]], _kronecker.FactorLayout],
     max_padding: float | None,
 ) -> dict[tuple[tuple[int, ...], str], tuple[tuple[int, ...],
                                               tuple[int, ...] | None]]:
@@ -275,7 +275,7 @@ def plan_buckets(
   ``b`` (its axes reordered longest first, the order every shape of a
   bucket is compared in, then padded with zeros at the end of every axis)
   when ``b`` covers ``s`` axis by axis, the same axes carry a factor, and
-  ``b``'s work (:attr:`soap_optax._engine.FactorLayout.unit_cost`: refresh
+  ``b``'s work (:attr:`soap_optax._kronecker.FactorLayout.unit_cost`: refresh
   plus step) is at most ``1 + max_padding`` times ``s``'s. Shapes are taken
   from the most to the least costly; each joins the cheapest bucket it may
   join, or opens one. A bucket that ends with a single shape keeps that
@@ -343,7 +343,7 @@ def plan_stacks(
     dimension_numbers: Sequence[_dimension_numbers.EigenbasisDimensionNumbers | None],
     *,
     block_size: int | None,
-    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout],
+    unit_layout: Callable[[tuple[int, ...]], _kronecker.FactorLayout],
     bucket_padding: float | None = None,
 ) -> EigenbasisPlan:
   """Cuts every parameter into units and groups the units into stacks.
@@ -432,14 +432,14 @@ def _product(lists):
   return combos
 
 
-def _no_factors(shape: tuple[int, ...]) -> _engine.FactorLayout:
-  return _engine.FactorLayout(shape, shape or (1,), ())
+def _no_factors(shape: tuple[int, ...]) -> _kronecker.FactorLayout:
+  return _kronecker.FactorLayout(shape, shape or (1,), ())
 
 
 def plan_units(
     leaves: Sequence[Any], dimension_numbers: Any, tree: Any,
     block_size: int | None,
-    unit_layout: Callable[[tuple[int, ...]], _engine.FactorLayout] = (
+    unit_layout: Callable[[tuple[int, ...]], _kronecker.FactorLayout] = (
         _no_factors),
     bucket_padding: float | None = None,
 ) -> EigenbasisPlan:
@@ -451,7 +451,7 @@ def plan_units(
   """
   return plan_stacks(
       [jnp.shape(x) for x in leaves],
-      [_engine.state_dtype(jnp.result_type(x)) for x in leaves],
+      [_kronecker.state_dtype(jnp.result_type(x)) for x in leaves],
       _dimension_numbers.resolve_dimension_numbers(dimension_numbers, tree),
       block_size=block_size, unit_layout=unit_layout,
       bucket_padding=bucket_padding)

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _dimension_numbers
-from soap_optax import _engine
+from soap_optax import _kronecker
 from soap_optax import _mesh
 from soap_optax import _stacks
+from soap_optax import _staleness
 
 
 class EigenbasisState(NamedTuple):
@@ -42,7 +43,7 @@ class EigenbasisState(NamedTuple):
       keeps growing means a basis that has gone stale.
     quotients: ``diag(Q_i^T GG_i Q_i)``, ``(U, d_i)``, shaped and ordered
       like the factors' diagonals: kept exact every call from the rotated
-      gradient (see :func:`soap_optax._engine.staleness`), reset by every
+      gradient (see :func:`soap_optax._staleness.staleness`), reset by every
       refresh.
     age: per stack, ``(U,)`` int32: calls since each unit's last refresh
       (0 on the call that refreshed it).
@@ -107,7 +108,7 @@ def init_eigenbasis(
   plan = _stacks.plan_units(
       jax.tree.leaves(params), dimension_numbers, params,
       None if block_size is None else int(block_size),
-      unit_layout=lambda shape: _engine.plan_layout(
+      unit_layout=lambda shape: _kronecker.plan_layout(
           shape, max_precond_dim=int(max_precond_dim), merge_dims=merge_dims,
           precondition_1d=precondition_1d, one_sided=one_sided),
       bucket_padding=None if bucket_padding is None else float(
@@ -162,11 +163,11 @@ def check_updates(updates: Any, plan: _stacks.EigenbasisPlan) -> None:
           f'shape {placement.shape}.')
 
 
-def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
+def unpack(state: EigenbasisState) -> list[_kronecker.KroneckerFactors]:
   """The per-stack factors (arrays with a leading unit axis)."""
   plan = state.plan
   return [
-      _engine.KroneckerFactors(
+      _kronecker.KroneckerFactors(
           stack.layout, stats, bases,
           None if extent is None else jnp.asarray(extent))
       for stack, stats, bases, extent in zip(
@@ -176,7 +177,7 @@ def unpack(state: EigenbasisState) -> list[_engine.KroneckerFactors]:
 
 
 def pack(state: EigenbasisState,
-         factors: Sequence[_engine.KroneckerFactors], *,
+         factors: Sequence[_kronecker.KroneckerFactors], *,
          skipped: jax.Array, failed_refreshes: jax.Array,
          quotients: Sequence[tuple[jax.Array, ...]],
          refreshed: Sequence[jax.Array]) -> EigenbasisState:
@@ -204,9 +205,9 @@ def pack(state: EigenbasisState,
 def staleness_per_factor(eigenbasis: EigenbasisState
                          ) -> list[tuple[jax.Array, ...]]:
   """Per stack and factored axis, ``(U,)``: each unit's staleness
-  (:func:`soap_optax._engine.staleness`)."""
+  (:func:`soap_optax._staleness.staleness`)."""
   plan = eigenbasis.plan
-  return [tuple(jax.vmap(_engine.staleness)(stat, q)
+  return [tuple(jax.vmap(_staleness.staleness)(stat, q)
                 for stat, q in zip(stats, quotients))
           for stats, quotients in zip(plan.split(eigenbasis.stats),
                                       plan.split(eigenbasis.quotients))]

@@ -60,4 +60,8 @@ def test_rules_sit_on_the_skeleton_and_not_on_each_other():
   # Only the skeleton drives the refresh and builds the state; the mesh
   # module knows nothing of the plan, state or rules above it.
   assert not _imports(modules['_mesh']) & set(modules)
-  assert not _imports(modules['_engine']) & set(modules)
+  # The per-unit math knows nothing of the plan, state or rules either.
+  for leaf in ('_kronecker', '_batching', '_staleness'):
+    assert not _imports(modules[leaf]) & set(modules), leaf
+  for module in ('_estimators', '_floors', '_solvers'):
+    assert _imports(modules[module]) & set(modules) <= {'_kronecker'}, module

@@ -1,4 +1,5 @@
-"""Tests of soap_optax._engine: axis rules, rotation, factors, batched refresh."""
+"""Tests of the per-unit math: axis rules and rotation (_kronecker), factor
+statistics (_estimators), solvers (_solvers), batched refresh (_batching)."""
 
 import jax
 from jax.extend import core as jax_core
@@ -6,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soap_optax import _engine
+from soap_optax import _batching
+from soap_optax import _estimators
+from soap_optax import _kronecker
 from soap_optax import _refresh
+from soap_optax import _solvers
 from soap_optax import _state
 from tests.oracle import soap_numpy
 
@@ -26,7 +30,7 @@ def _random_orthonormal(n, rng):
     ((7,), 5, (7,)),
 ])
 def test_merge_axes_is_greedy_left_to_right(shape, limit, expected):
-  assert _engine.merge_axes(shape, limit) == expected
+  assert _kronecker.merge_axes(shape, limit) == expected
   assert soap_numpy.merged_shape(shape, limit) == expected
 
 
@@ -49,7 +53,7 @@ def test_merge_axes_is_greedy_left_to_right(shape, limit, expected):
 def test_plan_layout_axis_rules(shape, options, merged, factored):
   kwargs = dict(max_precond_dim=10000, merge_dims=False, precondition_1d=False)
   kwargs.update(options)
-  layout = _engine.plan_layout(shape, **kwargs)
+  layout = _kronecker.plan_layout(shape, **kwargs)
   assert layout.shape == shape
   assert layout.merged_shape == merged
   assert layout.factored_axes == factored
@@ -57,14 +61,14 @@ def test_plan_layout_axis_rules(shape, options, merged, factored):
 
 def test_rotate_and_unrotate_match_mode_products():
   rng = np.random.default_rng(1)
-  layout = _engine.FactorLayout((3, 4, 5), (3, 4, 5), (0, 2))
+  layout = _kronecker.FactorLayout((3, 4, 5), (3, 4, 5), (0, 2))
   bases = (_random_orthonormal(3, rng), _random_orthonormal(5, rng))
-  factors = _engine.KroneckerFactors(
+  factors = _kronecker.KroneckerFactors(
       layout, stats=tuple(np.zeros_like(q) for q in bases), bases=bases)
   x = rng.normal(size=(3, 4, 5))
   with jax.enable_x64(True):
-    rotated = np.asarray(_engine.rotate(jnp.asarray(x), factors))
-    back = np.asarray(_engine.unrotate(jnp.asarray(rotated), factors))
+    rotated = np.asarray(_kronecker.rotate(jnp.asarray(x), factors))
+    back = np.asarray(_kronecker.unrotate(jnp.asarray(rotated), factors))
   expected = soap_numpy.mode_product(
       soap_numpy.mode_product(x, bases[0].T, 0), bases[1].T, 2)
   np.testing.assert_allclose(rotated, expected, rtol=0, atol=1e-13)
@@ -75,27 +79,27 @@ def test_rotate_of_a_matrix_is_ql_transpose_g_qr():
   rng = np.random.default_rng(2)
   ql, qr = _random_orthonormal(4, rng), _random_orthonormal(6, rng)
   g = rng.normal(size=(4, 6))
-  factors = _engine.KroneckerFactors(
-      _engine.FactorLayout((4, 6), (4, 6), (0, 1)), (ql, qr), (ql, qr))
+  factors = _kronecker.KroneckerFactors(
+      _kronecker.FactorLayout((4, 6), (4, 6), (0, 1)), (ql, qr), (ql, qr))
   with jax.enable_x64(True):
-    got = np.asarray(_engine.rotate(jnp.asarray(g), factors))
+    got = np.asarray(_kronecker.rotate(jnp.asarray(g), factors))
   np.testing.assert_allclose(got, ql.T @ g @ qr, rtol=0, atol=1e-13)
 
 
 def test_factor_statistics_are_unfolding_gram_matrices():
   rng = np.random.default_rng(3)
   g = rng.normal(size=(3, 4, 5))
-  layout = _engine.FactorLayout((3, 4, 5), (3, 4, 5), (0, 1, 2))
+  layout = _kronecker.FactorLayout((3, 4, 5), (3, 4, 5), (0, 1, 2))
   with jax.enable_x64(True):
-    stats = _engine.factor_statistics(jnp.asarray(g), layout)
+    stats = _estimators.factor_statistics(jnp.asarray(g), layout)
   for axis, stat in enumerate(stats):
     unfolded = soap_numpy.unfold(g, axis)
     np.testing.assert_allclose(
         np.asarray(stat), unfolded @ unfolded.T, rtol=1e-13, atol=0)
   matrix = rng.normal(size=(4, 6))
-  layout = _engine.FactorLayout((4, 6), (4, 6), (0, 1))
+  layout = _kronecker.FactorLayout((4, 6), (4, 6), (0, 1))
   with jax.enable_x64(True):
-    left, right = _engine.factor_statistics(jnp.asarray(matrix), layout)
+    left, right = _estimators.factor_statistics(jnp.asarray(matrix), layout)
   np.testing.assert_allclose(np.asarray(left), matrix @ matrix.T, rtol=1e-13)
   np.testing.assert_allclose(np.asarray(right), matrix.T @ matrix, rtol=1e-13)
 
@@ -106,7 +110,7 @@ def test_power_qr_basis_sorts_then_orthonormalizes(x64):
   a = rng.normal(size=(6, 6))
   stat = a @ a.T
   old = _random_orthonormal(6, rng)
-  new, order = _engine.power_qr_basis(jnp.asarray(stat), jnp.asarray(old))
+  new, order = _solvers.power_qr_basis(jnp.asarray(stat), jnp.asarray(old))
   estimates = np.diag(old.T @ stat @ old)
   expected_order = np.argsort(-estimates, kind='stable')
   np.testing.assert_array_equal(np.asarray(order), expected_order)
@@ -123,7 +127,7 @@ def test_eigh_basis_diagonalizes_in_descending_order(x64):
   rng = np.random.default_rng(5)
   a = rng.normal(size=(5, 5))
   stat = a @ a.T
-  basis, values = _engine.eigh_basis(jnp.asarray(stat), jnp.eye(5))
+  basis, values = _solvers.eigh_basis(jnp.asarray(stat), jnp.eye(5))
   basis, values = np.asarray(basis), np.asarray(values)
   np.testing.assert_allclose(values, np.linalg.eigvalsh(stat)[::-1],
                              rtol=1e-12)
@@ -131,15 +135,15 @@ def test_eigh_basis_diagonalizes_in_descending_order(x64):
                              atol=1e-11)
 
 
-@pytest.mark.parametrize('basis_fn', [_engine.eigh_basis,
-                                      _engine.power_qr_basis])
+@pytest.mark.parametrize('basis_fn', [_solvers.eigh_basis,
+                                      _solvers.power_qr_basis])
 def test_refresh_keeps_the_old_basis_when_the_new_one_is_not_finite(basis_fn):
   old = jnp.asarray(_random_orthonormal(4, np.random.default_rng(6)),
                     jnp.float32)
   stat = jnp.full((4, 4), jnp.nan, jnp.float32)
   new, _ = basis_fn(stat, old)
   np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
-  if basis_fn is _engine.power_qr_basis:
+  if basis_fn is _solvers.power_qr_basis:
     _, order = basis_fn(stat, old)
     np.testing.assert_array_equal(np.asarray(order), np.arange(4))
 
@@ -192,7 +196,7 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
 def test_map_by_size_keeps_input_order():
   stacks = [jnp.full((1, 2, 2), 1.0), jnp.full((2, 3, 3), 2.0),
             jnp.full((3, 2, 2), 3.0)]
-  out = _engine.map_by_size(lambda m: m.sum(), stacks)
+  out = _batching.map_by_size(lambda m: m.sum(), stacks)
   assert [o.shape for o in out] == [(1,), (2,), (3,)]
   np.testing.assert_allclose(np.concatenate(out),
                              [4.0, 18.0, 18.0, 12.0, 12.0, 12.0])
@@ -256,7 +260,7 @@ def test_canonical_null_space_depends_on_the_subspace_only(x64):
   w, v = _eigh_descending(a)
   rotated = v.copy()
   rotated[:, 4:] = v[:, 4:] @ np.linalg.qr(rng.normal(size=(8, 8)))[0]
-  out = [np.asarray(_engine.canonical_null_space(
+  out = [np.asarray(_solvers.canonical_null_space(
       jnp.asarray(a), jnp.asarray(b), jnp.asarray(w))[0])
          for b in (v, rotated)]
   np.testing.assert_allclose(out[0], out[1], atol=1e-13)
@@ -268,7 +272,7 @@ def test_canonical_null_space_depends_on_the_subspace_only(x64):
   # The oracle, from the definition: the first 8 columns of the fixed
   # reference projected off the range, orthonormalized (Q of a QR; columns
   # up to sign).
-  reference = np.asarray(_engine.null_space_reference(12, jnp.float64))
+  reference = np.asarray(_solvers.null_space_reference(12, jnp.float64))
   projected = reference[:, :8] - v[:, :4] @ (v[:, :4].T @ reference[:, :8])
   oracle = np.linalg.qr(projected)[0]
   np.testing.assert_allclose(np.abs(np.sum(oracle * q[:, 4:], axis=0)), 1.0,
@@ -280,7 +284,7 @@ def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
   rng = np.random.default_rng(1)
   full = _rank_deficient_factor(rng, 6, 10)
   w, v = _eigh_descending(full)
-  q, values = _engine.canonical_null_space(
+  q, values = _solvers.canonical_null_space(
       jnp.asarray(full), jnp.asarray(v), jnp.asarray(w))
   np.testing.assert_array_equal(q, v)
   np.testing.assert_array_equal(values, w)
@@ -288,7 +292,7 @@ def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
   # last columns in index order, exactly.
   dead = _rank_deficient_factor(rng, 10, 3, dead=(2, 7))
   w, v = _eigh_descending(dead)
-  q = np.asarray(_engine.canonical_null_space(
+  q = np.asarray(_solvers.canonical_null_space(
       jnp.asarray(dead), jnp.asarray(v), jnp.asarray(w))[0])
   np.testing.assert_array_equal(q[:, -2:], np.eye(10)[:, [2, 7]])
   # (the other new null columns have exact zeros there; the range's columns
@@ -297,7 +301,7 @@ def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
   np.testing.assert_allclose(q.T @ q, np.eye(10), atol=1e-13)
   # A zero factor keeps its basis.
   zero = jnp.zeros((5, 5))
-  np.testing.assert_array_equal(_engine.canonical_null_space(
+  np.testing.assert_array_equal(_solvers.canonical_null_space(
       zero, jnp.eye(5), jnp.zeros((5,)))[0], np.eye(5))
 
 
@@ -310,7 +314,7 @@ def test_both_solvers_give_the_canonical_null_basis(solver, x64):
   a = _rank_deficient_factor(rng, 12, 3)
   _, v = _eigh_descending(a + 0.1 * _rank_deficient_factor(rng, 12, 12))
   rotated = v @ np.linalg.qr(rng.normal(size=(12, 12)))[0]
-  out = [_engine.SOLVERS[solver](jnp.asarray(a), jnp.asarray(b))
+  out = [_solvers.SOLVERS[solver](jnp.asarray(a), jnp.asarray(b))
          for b in (v, rotated)]
   null = slice(3, None)
   if solver == 'eigh':

@@ -11,11 +11,11 @@ import optax
 import pytest
 
 import soap_optax
-from soap_optax import _engine
+from soap_optax import _floors
+from soap_optax import _kronecker
 from soap_optax import _refresh
 from soap_optax import _stacks
 from soap_optax import _state
-from soap_optax import problems
 from soap_optax import problems
 
 TRANSFORMS = {
@@ -96,9 +96,9 @@ def test_float32_updates_stay_in_the_span_of_low_rank_gradients(rank):
 def test_the_floor_is_far_below_eps_in_float64(x64):
   del x64
   v = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 5)))
-  layout = _engine.plan_layout((6, 5), max_precond_dim=100, merge_dims=False,
-                               precondition_1d=False)
-  floor = _engine.rounding_floor_squared(v, layout)
+  layout = _kronecker.plan_layout((6, 5), max_precond_dim=100, merge_dims=False,
+                                  precondition_1d=False)
+  floor = _floors.rounding_floor_squared(v, layout)
   # f^2 = (1000 eps64)^2 (row sum + column sum + their means) <= 2e-25 * 4 sum.
   assert float(jnp.max(floor)) <= (1000 * 2.3e-16)**2 * 4 * float(jnp.sum(v))
   assert float(jnp.max(jnp.sqrt(floor))) < 1e-11
@@ -109,7 +109,7 @@ def test_the_floor_matches_its_formula_written_in_numpy(x64):
   the sum of v along axis a; here a (4, 3, 5) unit with axes 0 and 2
   factored, in float32 and float64."""
   del x64
-  layout = _engine.FactorLayout((4, 3, 5), (4, 3, 5), (0, 2))
+  layout = _kronecker.FactorLayout((4, 3, 5), (4, 3, 5), (0, 2))
   v = np.random.default_rng(0).uniform(size=(4, 3, 5))
   for dtype in (np.float32, np.float64):
     expected = np.zeros((4, 3, 5))
@@ -117,11 +117,11 @@ def test_the_floor_matches_its_formula_written_in_numpy(x64):
       fibre = v.sum(axis=axis, keepdims=True)
       expected = expected + fibre + fibre.mean()
     expected *= (1000 * np.finfo(dtype).eps)**2
-    got = _engine.rounding_floor_squared(jnp.asarray(v, dtype), layout)
+    got = _floors.rounding_floor_squared(jnp.asarray(v, dtype), layout)
     np.testing.assert_allclose(np.broadcast_to(got, v.shape), expected,
                                rtol=1e-6 if dtype == np.float32 else 1e-12)
-  unrotated = _engine.FactorLayout((4, 3, 5), (4, 3, 5), ())
-  assert float(_engine.rounding_floor_squared(jnp.asarray(v), unrotated)) == 0
+  unrotated = _kronecker.FactorLayout((4, 3, 5), (4, 3, 5), ())
+  assert float(_floors.rounding_floor_squared(jnp.asarray(v), unrotated)) == 0
 
 
 def test_the_separable_floor_matches_its_formula_written_in_numpy(x64):
@@ -133,14 +133,14 @@ def test_the_separable_floor_matches_its_formula_written_in_numpy(x64):
   stats = [rng.uniform(size=4), rng.uniform(size=3) - 0.5]
   for dtype in (np.float32, np.float64):
     scale = (1000 * np.finfo(dtype).eps)**2
-    got = _engine.with_separable_rounding_floor(
+    got = _floors.with_separable_rounding_floor(
         [jnp.asarray(s, dtype) for s in stats])
     for s, g in zip(stats, got):
       assert g.dtype == dtype
       np.testing.assert_allclose(np.asarray(g), s + scale * s.sum(),
                                  rtol=1e-6 if dtype == np.float32 else 1e-14)
   tiny = jnp.asarray([1.0, -1.0, -1e-30])
-  floored = _engine.with_separable_rounding_floor([tiny])[0]
+  floored = _floors.with_separable_rounding_floor([tiny])[0]
   assert float(floored[1]) < 0
 
 
@@ -280,10 +280,10 @@ def test_a_non_finite_gradient_leaves_its_units_state_unchanged(name):
 
 
 def test_failed_refreshes_are_counted():
-  layout = _engine.plan_layout((3, 3), max_precond_dim=10, merge_dims=False,
-                               precondition_1d=False)
+  layout = _kronecker.plan_layout((3, 3), max_precond_dim=10, merge_dims=False,
+                                  precondition_1d=False)
   good = jnp.eye(3)[None]
-  factors = _engine.KroneckerFactors(
+  factors = _kronecker.KroneckerFactors(
       layout, (jnp.full((1, 3, 3), jnp.inf), good), (good, good))
   plan = _stacks.EigenbasisPlan((), (_stacks.Stack((3, 3), 'float32', 1,
                                                     layout),))

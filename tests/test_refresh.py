@@ -13,8 +13,9 @@ import optax
 import pytest
 
 import soap_optax
-from soap_optax import _engine
 from soap_optax import _refresh
+from soap_optax import _solvers
+from soap_optax import _staleness
 from soap_optax import _state
 from soap_optax import problems
 
@@ -32,7 +33,7 @@ def _spd(rng, n, count):
   return a @ np.transpose(a, (0, 2, 1)) + n * np.eye(n)
 
 
-@pytest.mark.parametrize('solver', sorted(_engine.SOLVERS))
+@pytest.mark.parametrize('solver', sorted(_solvers.SOLVERS))
 def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
   """The batched (``vmap`` then select, what accelerators run) and the
   per-factor (``lax.map`` + ``lax.cond``, staggered and sharded) paths of
@@ -49,7 +50,7 @@ def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
            jnp.asarray([True])]
   run = lambda skip, batched: jax.jit(
       lambda st, b, m: _refresh._solve_due(  # pylint: disable=protected-access
-          _engine.SOLVERS[solver], st, b, m, None, skip=skip,
+          _solvers.SOLVERS[solver], st, b, m, None, skip=skip,
           batched=batched))(stats, bases, masks)
   (mapped, failures_mapped), (vmapped, failures_vmapped) = (
       run(True, False), run(False, True))
@@ -62,7 +63,7 @@ def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
     np.testing.assert_array_equal(np.asarray(one.basis)[keep],
                                   np.asarray(b)[keep])
     due = np.asarray(m)
-    expected = [_engine.SOLVERS[solver](s, q) for s, q in zip(
+    expected = [_solvers.SOLVERS[solver](s, q) for s, q in zip(
         np.asarray(st)[due], np.asarray(b)[due])]
     for got, want in zip(np.asarray(one.basis)[due], expected):
       np.testing.assert_allclose(got, np.asarray(want.basis), atol=1e-12)
@@ -110,10 +111,10 @@ def test_staleness_closed_form_of_a_rotated_factor():
     expected = np.sqrt(2) * abs(c * s * (lam[0] - lam[1])) / np.linalg.norm(
         lam)
     with jax.enable_x64():
-      got = _engine.staleness(jnp.asarray(stat), jnp.diag(jnp.asarray(stat)))
+      got = _staleness.staleness(jnp.asarray(stat), jnp.diag(jnp.asarray(stat)))
     np.testing.assert_allclose(float(got), expected, rtol=1e-12, atol=1e-15)
   with jax.enable_x64():
-    assert float(_engine.staleness(jnp.zeros((3, 3)), jnp.zeros(3))) == 0.0
+    assert float(_staleness.staleness(jnp.zeros((3, 3)), jnp.zeros(3))) == 0.0
 
 
 @pytest.mark.parametrize('name', sorted(TRANSFORMS))
@@ -152,7 +153,7 @@ def test_staleness_is_tracked_exactly_and_zero_after_eigh(name):
 def test_staleness_survives_extreme_scales():
   for scale in (1e-20, 1e20):
     stat = scale * np.array([[2.0, 0.5], [0.5, 1.0]], np.float32)
-    got = float(_engine.staleness(jnp.asarray(stat), jnp.asarray(
+    got = float(_staleness.staleness(jnp.asarray(stat), jnp.asarray(
         np.diag(stat))))
     np.testing.assert_allclose(got, _direct_staleness(
         stat.astype(np.float64), np.eye(2)), rtol=1e-5)
@@ -241,7 +242,7 @@ def test_foam_damping_against_numpy_oracle():
     damping = 10.0 ** rng.uniform(-9, -3)
     for exponent in (0.5, 0.25):
       with jax.enable_x64():
-        got = _engine.foam_damping(
+        got = _refresh.foam_damping(
             jnp.asarray(stat), jnp.asarray(basis), jnp.asarray(eigenvalues),
             jnp.asarray(damping), exponent=exponent, tau=0.75,
             base_damping=1e-9)

@@ -19,8 +19,8 @@ import optax
 import pytest
 
 import soap_optax
-from soap_optax import _engine
 from soap_optax import _exchange
+from soap_optax import _kronecker
 from soap_optax import _stacks
 
 CHECKS = os.path.join(os.path.dirname(__file__), 'multidevice_checks.py')
@@ -118,7 +118,7 @@ def _plan(shapes, block_size=None, numbers=None):
   leaves = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
   return _stacks.plan_units(
       leaves, numbers, leaves, block_size,
-      unit_layout=lambda shape: _engine.plan_layout(
+      unit_layout=lambda shape: _kronecker.plan_layout(
           shape, max_precond_dim=10000, merge_dims=False,
           precondition_1d=False))
 

@@ -15,6 +15,9 @@ import optax
 import pytest
 
 import soap_optax
+from soap_optax import _floors
+from soap_optax import _kronecker
+from soap_optax import _solvers
 from soap_optax import _stacks
 from tests.oracle import soap_numpy
 from tests.test_engine import count_primitives
@@ -524,7 +527,7 @@ def _unstaggered(kind, frequency):
 
 
 def test_refresh_phases_balance_the_decomposition_work():
-  layout = lambda n: soap_optax._engine.plan_layout(  # pylint: disable=protected-access
+  layout = lambda n: soap_optax._kronecker.plan_layout(  # pylint: disable=protected-access
       (n, n), max_precond_dim=10000, merge_dims=False, precondition_1d=False)
   stacks = [_stacks.Stack((8, 8), 'float32', 10, layout(8)),
             _stacks.Stack((16, 16), 'float32', 1, layout(16)),
@@ -543,7 +546,7 @@ def test_refresh_phases_balance_the_decomposition_work():
 
 
 def _engine_layout_without_factors(shape):
-  return soap_optax._engine.FactorLayout(shape, shape, ())  # pylint: disable=protected-access
+  return soap_optax._kronecker.FactorLayout(shape, shape, ())  # pylint: disable=protected-access
 
 
 def test_staggered_refresh_compiles_once_and_refreshes_each_unit_per_period():
@@ -611,7 +614,7 @@ def test_buckets_share_stacks_within_the_padding_bound():
   # Each padded unit's work within 1.5x its own.
   for path, piece in pieces.items():
     stack = plan.stacks[piece.stack]
-    own = soap_optax._engine.plan_layout(  # pylint: disable=protected-access
+    own = soap_optax._kronecker.plan_layout(  # pylint: disable=protected-access
         BUCKET_SHAPES[path], max_precond_dim=10000, merge_dims=False,
         precondition_1d=False)
     assert stack.layout.unit_cost <= 1.5 * own.unit_cost, path
@@ -730,15 +733,14 @@ def test_rounding_floor_of_a_padded_unit_is_its_own(x64):
   """The floor's mean fibre energy counts the unit's own fibres only
   (NumPy, from the formula: f^2 = (κε)^2 Σ_a (F_a + mean F_a))."""
   del x64
-  from soap_optax import _engine  # pylint: disable=g-import-not-at-top
   v = np.random.default_rng(5).uniform(size=(3, 4))
-  scale = (_engine.ROUNDING_FLOOR_ULPS * np.finfo(np.float64).eps)**2
+  scale = (_floors.ROUNDING_FLOOR_ULPS * np.finfo(np.float64).eps)**2
   rows, cols = v.sum(axis=1, keepdims=True), v.sum(axis=0, keepdims=True)
   want = scale * (rows + rows.mean() + cols + cols.mean())
   padded = np.pad(v, ((0, 2), (0, 3)))
-  layout = _engine.plan_layout((5, 7), max_precond_dim=100, merge_dims=False,
-                               precondition_1d=False)
-  got = _engine.rounding_floor_squared(jnp.asarray(padded), layout,
+  layout = _kronecker.plan_layout((5, 7), max_precond_dim=100, merge_dims=False,
+                                  precondition_1d=False)
+  got = _floors.rounding_floor_squared(jnp.asarray(padded), layout,
                                        jnp.asarray([3, 4]))
   np.testing.assert_allclose(np.asarray(got)[:3, :4], want, rtol=1e-15)
 
@@ -750,14 +752,13 @@ def test_null_space_of_a_padded_factor_is_its_own_plus_the_padding(x64):
   the 6 real axes, not the 8 padded ones: an eigenvalue of ``7 eps max``
   lies between the two)."""
   del x64
-  from soap_optax import _engine  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(8)
   q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
   eps = np.finfo(np.float64).eps
   values = np.array([2.0, 1.0, 0.5, 7 * eps * 2.0, 0.0, 0.0])
   stat = (q * values) @ q.T
   padded = np.pad(stat, ((0, 2), (0, 2)))
-  for solver in (_engine.solve_eigh, _engine.solve_power_qr):
+  for solver in (_solvers.solve_eigh, _solvers.solve_power_qr):
     own = solver(jnp.asarray(stat), jnp.eye(6))
     pad = solver(jnp.asarray(padded), jnp.eye(8))
     basis, basis_pad = np.asarray(own.basis), np.asarray(pad.basis)

@@ -10,7 +10,6 @@ import optax
 import pytest
 
 import soap_optax
-from soap_optax import _engine
 from tests.oracle import soap_numpy
 
 

@@ -1,0 +1,254 @@
+"""The solvers that refresh one factor's basis.
+
+Two solvers (:data:`SOLVERS`, by the name the transforms' ``refresh=``
+takes); :mod:`soap_optax._refresh` runs them over every factor of the same
+size and dtype in one batched call (:func:`soap_optax._batching.map_by_size`):
+
+* :func:`solve_eigh`: a full symmetric eigendecomposition of ``GG_i``
+  (about ``9 d^3`` flops);
+* :func:`solve_power_qr`: one step of power iteration warm-started from the
+  current basis, followed by a QR decomposition (about ``14/3 d^3`` flops),
+  as in the SOAP reference implementation:
+  ``est = diag(Q^T GG Q)``, columns of ``Q`` sorted by ``est`` descending,
+  ``Q <- qr(GG Q).Q``.
+
+A refresh never replaces a finite basis by a non-finite one: when the new basis
+of a factor is not finite the old one is kept.
+
+References:
+  Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+  <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithms 2 and 3).
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from soap_optax import _kronecker
+
+HIGHEST = _kronecker.HIGHEST
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
+
+
+def rayleigh_quotients(stat: jax.Array, basis: jax.Array) -> jax.Array:
+  """``diag(Q^T GG Q)``: the factor's eigenvalue estimates in basis ``Q``."""
+  return jnp.einsum('ij,ij->j', basis,
+                    jnp.matmul(stat, basis, precision=HIGHEST),
+                    precision=HIGHEST)
+
+
+class Solution(NamedTuple):
+  """What a solver returns for one factor ``GG`` with current basis ``Q``.
+
+  Attributes:
+    basis: the new orthonormal basis (columns by decreasing eigenvalue
+      estimate); the old one where the solver's result was not finite.
+    values: the eigenvalue estimates matching the new basis's columns.
+    order: the old basis's column that each new column follows (QR: the
+      old columns sorted by ``diag(Q^T GG Q)``, descending; eigh: the same
+      index, both bases being sorted by decreasing eigenvalue). Per-column
+      quantities kept in the old basis (SOAP's second moment) are permuted
+      by it.
+    ok: whether the result was finite.
+  """
+
+  basis: jax.Array
+  values: jax.Array
+  order: jax.Array
+  ok: jax.Array
+
+
+# An eigenvalue (estimate) at most this many times ``d * eps * largest`` is
+# zero to the working precision (eps of the factor's dtype): ``eigh``'s
+# backward error and the accumulated statistics' rounding are of the order
+# ``d * eps * largest``.
+NULL_SPACE_TOLERANCE = 1.0
+
+
+def null_space_threshold(values: jax.Array, stat: jax.Array) -> jax.Array:
+  """Below this, an eigenvalue of the factor ``stat`` whose eigenvalues
+  (estimates) are ``values`` is rounding: ``d eps max(values)``, ``d`` the
+  number of axes on which ``stat`` is not exactly zero (a zero row and
+  column, a dead input or a size bucket's padding, adds no rounding: the
+  threshold of a padded factor is its real part's)."""
+  live = jnp.sum(jnp.diagonal(stat, axis1=-2, axis2=-1) != 0, axis=-1,
+                 keepdims=True)
+  d = jnp.maximum(live, 1).astype(values.dtype)
+  return (NULL_SPACE_TOLERANCE * d * jnp.finfo(values.dtype).eps
+          * jnp.max(values, axis=-1, keepdims=True))
+
+
+def null_space_reference(d: int, dtype: Any) -> jax.Array:
+  """The fixed ``d x d`` matrix that :func:`canonical_null_space` projects.
+
+  Entries uniform in ``[-1/2, 1/2)`` from an integer hash of ``(i, j)``
+  (a multiply-xorshift mix of 32-bit words): generic, so that its first
+  ``m`` columns project onto any ``m``-dimensional subspace with full rank,
+  exact on every platform, and computed without the loop of a random-number
+  generator.
+  """
+  i = jnp.arange(d, dtype=jnp.uint32)[:, None]
+  j = jnp.arange(d, dtype=jnp.uint32)[None, :]
+  h = i * jnp.uint32(0x9E3779B1) + j * jnp.uint32(0x85EBCA77) + jnp.uint32(
+      0xC2B2AE3D)
+  for shift, factor in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x9E3779B1)):
+    h = (h ^ (h >> jnp.uint32(shift))) * jnp.uint32(factor)
+  h = h ^ (h >> jnp.uint32(16))
+  # The top 24 bits: exact in float32 and float64.
+  return ((h >> jnp.uint32(8)).astype(dtype) / 2**24 - 0.5).astype(dtype)
+
+
+def canonical_null_space(stat: jax.Array, basis: jax.Array,
+                         values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``basis`` with its near-null eigenspace given a canonical basis.
+
+  Where a factor is rank-deficient (early in training, or a unit with fewer
+  rows than columns), the eigenvectors of its (near-)zero eigenvalues are
+  any orthonormal basis of that subspace: ``eigh`` and QR pick one from
+  rounding alone, so runs that differ in the last bit (another device
+  count, jit against eager) pick different ones, and a later gradient's
+  energy there is normalized in different coordinates. This replaces them by
+  a deterministic function of the subspace.
+
+  Let the last ``m`` columns ``Q_0`` of ``basis`` be the null ones: the
+  longest run at the end whose ``values`` are at most
+  :func:`null_space_threshold` (``m = 0`` when the factor is zero: its
+  basis is kept). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
+  Q_1^T`` (``Q_1``: the other columns) does not depend on the basis chosen;
+  the new columns are the Q factor of ``P R_m``, the projection of the first
+  ``m`` columns of the fixed :func:`null_space_reference` ``R``, except
+  that coordinate axes on which ``GG`` is exactly zero (a dead input or
+  output) stay axes (the last columns, in index order); their values are
+  their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level, like the
+  eigenvalues they replace, but a continuous function of ``GG``).
+
+  Args:
+    stat: the ``(d, d)`` factor ``GG``.
+    basis: ``(d, d)`` orthonormal columns, sorted by decreasing ``values``
+      (at least the null ones last).
+    values: ``(d,)`` their eigenvalues (estimates).
+
+  Returns:
+    ``(basis, values)`` with the null columns replaced.
+  """
+  d = values.shape[0]
+  threshold = null_space_threshold(values, stat)[0]
+  small = (values <= threshold) & (threshold > 0)
+  null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
+  m = jnp.sum(null.astype(jnp.int32))
+
+  def canonical(operands):
+    basis, values = operands
+    dtype = basis.dtype
+    # Coordinate axes with a zero row and column in GG (a unit's dead
+    # inputs or outputs: exactly zero gradient there) are exact null
+    # vectors, whatever the rounding: they are kept as axes, last, in index
+    # order, so that a zero gradient coordinate stays exactly zero rotated.
+    on_axis = jnp.diagonal(stat) == 0
+    axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
+    live = (~on_axis)[:, None].astype(dtype)
+    axis_columns = jnp.eye(d, dtype=dtype)[
+        :, jnp.argsort(~on_axis, stable=True)]
+    # The rest of the null space: project the first m - axes columns of R
+    # with I - Q_1 Q_1^T (Q_1: the kept columns) and off the axes, and
+    # orthonormalize (Householder QR: its first columns depend on the first
+    # columns of its argument alone, the rest being zero); twice: the first
+    # QR's result leans into the kept span by rounding times R's condition
+    # number, the second starts from orthonormal columns.
+    kept = basis * (~null)[None, :].astype(dtype)
+    first = (jnp.arange(d) < m - axes)[None, :].astype(dtype)
+    projected = null_space_reference(d, dtype) * first
+    for _ in range(2):
+      projected = projected - jnp.matmul(kept, jnp.matmul(
+          kept.T, projected, precision=HIGHEST), precision=HIGHEST)
+      projected = jnp.linalg.qr(projected * live)[0] * first * live
+    position = jnp.arange(d)[None, :]
+    basis = jnp.where(
+        position >= d - axes, jnp.roll(axis_columns, d - axes, axis=1),
+        jnp.where(null[None, :], jnp.roll(projected, d - m, axis=1), basis))
+    return basis, jnp.where(null, rayleigh_quotients(stat, basis), values)
+
+  return jax.lax.cond(m > 0, canonical, lambda operands: operands,
+                      (basis, values))
+
+
+def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """A full symmetric eigendecomposition of one factor (about ``9 d^3``
+  flops); eigenvalues descending. When it is not finite, the old basis and
+  its Rayleigh quotients ``diag(Q^T GG Q)`` are returned."""
+  eigenvalues, basis = jnp.linalg.eigh(stat)
+  eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
+  ok = _all_finite(basis) & _all_finite(eigenvalues)
+  basis, eigenvalues = canonical_null_space(stat, basis, eigenvalues)
+  old_values = rayleigh_quotients(stat, old_basis)
+  # Column i of the new basis follows column i of the old one: both are
+  # sorted by decreasing eigenvalue (estimate) when they come from eigh.
+  order = jnp.arange(eigenvalues.shape[0]) + jnp.zeros_like(
+      old_values, dtype=jnp.arange(1).dtype)
+  return Solution(jnp.where(ok, basis, old_basis),
+                  jnp.where(ok, eigenvalues, old_values), order, ok)
+
+
+def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """One step of power iteration warm-started from the current basis, then
+  QR (about ``14/3 d^3`` flops), as in the SOAP reference implementation:
+  ``est = diag(Q^T GG Q)``, ``order`` sorts ``est`` descending (stable),
+  ``Q <- qr(GG Q[:, order]).Q``; the values are ``diag(Q_new^T GG Q_new)``.
+  When the new basis is not finite, the old one is kept (identity order)."""
+  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
+  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
+  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
+  # Estimates at rounding level are ties (kept in their order), so that the
+  # null columns' order does not depend on rounding either.
+  estimates = jnp.where(estimates <= null_space_threshold(estimates, stat),
+                        jnp.zeros_like(estimates), estimates)
+  order = jnp.argsort(estimates, descending=True, stable=True)
+  # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
+  # the other outputs; ``argsort``'s index operand alone is not).
+  order = order + jnp.zeros_like(estimates, dtype=order.dtype)
+  new_basis, _ = jnp.linalg.qr(power[:, order])
+  ok = _all_finite(new_basis)
+  basis = jnp.where(ok, new_basis, old_basis)
+  basis, values = canonical_null_space(stat, basis,
+                                       rayleigh_quotients(stat, basis))
+  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
+  return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
+
+
+def keep_basis(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """The solution of a factor that is not refreshed: its basis unchanged.
+
+  Built from ``old_basis``, so that inside ``shard_map`` it varies over the
+  mesh as a solver's output does (the branches of a ``lax.cond`` must agree).
+  """
+  del stat
+  zeros = jnp.zeros_like(old_basis[0])
+  order = jnp.arange(zeros.shape[0]) + zeros.astype(jnp.arange(1).dtype)
+  return Solution(old_basis, zeros, order, jnp.isfinite(zeros[0]) | True)
+
+
+# The solvers a refresh can use, by the name the transforms' ``refresh=``
+# takes. A new solver is one entry here.
+SOLVERS: dict[str, Callable[[jax.Array, jax.Array], Solution]] = {
+    'eigh': solve_eigh,
+    'qr': solve_power_qr,
+}
+
+
+def eigh_basis(
+    stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(new_basis, eigenvalues)`` of :func:`solve_eigh`."""
+  solution = solve_eigh(stat, old_basis)
+  return solution.basis, solution.values
+
+
+def power_qr_basis(
+    stat: jax.Array, old_basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(new_basis, order)`` of :func:`solve_power_qr`; ``order`` must be
+  applied to every quantity kept per column of the old basis."""
+  solution = solve_power_qr(stat, old_basis)
+  return solution.basis, solution.order
