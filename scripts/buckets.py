@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import soap_optax
-from soap_optax import _engine
+from soap_optax import _kronecker
 
 import pod_scale
 from benchmark_sections import train_step
@@ -39,7 +39,7 @@ SETTINGS = (None, 0.1, 0.25)
 def _own_work_and_state(stack, extent):
   """A unit's work (:attr:`FactorLayout.unit_cost`) and state entries at
   its own lengths ``extent`` (the stack's factored axes)."""
-  own = _engine.FactorLayout(extent, extent, stack.layout.factored_axes)
+  own = _kronecker.FactorLayout(extent, extent, stack.layout.factored_axes)
   return (own.unit_cost, 2 * max(1, math.prod(extent))
           + 2 * sum(d * d for d in own.factor_sizes))
 

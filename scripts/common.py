@@ -1,6 +1,6 @@
 """What every script under scripts/ needs: usage errors and argument helpers,
 device selection, the machine description the scripts record, saving figures,
-timing, and a silent progress bar.
+timing, parameter sets and their count, and a silent progress bar.
 
 This module imports neither JAX nor matplotlib at import time: a script
 imports it, parses its arguments and selects its device (``select_device``)
@@ -167,6 +167,12 @@ def transformer_shapes(d: int, layers: int, vocab: int, seq: int):
         f'h{i}/out/kernel': (4 * d, d), f'h{i}/out/bias': (d,),
     })
   return shapes
+
+
+def parameter_count(params) -> int:
+  """Every element of a parameter tree (arrays or shape-only stand-ins)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(leaf.size for leaf in jax.tree.leaves(params))
 
 
 # ------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import common
+import optimizers
 import soap_optax
 
-from lm_config import Config, OPTIMIZERS
+from lm_config import Config
 
 VOCABULARY = 256  # bytes.
 
@@ -69,9 +71,10 @@ class ByteTransformer(nnx.Module):
 
 
 def parameter_count(config: Config) -> int:
-  """Every parameter of the ByteTransformer of ``config``'s sizes."""
-  model = ByteTransformer(config, nnx.Rngs(0))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  """Every parameter of the ByteTransformer of ``config``'s sizes (counted on
+  its shapes: nothing is allocated)."""
+  model = nnx.eval_shape(lambda: ByteTransformer(config, nnx.Rngs(0)))
+  return common.parameter_count(nnx.state(model, nnx.Param))
 
 
 # ------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def muon_dimension_numbers(params):
 
 
 def make_optimizer(config: Config, name: str, learning_rate: float):
-  """The optimizer ``name`` (one of OPTIMIZERS) at peak rate
+  """The optimizer ``name`` (one of optimizers.OPTIMIZERS) at peak rate
   ``learning_rate``, with ``config``'s schedule and settings.
 
   optax's Muon: Newton-Schulz-orthogonalized momentum on matrices, Adam on
@@ -143,16 +146,18 @@ def make_optimizer(config: Config, name: str, learning_rate: float):
   'muon_all_matrices' is optax's default routing (every 2-D leaf, the
   embedding and head included; the 3-D attention kernels to Adam) with the
   Adam part at config.adam_lr; 'muon_shared_lr' is optax's default routing
-  and one rate for both. The eigenbasis optimizers get AdamW at
-  config.adam_lr on the parameters config.soap_params leaves out.
+  and one rate for both. The eigenbasis optimizers (optimizers.EIGENBASIS)
+  take config.soap_b2 as their second-moment decay and config.one_sided,
+  and get AdamW at config.adam_lr on the parameters config.soap_params
+  leaves out.
   """
+  if name not in optimizers.OPTIMIZERS:
+    raise ValueError(f'unknown optimizer {name!r}; choose from '
+                     f'{optimizers.OPTIMIZERS}')
   wd = config.weight_decay
-  freq = config.precondition_frequency
   lr = learning_rate_schedule(config, learning_rate)
-  b2 = config.soap_b2
-  one_sided = config.one_sided
   adam_part = learning_rate_schedule(config, config.adam_lr)
-  if name == 'adamw':
+  if name == optimizers.ADAMW:
     return adamw(config, learning_rate)
   if name == 'muon':
     return optax.contrib.muon(
@@ -164,31 +169,10 @@ def make_optimizer(config: Config, name: str, learning_rate: float):
                               adam_learning_rate=adam_part)
   if name == 'muon_shared_lr':
     return optax.contrib.muon(lr, weight_decay=wd, adam_weight_decay=wd)
-  eigenbasis = {
-      'soap': lambda: soap_optax.soap(
-          lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
-          one_sided=one_sided),
-      'factorized_soap': lambda: soap_optax.factorized_soap(
-          lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
-          one_sided=one_sided),
-      'shampoo': lambda: soap_optax.shampoo(
-          lr, shampoo_beta=b2, weight_decay=wd, precondition_frequency=freq),
-      'soap_no_floor': lambda: soap_optax.soap(
-          lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
-          one_sided=one_sided, rounding_floor=False),
-      'shampoo_ungrafted': lambda: soap_optax.shampoo(
-          lr, shampoo_beta=b2, weight_decay=wd, precondition_frequency=freq,
-          grafting='none'),
-      'kl_shampoo': lambda: soap_optax.kl_shampoo(
-          lr, shampoo_beta=b2, weight_decay=wd, precondition_frequency=freq,
-          one_sided=one_sided),
-      'kl_soap': lambda: soap_optax.soap(
-          lr, b2=b2, weight_decay=wd, precondition_frequency=freq,
-          one_sided=one_sided, factor_estimator='kl'),
-  }
-  if name not in eigenbasis:
-    raise ValueError(f'unknown optimizer {name!r}; choose from {OPTIMIZERS}')
-  tx = eigenbasis[name]()
+  tx = optimizers.make_eigenbasis_optimizer(
+      name, lr, second_moment_decay=config.soap_b2,
+      one_sided=config.one_sided, weight_decay=wd,
+      precondition_frequency=config.precondition_frequency)
   if config.soap_params != 'all':
     tx = optax.partition(
         {'eigenbasis': tx, 'adamw': adamw(config, config.adam_lr)},

@@ -15,12 +15,17 @@ import sysconfig
 
 import numpy as np
 
+import optimizers
 from common import UsageError
 
-OPTIMIZERS = ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
-              'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
-              # For the numerics comparisons (BENCHMARKS.md section 7):
-              'soap_no_floor', 'shampoo_ungrafted')
+# The main job's optimizers (names of optimizers.OPTIMIZERS, in the order its
+# help lists them): every one but the benchmark's 'soap_one_sided' (the main
+# job's --one-sided makes its eigenbasis optimizers one-sided).
+OPTIMIZERS = optimizers.check_names(
+    ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
+     'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
+     # For the numerics comparisons (BENCHMARKS.md section 7):
+     'soap_no_floor', 'shampoo_ungrafted'))
 
 # Learning rates used when none is given: 3e-3, SOAP's default, for every
 # optimizer but Muon; for adamw, soap and muon_shared_lr it is also the best
@@ -64,8 +69,8 @@ SOAP_PARAMS = ('all', 'matrices', 'hidden')
 # b2 = shampoo_beta = 0.9, SOAP on the blocks' matrices and AdamW on the
 # rest, constant rate 3e-3. (Config's own defaults are the library's.)
 TUNED_SOAP = dict(precondition_frequency=2, soap_b2=0.9, soap_params='hidden')
-EIGENBASIS_OPTIMIZERS = ('soap', 'factorized_soap', 'shampoo', 'soap_no_floor',
-                         'shampoo_ungrafted', 'kl_shampoo', 'kl_soap')
+EIGENBASIS_OPTIMIZERS = tuple(name for name in OPTIMIZERS
+                              if name in optimizers.EIGENBASIS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from flax import nnx
 import common
 import lm
 import lm_config
+import soap_optax
 
 
 class Interrupted(Exception):
@@ -120,9 +121,8 @@ def train_one(config: lm_config.Config, name: str, learning_rate: float,
   record['finished'] = True
   record['optimizer_step_share'] = optimizer_step_share(
       model, optimizer, train_dev, config)
-  record['state_bytes'] = sum(
-      leaf.nbytes for leaf in jax.tree.leaves(lm.optimizer_state(optimizer))
-      if hasattr(leaf, 'nbytes'))
+  record['state_bytes'] = soap_optax.state_nbytes(
+      lm.optimizer_state(optimizer))
   record['tokens_per_second'] = tokens_per_step * (
       config.steps - start_step) / max(train_time, 1e-9)
   return record

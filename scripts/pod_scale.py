@@ -183,8 +183,7 @@ def run_config(model: str, devices: int, mesh_kind: str, scanned: bool,
     compile_s = time.perf_counter() - tick
     memory = compiled.memory_analysis()
     unsharded = jax.eval_shape(build(name, False).init, plain)
-    ideal = sum(x.dtype.itemsize * x.size
-                for x in jax.tree.leaves(unsharded)) / fsdp
+    ideal = soap_optax.state_nbytes(unsharded) / fsdp
     found = collectives(compiled.as_text())
     result = dict(
         state=state_bytes(state, shardings), ideal=ideal,

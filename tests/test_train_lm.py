@@ -186,6 +186,37 @@ def test_the_adamw_part_is_optax_adamw_at_the_adam_part_rate():
                          expected['blocks'][0]['up']['kernel'])
 
 
+def test_every_script_name_comes_from_the_one_table():
+  import optimizers  # pylint: disable=g-import-not-at-top
+  from benchmark_sections import shared  # pylint: disable=g-import-not-at-top
+  from experiment_parts import kronecker  # pylint: disable=g-import-not-at-top
+  assert set(lm_config.OPTIMIZERS) <= set(optimizers.OPTIMIZERS)
+  assert set(lm_config.DEFAULT_LEARNING_RATES) == set(lm_config.OPTIMIZERS)
+  assert set(lm_config.EIGENBASIS_OPTIMIZERS) <= set(optimizers.EIGENBASIS)
+  assert set(shared.OPTIMIZERS) <= set(optimizers.OPTIMIZERS)
+  assert set(kronecker.kronecker_factories(10)) <= set(optimizers.OPTIMIZERS)
+  config = _build()
+  for name in optimizers.OPTIMIZERS:  # each builds with the main job's config.
+    lm.make_optimizer(config, name, 1e-3)
+  with pytest.raises(ValueError, match='unknown optimizer'):
+    optimizers.check_names(('soap', 'sgd'))
+
+
+def test_the_table_names_an_alias_and_its_keywords():
+  import optimizers  # pylint: disable=g-import-not-at-top
+  import soap_optax  # pylint: disable=g-import-not-at-top
+  assert optimizers.eigenbasis_alias('kl_soap') is soap_optax.soap
+  assert optimizers.EIGENBASIS['kl_soap'].keywords == dict(
+      factor_estimator='kl')
+  assert optimizers.second_moment_keyword('soap') == 'b2'
+  assert optimizers.second_moment_keyword('kl_shampoo') == 'shampoo_beta'
+  with pytest.raises(ValueError, match='one_sided: shampoo'):
+    optimizers.make_eigenbasis_optimizer('shampoo', 1e-3, one_sided=True)
+  with pytest.raises(ValueError, match='factor_estimator'):
+    optimizers.make_eigenbasis_optimizer('kl_soap', 1e-3,
+                                         factor_estimator='frobenius')
+
+
 @pytest.mark.parametrize('schedule, warmup', [('constant', 0),
                                               ('constant', 5),
                                               ('cosine', None)])

@@ -15,14 +15,18 @@ import time
 
 import common
 import jax
-import optax
+import optimizers
 
 from benchmark_sections import shared
 from benchmark_sections import train_step
 
 TITLE = 'Compile time of the jitted update'
 
-QUICK_COMPILE_OPTIMIZERS = ('adamw', 'soap')
+QUICK_COMPILE_OPTIMIZERS = optimizers.check_names(('adamw', 'soap'))
+# The GPT-2-sized update's optimizers ('muon': optax's, its default routing),
+# and those of its whole training step.
+GPT2_UPDATE_OPTIMIZERS = optimizers.check_names(('adamw', 'muon', 'soap'))
+GPT2_STEP_OPTIMIZERS = optimizers.check_names(('adamw', 'soap'))
 
 
 def aot_seconds(fn, *args) -> tuple[float, float]:
@@ -67,21 +71,18 @@ def run_gpt2(quick: bool) -> dict:
   num_leaves = len(jax.tree.leaves(params))
   d = config['d']
   matrix = shared.abstract_tree({'fc': (d, 4 * d)})
-  factories = {'adamw': lambda: shared.make_optimizer('adamw'),
-               'muon': lambda: optax.contrib.muon(1e-3),
-               'soap': lambda: shared.make_optimizer('soap')}
   rows = []
   for what, tree in (('update', params), ('one matrix', matrix)):
-    for name, factory in factories.items():
+    for name in GPT2_UPDATE_OPTIMIZERS:
       print(f'  compile: GPT-2 {what} {name}', flush=True)
-      tx = factory()
+      tx = shared.make_optimizer(name)
       state = jax.eval_shape(tx.init, tree)
       lower_s, compile_s = aot_seconds(tx.update, tree, state, tree)
       rows.append(dict(what=what, optimizer=name,
                        num_leaves=len(jax.tree.leaves(tree)),
                        lower_s=lower_s, compile_s=compile_s))
   batch = train_step.abstract_batch(config)
-  for name in ('adamw', 'soap'):
+  for name in GPT2_STEP_OPTIMIZERS:
     print(f'  compile: GPT-2 training step {name}', flush=True)
     tx = shared.make_optimizer(name)
     lower_s, compile_s = aot_seconds(

@@ -117,7 +117,7 @@ def run(quick: bool) -> dict:
       if name == 'adamw':
         adamw_bytes = nbytes
       rows.append(dict(params=set_name, optimizer=name,
-                       num_params=sum(shared.numel(s) for s in shapes.values()),
+                       num_params=common.parameter_count(params),
                        state_numbers=measured, formula_numbers=formula,
                        exact=measured == formula, state_bytes=nbytes,
                        over_adamw=nbytes / adamw_bytes))

@@ -15,7 +15,8 @@ import common
 import jax
 import jax.numpy as jnp
 
-from soap_optax import _engine
+from soap_optax import _batching
+from soap_optax import _solvers
 
 TITLE = 'Refresh cost'
 
@@ -38,8 +39,8 @@ def run(quick: bool) -> dict:
   repeats = 3 if quick else 5
   budget = 5.0 if quick else 60.0
   single = []
-  eigh_refresh = jax.jit(_engine.eigh_basis)
-  qr_refresh = jax.jit(_engine.power_qr_basis)
+  eigh_refresh = jax.jit(_solvers.eigh_basis)
+  qr_refresh = jax.jit(_solvers.power_qr_basis)
   for n in sizes:
     print(f'  refresh: n={n}', flush=True)
     stat, basis = random_factor(n, n)
@@ -59,10 +60,10 @@ def run(quick: bool) -> dict:
     factors = [random_factor(n, 100 + i) for i in range(count)]
     stats = [s for s, _ in factors]
     bases = [q for _, q in factors]
-    for method, fn in (('eigh', _engine.eigh_basis),
-                       ('qr', _engine.power_qr_basis)):
+    for method, fn in (('eigh', _solvers.eigh_basis),
+                       ('qr', _solvers.power_qr_basis)):
       # map_by_size takes stacks: here, 8 stacks of one factor each.
-      together = jax.jit(lambda s, q, fn=fn: _engine.map_by_size(
+      together = jax.jit(lambda s, q, fn=fn: _batching.map_by_size(
           fn, [a[None] for a in s], [b[None] for b in q]))
       apart = jax.jit(
           lambda s, q, fn=fn: [fn(a, b) for a, b in zip(s, q)])

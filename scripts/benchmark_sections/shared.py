@@ -1,8 +1,9 @@
 """What several benchmark sections share: the optimizers and their settings,
 the parameter sets, and the FLOP count of a SOAP step.
 
-* :data:`OPTIMIZERS` and :func:`make_optimizer`: the optimizers compared, each
-  with its library defaults at refresh frequency :data:`FREQUENCY`.
+* :data:`OPTIMIZERS` and :func:`make_optimizer`: the optimizers compared
+  (names of ``optimizers.OPTIMIZERS``), each with its library defaults at
+  refresh frequency :data:`FREQUENCY`.
 * :func:`scanned_transformer_shapes`: ``common.transformer_shapes`` (a
   GPT-style parameter set as ``name -> shape``; the memory section's
   closed-form checks, GPT-2 small's included, are written against those
@@ -20,11 +21,13 @@ import common
 import jax
 import jax.numpy as jnp
 import optax
+import optimizers
 
 import soap_optax
 from benchmark_sections import FREQUENCY
 
-OPTIMIZERS = ('adamw', 'soap', 'shampoo', 'factorized_soap', 'soap_one_sided')
+OPTIMIZERS = optimizers.check_names(
+    ('adamw', 'soap', 'shampoo', 'factorized_soap', 'soap_one_sided'))
 FULL_SHAPES = ((256, 1024), (512, 512), (1024, 1024), (1024, 4096))
 QUICK_SHAPES = ((32, 64),)
 MAX_PRECOND_DIM = 10000  # the aliases' default
@@ -92,26 +95,18 @@ def layer_axis_numbers(params):
 def make_optimizer(name: str, frequency: int = FREQUENCY,
                    learning_rate: float = 1e-3, **layout):
   """Each optimizer with its library defaults (shampoo: eigh refresh, Adam
-  grafting, momentum). ``layout`` (``dimension_numbers``, ``block_size``,
-  ``mu_dtype``) goes to the eigenbasis optimizers."""
-  if name == 'adamw':
+  grafting, momentum; 'muon': optax's Muon with its default routing, one
+  rate for both parts). ``layout`` (``dimension_numbers``, ``block_size``,
+  ``mu_dtype``, ``one_sided``) goes to the eigenbasis optimizers, less
+  ``mu_dtype`` where the alias has none (shampoo)."""
+  if name == optimizers.ADAMW:
     return optax.adamw(learning_rate, mu_dtype=layout.get('mu_dtype'))
-  if name == 'shampoo':
+  if name == 'muon':
+    return optax.contrib.muon(learning_rate)
+  if not optimizers.takes_option(name, 'mu_dtype'):
     layout.pop('mu_dtype', None)
-  factories = {
-      'soap': lambda: soap_optax.soap(
-          learning_rate, precondition_frequency=frequency, **layout),
-      'shampoo': lambda: soap_optax.shampoo(
-          learning_rate, precondition_frequency=frequency, **layout),
-      'factorized_soap': lambda: soap_optax.factorized_soap(
-          learning_rate, precondition_frequency=frequency, **layout),
-      'soap_one_sided': lambda: soap_optax.soap(
-          learning_rate, precondition_frequency=frequency, one_sided=True,
-          **layout),
-      'kl_shampoo': lambda: soap_optax.kl_shampoo(
-          learning_rate, precondition_frequency=frequency, **layout),
-  }
-  return factories[name]()
+  return optimizers.make_eigenbasis_optimizer(
+      name, learning_rate, precondition_frequency=frequency, **layout)
 
 
 def random_tree(shapes: dict, seed: int, scale: float = 1.0):

@@ -102,7 +102,7 @@ def run(steps: int, quick: bool) -> dict:
   rows = []
   for set_name, shapes in sets.items():
     rate = measure_reference_rates(shapes, repeats)
-    num_params = sum(shared.numel(s) for s in shapes.values())
+    num_params = common.parameter_count(shared.abstract_tree(shapes))
     # The same number of bytes as AdamW moves: 28 per parameter.
     bandwidth = measure_stream_bandwidth(
         ADAMW_BYTES_PER_PARAM * num_params // 8, repeats)

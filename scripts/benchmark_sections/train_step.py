@@ -28,9 +28,12 @@ import optax
 
 import lm
 import lm_config
+import optimizers
 from benchmark_sections import shared
 
 TITLE = 'Whole training step'
+# SOAP's compile first (the GPU question).
+OPTIMIZERS = optimizers.check_names(('soap', 'adamw'))
 
 
 def compile_config(quick: bool) -> dict:
@@ -59,7 +62,7 @@ def model_config(config) -> lm_config.Config:
   """The main job's ``Config`` with this section's model sizes (only the
   sizes are read: the optimizers are this section's own)."""
   return lm_config.Config(
-      optimizers=('soap', 'adamw'), learning_rates=(1e-3, 1e-3), steps=0,
+      optimizers=OPTIMIZERS, learning_rates=(1e-3, 1e-3), steps=0,
       batch_size=config['micro_batch'], seq_len=config['seq'],
       d_model=config['d'], num_layers=config['layers'],
       num_heads=config['heads'], eval_every=1, eval_batches=0,
@@ -83,10 +86,6 @@ def abstract_params(config):
 
 def init_params(config):
   return split_model(config)[1]
-
-
-def num_params(config) -> int:
-  return sum(x.size for x in jax.tree.leaves(abstract_params(config)))
 
 
 def batch_shape(config) -> tuple[int, int, int]:
@@ -152,7 +151,7 @@ def run(steps: int, quick: bool) -> dict:
   steps = shared.FREQUENCY if quick else (steps if on_gpu else
                                           3 * shared.FREQUENCY)
   rows = []
-  for name in ('soap', 'adamw'):  # SOAP's compile first (the GPU question).
+  for name in OPTIMIZERS:
     print(f'  train step: {name}', flush=True)
     tx = shared.make_optimizer(name)
     params = init_params(config)
@@ -189,7 +188,7 @@ def run(steps: int, quick: bool) -> dict:
     r['refresh_over_regular'] = (r['refresh_s'] / r['regular_s']
                                  if r['refresh_s'] else None)
   return dict(config=config, tokens_per_step=tokens_per_step,
-              num_params=num_params(config), rows=rows)
+              num_params=lm.parameter_count(model_config(config)), rows=rows)
 
 
 def table(section) -> str:

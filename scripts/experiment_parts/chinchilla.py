@@ -12,6 +12,7 @@ import pathlib
 import common
 import lm
 import lm_config
+import optimizers
 
 from experiment_parts.sweep import LmSweep, rungs_around, tuned_options
 
@@ -34,6 +35,7 @@ TOKENS_PER_PARAMETER = (20, 80, 160)
 CHINCHILLA_GRIDS = {'adamw': (1e-3, 3e-3, 1e-2), 'muon': (1e-2, 3e-2, 1e-1),
                     'soap': (1e-3, 3e-3, 1e-2),
                     'kl_shampoo': (1e-3, 3e-3, 1e-2)}
+optimizers.check_names(CHINCHILLA_GRIDS)
 
 
 def chinchilla_parameters(model) -> int:

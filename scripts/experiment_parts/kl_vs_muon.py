@@ -15,6 +15,7 @@ import jax
 import optax
 
 import common
+import optimizers
 import soap_optax
 
 from experiment_parts.sweep import (LM_MAIN, LM_QUICK, LmSweep, result_row,
@@ -31,6 +32,7 @@ ADAM_PART_GRID = (3e-3, 1e-2)
 # Rate grids (extended while the best is at an edge).
 KL_GRIDS = {'adamw': (3e-3,), 'muon': (1e-2, 3e-2), 'soap': (3e-3,),
             'kl_shampoo': (1e-3, 3e-3, 1e-2), 'kl_soap': (3e-3,)}
+optimizers.check_names(KL_GRIDS)
 
 
 KL_SEEDS = (0, 1)
@@ -93,12 +95,15 @@ def gpt2_state_bytes():
   SOAP, KL-Shampoo and KL-SOAP, every parameter to the optimizer."""
   params = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32) for k, shape in
             common.transformer_shapes(768, 12, 50257, 1024).items()}
+  def eigenbasis(name, **layout):  # the aliases' default rate.
+    return optimizers.make_eigenbasis_optimizer(name, 3e-3, **layout)
+
   txs = {'adamw': optax.adamw(1e-3)}
   for label, layout in (('', {}), (' one-sided', dict(one_sided=True)),
                         (' block_size=1024', dict(block_size=1024))):
-    txs['soap' + label] = soap_optax.soap(**layout)
-    txs['kl_shampoo' + label] = soap_optax.kl_shampoo(**layout)
-  txs['kl_soap'] = soap_optax.soap(factor_estimator='kl')
+    txs['soap' + label] = eigenbasis('soap', **layout)
+    txs['kl_shampoo' + label] = eigenbasis('kl_shampoo', **layout)
+  txs['kl_soap'] = eigenbasis('kl_soap')
   return {name: soap_optax.state_nbytes(jax.eval_shape(tx.init, params))
           for name, tx in txs.items()}
 
@@ -124,8 +129,8 @@ def tables(section) -> str:
             f'{seconds_cell(r["seconds_to_target"])} | {r["seconds"]:.0f} | '
             f'{"–" if share is None else f"{100 * share:.0f}%"} | '
             f'{"–" if r["state_bytes"] is None else r["state_bytes"] // 1024} |')
-  order = ('adamw', 'muon', 'soap', 'kl_shampoo', 'kl_soap')
-  lines += [line(r) for name in order for r in section['best'].get(name, [])]
+  lines += [line(r) for name in KL_GRIDS
+            for r in section['best'].get(name, [])]
   lines += ['', 'Every run on seed 0:', '',
             '| run | lr | Adam part | final valid loss | steps to '
             'AdamW\'s |', '| --- | --- | --- | --- | --- |']

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 import common
-import soap_optax
+import optimizers
 from soap_optax import problems
 
 TITLE = 'Kronecker problem'
@@ -26,25 +26,26 @@ FREQUENCIES = (1, 10, 30, 100)
 KRONECKER_GRID = tuple(2.5e-3 * 2**k for k in range(-2, 8))  # 6.25e-4 .. 0.32
 
 
+# The optimizers compared on the problem (names of optimizers.OPTIMIZERS).
+KRONECKER_OPTIMIZERS = optimizers.check_names(
+    ('adamw', 'soap', 'shampoo', 'soap_one_sided', 'factorized_soap',
+     'kl_shampoo', 'kl_soap'))
+
+
 def kronecker_factories(frequency: int):
-  """Learning rate -> optimizer, for every variant compared on the problem."""
-  return {
-      'adamw': lambda learning_rate: optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=0.0),
-      'soap': lambda learning_rate: soap_optax.soap(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency),
-      'shampoo': lambda learning_rate: soap_optax.shampoo(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency),
-      'soap_one_sided': lambda learning_rate: soap_optax.soap(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency,
-          one_sided=True),
-      'factorized_soap': lambda learning_rate: soap_optax.factorized_soap(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency),
-      'kl_shampoo': lambda learning_rate: soap_optax.kl_shampoo(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency),
-      'kl_soap': lambda learning_rate: soap_optax.soap(
-          learning_rate, weight_decay=0.0, precondition_frequency=frequency,
-          factor_estimator='kl'),
-  }
+  """Learning rate -> optimizer, for every variant compared on the problem:
+  weight decay 0, the eigenbasis optimizers refreshed every ``frequency``
+  steps, AdamW at b1 = 0.9, b2 = 0.95."""
+  def eigenbasis(name):
+    return lambda learning_rate: optimizers.make_eigenbasis_optimizer(
+        name, learning_rate, weight_decay=0.0,
+        precondition_frequency=frequency)
+
+  factories = {name: eigenbasis(name) for name in KRONECKER_OPTIMIZERS
+               if name != optimizers.ADAMW}
+  factories[optimizers.ADAMW] = lambda learning_rate: optax.adamw(
+      learning_rate, b1=0.9, b2=0.95, weight_decay=0.0)
+  return factories
 
 
 def loss_curve_fn(factory, steps):

@@ -11,6 +11,7 @@ import pathlib
 
 import common
 import lm_training
+import optimizers
 
 from experiment_parts import sweep
 
@@ -27,8 +28,7 @@ def run(quick: bool, out_dir: pathlib.Path):
            'muon': sweep.MUON_OWN_GRID, 'muon_shared_lr': sweep.MUON_GRID}
   if quick:
     grids = {name: grid[2:3] for name, grid in grids.items()}
-  candidates = (('adamw', 10), ('soap', 10), ('muon', 10),
-                ('muon_shared_lr', 10))
+  candidates = tuple((name, 10) for name in optimizers.check_names(grids))
   if quick:
     candidates = candidates[:3]
   results = {}

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import common
+import optimizers
 import soap_optax
 from soap_optax import problems
 
@@ -34,16 +35,17 @@ FOAM = dict(check_interval=10, tau=0.75, max_damping=3e-7)
 
 
 def refresh_factory(name, schedule, **options):
-  """Learning rate -> optimizer on the Kronecker problem."""
+  """Learning rate -> the eigenbasis optimizer ``name`` on the Kronecker
+  problem, refreshed on ``schedule``; 'shampoo_ungrafted' is classic
+  Shampoo, without the Rayleigh floor too."""
   if schedule == 'foam':
     schedule = soap_optax.FoamRefresh(**FOAM)
   elif schedule == 'foam, checked every step':
     schedule = soap_optax.FoamRefresh(**dict(FOAM, check_interval=1))
-  alias = {'soap': soap_optax.soap, 'shampoo': soap_optax.shampoo,
-           'shampoo_ungrafted': lambda lr, **kw: soap_optax.shampoo(
-               lr, grafting='none', rayleigh_floor=False, **kw)}[name]
-  return lambda learning_rate: alias(
-      learning_rate, weight_decay=0.0, precondition_frequency=schedule,
+  if name == 'shampoo_ungrafted':
+    options = dict(options, rayleigh_floor=False)
+  return lambda learning_rate: optimizers.make_eigenbasis_optimizer(
+      name, learning_rate, weight_decay=0.0, precondition_frequency=schedule,
       **options)
 
 

@@ -16,6 +16,7 @@ import pathlib
 import numpy as np
 
 import common
+import optimizers
 
 from experiment_parts.sweep import (
     LM_MAIN, LM_QUICK, LR_LADDER, MUON_OWN_GRID, SOAP_BASE, LmSweep, best_rate,
@@ -33,6 +34,10 @@ SOAP_AXES = (('soap_b2', (0.9, 0.99)),
 
 
 SOAP_AXES_QUICK = (('soap_params', ('hidden',)),)
+
+
+# SOAP's relatives, run with the best SOAP's settings.
+RELATIVES = optimizers.check_names(('factorized_soap', 'shampoo'))
 
 
 # Larger batch (4x the tokens per step, same steps): the SOAP paper's claim
@@ -133,7 +138,7 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run):
   # rung above (Shampoo preferred larger rates at the smaller size, section
   # 4), extended like every grid.
   relatives = []
-  for name in () if quick else ('factorized_soap', 'shampoo'):
+  for name in () if quick else RELATIVES:
     _, lr, options = settings(best_soap)
     if name == 'shampoo':
       options['one_sided'] = False

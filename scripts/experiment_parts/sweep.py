@@ -14,6 +14,7 @@ import pathlib
 
 import lm_config
 import lm_training
+import optimizers
 
 # Learning-rate grids of the 'muon' part; Muon's matrices take larger rates
 # (its Adam part stays at AdamW's best).
@@ -63,7 +64,7 @@ def options_label(name, options):
   that differ from SOAP_BASE (the eigenbasis optimizers), or the schedule
   alone (AdamW, Muon)."""
   parts = [name]
-  if name in ('soap', 'factorized_soap', 'shampoo', 'kl_shampoo', 'kl_soap'):
+  if name in optimizers.EIGENBASIS:
     if options['precondition_frequency'] != SOAP_BASE['precondition_frequency']:
       parts.append(f'f={options["precondition_frequency"]}')
     if options['soap_b2'] != SOAP_BASE['soap_b2']:
