@@ -19,7 +19,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # The tests compile many small programs and run each a few times, so the
 # backend's optimizations cost far more than they save: without LLVM's
 # optimization passes and with XLA's older CPU loop emitters, a cold suite
-# compiles in well under half the time (BENCHMARKS.md, "The test suite").
+# compiles in well under half the time (BENCHMARKS.md, section 14).
 # Neither flag changes the HLO program; they change how it becomes machine
 # code, so float32 results may differ in their last bits (a multiply-add
 # fused or not), as between any two builds. Subprocesses (the scripts, the
@@ -59,3 +59,19 @@ def x64():
   """Runs a test with ``jax_enable_x64`` on, restoring it afterwards."""
   with jax.enable_x64(True):
     yield
+
+
+# Files that take longest cold (minutes of compiling, most in subprocesses),
+# run first: pytest-xdist's --dist loadfile hands files to the workers in
+# collection order, and a long file started last leaves the other core idle
+# at the end (the 8-device checks alone run about five minutes).
+_LONGEST_FIRST = ('test_sharding.py', 'test_benchmark.py', 'test_train_lm.py',
+                  'test_transforms.py', 'test_stacks.py', 'test_contract.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
+            else len(_LONGEST_FIRST))
+  items.sort(key=rank)  # stable: each file's own order is kept.

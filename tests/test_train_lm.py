@@ -22,10 +22,20 @@ def _valid_losses(out_dir, name):
   return record['valid_loss'], record['batch_loss']
 
 
-def test_quick_run_writes_table_plot_and_json(tmp_path):
-  out = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+  """One uninterrupted quick run of SOAP and AdamW, checkpointed every 5
+  steps: read by the output checks and, as the straight run, by the
+  resume check (SOAP's losses do not depend on which other optimizers run
+  or on checkpointing)."""
+  out = tmp_path_factory.mktemp('train_lm') / 'run'
   result = run('--quick', '--no-progress', '--optimizers', 'soap,adamw',
-               '--out', str(out))
+               '--checkpoint-every', '5', '--out', str(out))
+  return result, out
+
+
+def test_quick_run_writes_table_plot_and_json(quick_run):
+  result, out = quick_run
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'steps to AdamW final' in result.stdout
   assert (out / 'losses.png').stat().st_size > 10_000
@@ -59,11 +69,13 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   assert (out / 'diagnostics.png').stat().st_size > 10_000
 
 
-def test_interrupted_and_resumed_run_reproduces_the_losses_bitwise(tmp_path):
+def test_interrupted_and_resumed_run_reproduces_the_losses_bitwise(
+    tmp_path, quick_run):
   args = ('--quick', '--no-progress', '--optimizers', 'soap',
           '--checkpoint-every', '5')
-  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  assert run(*args, '--out', str(straight)).returncode == 0
+  straight_result, straight = quick_run
+  assert straight_result.returncode == 0, straight_result.stderr[-3000:]
+  resumed = tmp_path / 'resumed'
   first = run(*args, '--out', str(resumed), '--stop-after', '10')
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'stopped after step 10' in first.stdout
