@@ -277,7 +277,7 @@ class _OutsideMapParams:
   """
 
   def __repr__(self):
-    return 'soap_optax.OUTSIDE_MAP_PARAMS'
+    return '<eigenbasis state: no parameter-shaped tree>'
 
 
 OUTSIDE_MAP_PARAMS = _OutsideMapParams()

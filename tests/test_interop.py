@@ -243,3 +243,29 @@ def test_inject_hyperparams_with_traced_bucket_padding_says_what_to_do():
       'precondition_frequency', 'max_precond_dim'))(learning_rate=1e-3)
   with pytest.raises(ValueError, match='bucket_padding'):
     jax.jit(opt.init)({'w': jnp.ones((4, 6))})
+
+
+def test_map_params_maps_optax_trees_and_hands_ours_over_whole():
+  """optax.tree.map_params on the shampoo alias: the trees optax's own links
+  keep (the momentum, the Adam graft's second moment) are mapped like the
+  parameters; the eigenbasis transform's state, which holds no
+  parameter-shaped tree, reaches transform_non_params once, whole."""
+  params = {'w': jnp.ones((3, 4)), 'b': jnp.ones((4,))}
+  tx = soap_optax.shampoo(1e-3)
+  state = tx.init(params)
+  handed = []
+
+  def non_params(value):
+    handed.append(value)
+    return value
+
+  mapped = optax.tree.map_params(tx, lambda p: p + 1.0, state,
+                                 transform_non_params=non_params)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  graft, momentum = mapped[0].magnitude.nu, mapped[1].ema
+  for tree in (graft, momentum):
+    assert jax.tree.structure(tree) == jax.tree.structure(params)
+    assert all(np.all(np.asarray(x) == 1.0) for x in jax.tree.leaves(tree))
+  eigenbasis_states = [h for h in handed if hasattr(h, 'eigenbasis')]
+  assert len(eigenbasis_states) == 1
+  assert eigenbasis_states[0] is state[0].direction
