@@ -60,18 +60,3 @@ def x64():
   with jax.enable_x64(True):
     yield
 
-
-# Files that take longest cold (minutes of compiling, most in subprocesses),
-# run first: pytest-xdist's --dist loadfile hands files to the workers in
-# collection order, and a long file started last leaves the other core idle
-# at the end (the 8-device checks alone run about five minutes).
-_LONGEST_FIRST = ('test_sharding.py', 'test_benchmark.py', 'test_train_lm.py',
-                  'test_transforms.py', 'test_stacks.py', 'test_contract.py')
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = item.path.name
-    return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
-            else len(_LONGEST_FIRST))
-  items.sort(key=rank)  # stable: each file's own order is kept.
