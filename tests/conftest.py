@@ -38,10 +38,14 @@ def _with_fast_compile_flags(flags: str) -> str:
                    for name, value in FAST_COMPILE_FLAGS.items()
                    if name not in flags)
   combined = f'{flags} {added}'.strip()
-  probe = subprocess.run(
-      [sys.executable, '-c', 'import jax; jax.devices()'],
-      env=dict(os.environ, XLA_FLAGS=combined, JAX_PLATFORMS='cpu'),
-      capture_output=True, check=False)
+  try:
+    probe = subprocess.run(
+        [sys.executable, '-c', 'import jax; jax.devices()'],
+        env=dict(os.environ, XLA_FLAGS=combined, JAX_PLATFORMS='cpu'),
+        stdin=subprocess.DEVNULL, capture_output=True, check=False,
+        timeout=120)
+  except subprocess.TimeoutExpired:
+    return flags
   return combined if probe.returncode == 0 else flags
 
 

@@ -64,7 +64,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
   # the devices (the same factors and stacks, one compiled program, the
   # busiest device holding at most a quarter of the replicated bytes).
   sharded = results['sharded']
-  assert sharded['devices'] == 8
+  assert sharded['devices'] == 8 and sharded['models']
   for name, model in sharded['models'].items():
     replicated, divided = model['replicated'], model['divided']
     assert divided['factors'] == replicated['factors'], name
@@ -137,7 +137,9 @@ def test_quick_experiments_write_tables_and_plots(tmp_path):
   assert state['soap one-sided'] < state['soap block_size=1024'] < state['soap']
   chinchilla = results['chinchilla']
   assert (tmp_path / 'chinchilla.png').stat().st_size > 5_000
+  assert chinchilla['rows'] and chinchilla['ratios']
   for r in chinchilla['rows']:  # each row is the best rate of its grid.
+    assert math.isfinite(r['final_valid_loss']), r
     assert r['final_valid_loss'] == min(r['grid'].values()), r
     assert r['grid'][str(r['lr'])] == r['final_valid_loss'], r
   for ratio in chinchilla['ratios']:

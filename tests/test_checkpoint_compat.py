@@ -9,7 +9,8 @@ entries (measured: at most 2.2e-16 relative).
 
 Each fixture set was written by ``tests/fixtures/make_checkpoints.py`` with
 the soap_optax of the commit it names (its ``provenance.json`` records it;
-rerunning the script at that commit reproduces the files bit for bit):
+rerunning the script at that commit reproduces the recorded updates and
+states, the ``.npz`` files, bit for bit):
 ``v0_checkpoints`` by the code before the skeleton refactor, and
 ``v1_checkpoints`` by the code before the smaller rule interface, every rule
 and alias default (grafted Shampoo, KL-SOAP, KL-Shampoo) included.
@@ -31,8 +32,10 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 # in that unit's rotated coordinates. v0's factorized_soap refreshes the
 # (5,) vector's rank-deficient 5 x 5 factor during the continuation; the
 # canonical null-space basis (issue 21) picks a null column's sign by its own
-# rule, not eigh's: (leaf of the bases, leaves of the unit's rotated state).
-SIGN_CONVENTION_CHANGED = {('v0_checkpoints', 'factorized_soap'): (16, (0,))}
+# rule, not eigh's: (leaf of the bases, leaves of the unit's rotated state
+# (one (1, 5) unit), the flipped columns: the null one).
+SIGN_CONVENTION_CHANGED = {
+    ('v0_checkpoints', 'factorized_soap'): (16, (0,), [4])}
 
 CASES = [(name, optimizer) for name, spec in sorted(fixture.FIXTURE_SETS.items())
          for optimizer in spec['optimizers']]
@@ -92,9 +95,9 @@ def test_checkpoint_restores_and_continues(set_name, name, x64):
   if flipped:
     # Exactly the null columns' signs changed, and the rotated state with
     # them: compare with those signs applied (signs included everywhere).
-    basis, rotated = flipped
+    basis, rotated, columns = flipped
     signs = _column_signs(leaves[basis], expected[f'state_{basis}'])
-    assert 0 < np.sum(signs < 0) < signs.size, signs
+    assert np.flatnonzero(signs < 0).tolist() == columns, signs
     leaves[basis] = leaves[basis] * signs[..., None, :]
     for i in rotated:
       leaves[i] = leaves[i] * signs.reshape(leaves[i].shape)
