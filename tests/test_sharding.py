@@ -40,16 +40,6 @@ _CHECK_ARGS = (('compiled',), ('parity', 'float64'), ('parity', 'float32'),
 _CHECK_RESULTS = {}
 
 
-def _check_environment(check):
-  """The float32 parity's tolerance is stated for XLA's default CPU build
-  (float32 SOAP amplifies last-bit differences where factors are nearly
-  rank-deficient), so it runs without conftest's fast-compile flags."""
-  if check != ('parity', 'float32'):
-    return None
-  return dict(os.environ, XLA_FLAGS=os.environ.get(
-      'SOAP_OPTAX_USER_XLA_FLAGS', os.environ.get('XLA_FLAGS', '')))
-
-
 def _run_check(*args, timeout=1200):
   if not _CHECK_RESULTS:
     with tempfile.TemporaryDirectory() as directory:
@@ -57,7 +47,7 @@ def _run_check(*args, timeout=1200):
               for i in range(len(_CHECK_ARGS))]
       processes = [subprocess.Popen(
           [sys.executable, CHECKS, *check], stdout=log,
-          stderr=subprocess.STDOUT, text=True, env=_check_environment(check))
+          stderr=subprocess.STDOUT, text=True)
                    for check, log in zip(_CHECK_ARGS, logs)]
       try:
         for p in processes:
