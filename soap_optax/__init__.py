@@ -30,6 +30,7 @@ from soap_optax._sharding import parameter_shardings
 from soap_optax._sharding import portable_state
 from soap_optax._sharding import reshard_state
 from soap_optax._sharding import state_shardings
+from soap_optax._upgrade import upgrade_state
 
 __all__ = (
     'AdamGraftState',
@@ -62,6 +63,7 @@ __all__ = (
     'state_nbytes_per_device',
     'state_shardings',
     'state_size',
+    'upgrade_state',
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
+from soap_optax import _estimators
 from soap_optax import _factored
 from soap_optax import _floors
-from soap_optax import _kronecker
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -22,8 +22,10 @@ class ScaleByAdafactorInEigenbasisState(NamedTuple):
   Attributes:
     eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
       ``eigenbasis.count`` is the number of calls so far.
-    axis_stats: Adafactor's statistic ``s_k`` for every (merged) axis of every
-      stack, ``(U, d_k)``, in the rotated basis, flat.
+    axis_stats: Adafactor's statistic ``s_k`` for every (merged) axis
+      without a Kronecker factor of every stack, ``(U, d_k)``, flat (a
+      factored axis's ``s_k`` is the engine's tracked
+      ``eigenbasis.quotients``, the same numbers).
   """
 
   eigenbasis: _state.EigenbasisState
@@ -31,52 +33,37 @@ class ScaleByAdafactorInEigenbasisState(NamedTuple):
 
 
 class _AdafactorStack(NamedTuple):
-  axis_stats: tuple[jax.Array, ...]
+  axis_stats: tuple[jax.Array, ...]  # The axes without a factor.
 
 
 @dataclasses.dataclass(frozen=True)
 class _AdafactorRule(_skeleton.Rule):
-  """Absorb, refresh, then Adafactor's step in the unit's (new) bases."""
+  """Refresh, then Adafactor's step in the unit's (new) bases: a factored
+  axis's statistic is the engine's tracked ``diag(Q_k^T GG_k Q_k)``."""
 
-  factor_beta: Any
+  b2: Any
   eps: Any
   rounding_floor: bool
 
   State = ScaleByAdafactorInEigenbasisState
 
-  @property
-  def pads_exactly(self):
-    # The factored moment's total sums axis 0's floored statistics: the
-    # floor added to padded (or, reordered, other) entries changes it.
-    return not self.rounding_floor
-
   def init_stack(self, stack):
     return _AdafactorStack(tuple(
         jnp.zeros((stack.num_slots, d), stack.dtype)
-        for d in stack.layout.merged_shape))
+        for d in stack.layout.unfactored(stack.layout.merged_shape)))
 
-  def unit_step(self, g, factors, state, quotients, refreshed, count):
-    del quotients, count
-    b2, layout = self.factor_beta, factors.layout
-    # Rotated in the current bases (new ones on a refresh call): the
-    # statistic of an unrotated axis does not depend on the other axes'
-    # rotation, and the rotated axes' statistics are re-estimated anyway.
-    rotated = _kronecker.rotate(g, factors)
-    running = tuple(b2 * s + (1 - b2) * new for s, new in zip(
-        state.axis_stats, _factored.axis_sums_of_squares(rotated)))
-    fresh = dict(zip(layout.factored_axes, refreshed.values))
-    stats = tuple(
-        jnp.where(refreshed.due, fresh[axis], s) if axis in fresh else s
-        for axis, s in enumerate(running))
-    second_moment = _factored.factored_second_moment(
-        _floors.with_separable_rounding_floor(stats) if self.rounding_floor
-        else stats)
-    direction = _kronecker.unrotate(
-        rotated * _factored.inverse_power(second_moment + self.eps, 0.5),
-        factors)
-    return _skeleton.UnitStep(
-        direction=direction, state=_AdafactorStack(stats),
-        quotients=tuple(stats[axis] for axis in layout.factored_axes))
+  def step(self, rotated, state, view):
+    # A statistic of an axis without a factor does not depend on the other
+    # axes' rotation; the others are re-estimated at every refresh.
+    unfactored = tuple(self.b2 * s + (1 - self.b2) * new for s, new in zip(
+        state.axis_stats, view.layout.unfactored(
+            _factored.axis_sums_of_squares(rotated))))
+    stats = view.layout.interleave(view.quotients, unfactored)
+    if self.rounding_floor:
+      stats = _floors.with_separable_rounding_floor(stats)
+    second_moment = _factored.factored_second_moment(stats)
+    return (rotated * _factored.inverse_power(second_moment + self.eps, 0.5),
+            1, _AdafactorStack(unfactored))
 
 
 def scale_by_adafactor_in_eigenbasis(
@@ -162,7 +149,10 @@ def scale_by_adafactor_in_eigenbasis(
     <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
-  _checks.check_beta('b2', b2)
-  _checks.check_nonnegative('eps', eps)
-  return _skeleton.eigenbasis_transform(_AdafactorRule(
-      factor_beta=b2, eps=eps, rounding_floor=rounding_floor), config)
+  _checks.check_arguments(locals(), betas=('b2',), nonnegative=('eps',))
+  return _skeleton.eigenbasis_transform(
+      _AdafactorRule(b2=b2, eps=eps, rounding_floor=rounding_floor), config,
+      _estimators.Frobenius(b2),
+      # The factored moment's total sums axis 0's floored statistics: the
+      # floor added to padded (or, reordered, other) entries changes it.
+      pads_exactly=not rounding_floor)

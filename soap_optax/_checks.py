@@ -81,6 +81,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     raise ValueError(f'{name} must be one of {choices}, got {value!r}.')
 
 
+def check_arguments(
+    arguments: dict[str, Any], *, betas: tuple[str, ...] = (),
+    nonnegative: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+    optional: tuple[str, ...] = ()) -> None:
+  """A transform's hyperparameters checked by kind, from its keyword
+  ``arguments`` (its ``locals()``): each name listed under a kind gets that
+  kind's check above; a name in ``optional`` may also be ``None``."""
+  kinds = ((betas, check_beta), (nonnegative, check_nonnegative),
+           (positive, check_positive), (bools, check_bool))
+  for names, check in kinds:
+    for name in names:
+      if not (name in optional and arguments[name] is None):
+        check(name, arguments[name])
+  for name, accepted in (choices or {}).items():
+    check_choice(name, arguments[name], accepted)
+
+
 def check_float_params(params: Any) -> None:
   """Checks that every parameter is a real floating-point array."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -10,8 +10,15 @@ factored axis ``i`` with ``G_{(i)}`` the mode-``i`` unfolding:
 
 (for a matrix ``C_0 = G G^T``, ``C_1 = G^T G``); and KL-Shampoo's, whose
 factors absorb the gradient whitened by the other factors' eigenvalue
-estimates, which it keeps and floors (:func:`kl_factor_statistics`). A rule
-picks one; both feed the same factors, refresh and rotation.
+estimates, which it keeps and floors (:func:`kl_factor_statistics`). A
+transform picks one (:class:`Frobenius` or :class:`KL`) and hands it to the
+skeleton; both feed the same factors, refresh and rotation.
+
+An estimator says, per unit: what the factors absorb (``statistics``), what
+each basis column gains from the rotated gradient (``increments``: the
+engine's tracked ``diag(Q^T GG Q)`` is their running average), the estimates
+it keeps besides the factors (``init_stack``, ``advance``) and what a refresh
+does to them (``on_refresh``).
 
 References:
   Gupta et al., `Shampoo <https://arxiv.org/abs/1802.09568>`_, 2018; Lin et
@@ -19,12 +26,14 @@ References:
   Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
 """
 
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from soap_optax import _factored
 from soap_optax import _kronecker
 
 HIGHEST = _kronecker.HIGHEST
@@ -173,3 +182,105 @@ def kl_floored(values: jax.Array) -> jax.Array:
   """One axis's estimates clamped at :func:`kl_eigenvalue_floor`."""
   return jnp.maximum(values, jnp.asarray(
       kl_eigenvalue_floor(values.shape[-1]), values.dtype))
+
+
+# ------------------------------------------------------------------------------
+# The estimators a transform picks.
+
+
+class NoEstimates(NamedTuple):
+  """The per-stack state of an estimator that keeps nothing besides the
+  factors."""
+
+
+class KLEstimates(NamedTuple):
+  """The KL estimator's per-stack state.
+
+  Attributes:
+    eigenvalues: ``λ_k`` for every (merged) axis, ``(U, d_k)`` per axis.
+  """
+
+  eigenvalues: tuple[jax.Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Frobenius:
+  """Shampoo's estimator: ``GG_k`` absorbs ``C_k(G)``; a column gains the
+  rotated gradient's sum of squares along it.
+
+  Attributes:
+    beta: the decay of the factors.
+  """
+
+  beta: Any
+  pads_exactly = True
+
+  def init_stack(self, stack: Any) -> NoEstimates:
+    del stack  # Nothing is kept besides the factors.
+    return NoEstimates()
+
+  def statistics(self, grad, factors, estimates, initializing):
+    del estimates, initializing  # C_k(G) depends on the gradient alone.
+    return factor_statistics(grad, factors.layout)
+
+  def increments(self, rotated, estimates):
+    del estimates
+    return _factored.axis_sums_of_squares(rotated)
+
+  def advance(self, estimates, increments, layout):
+    del increments, layout
+    return estimates
+
+  def on_refresh(self, estimates, change, values):
+    del change, values
+    return estimates
+
+
+@dataclasses.dataclass(frozen=True)
+class KL:
+  """KL-Shampoo's estimator (Lin et al.): the factors absorb the gradient
+  whitened by the other axes' estimates ``λ_j``, which it keeps per axis.
+
+  Attributes:
+    beta: the decay of the factors and of the estimates.
+    initial_eigenvalue: the estimates' starting value.
+    running: ``True``: every axis's ``λ_k`` is a running estimate, permuted
+      with its columns at a refresh; ``False``: a factored axis's ``λ_k`` is
+      the refresh's eigenvalues, floored, held between refreshes.
+  """
+
+  beta: Any
+  initial_eigenvalue: Any = KL_INITIAL_EIGENVALUE
+  running: bool = True
+  pads_exactly = False  # d_k / n and the floors count the unit's entries
+
+  def init_stack(self, stack: Any) -> KLEstimates:
+    return KLEstimates(tuple(
+        jnp.full((stack.num_slots, d), self.initial_eigenvalue, stack.dtype)
+        for d in stack.layout.merged_shape))
+
+  def statistics(self, grad, factors, estimates, initializing):
+    return kl_absorbed_statistics(grad, factors, estimates.eigenvalues,
+                                  initializing)
+
+  def increments(self, rotated, estimates):
+    return kl_eigenvalue_increments(rotated, estimates.eigenvalues)
+
+  def advance(self, estimates, increments, layout):
+    running_axes = tuple(
+        axis for axis in range(len(layout.merged_shape))
+        if self.running or axis not in layout.factored_axes)
+    return KLEstimates(kl_updated_eigenvalues(
+        estimates.eigenvalues, increments, self.beta, running_axes))
+
+  def on_refresh(self, estimates, change, values):
+    if self.running:
+      return KLEstimates(change.per_axis(estimates.eigenvalues))
+    eigenvalues = list(estimates.eigenvalues)
+    for axis, refreshed in zip(change.old.layout.factored_axes, values):
+      eigenvalues[axis] = kl_floored(refreshed)
+    return KLEstimates(tuple(eigenvalues))
+
+
+# ``factor_estimator`` name -> estimator class.
+ESTIMATORS = {'frobenius': Frobenius, 'kl': KL}

@@ -12,7 +12,6 @@ from soap_optax import _checks
 from soap_optax import _estimators
 from soap_optax import _factored
 from soap_optax import _floors
-from soap_optax import _kronecker
 from soap_optax import _skeleton
 from soap_optax import _state
 
@@ -38,83 +37,37 @@ class ScaleByKLShampooState(NamedTuple):
 
 class _KLShampooStack(NamedTuple):
   mu: jax.Array
-  eigenvalues: tuple[jax.Array, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class _KLShampooRule(_skeleton.Rule):
   """Momentum preconditioned by ``⊗ (Q_k Λ_k Q_k^T)^{-1/2}`` in the old
-  bases, then the KL estimates absorb the gradient."""
+  bases (the KL estimator keeps the ``λ_k`` and updates them after)."""
 
   b1: Any
-  factor_beta: Any
   eps: Any
-  initial_eigenvalue: Any
-  running: bool
   rounding_floor: bool
   mu_dtype: Any
 
   State = ScaleByKLShampooState
-  refresh_first = False
-  initializes_first = True
-
-  @property
-  def pads_exactly(self):
-    return False  # d_k / n and the estimates' floors count the entries
+  carries_moments = True
 
   def init_stack(self, stack):
     shape = (stack.num_slots,) + stack.layout.merged_shape
-    return _KLShampooStack(
-        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype),
-        eigenvalues=tuple(
-            jnp.full((stack.num_slots, d), self.initial_eigenvalue,
-                     stack.dtype) for d in stack.layout.merged_shape))
+    return _KLShampooStack(jnp.zeros(shape, self.mu_dtype or stack.dtype))
 
-  def factor_statistics(self, grad, factors, state, initializing):
-    return _estimators.kl_absorbed_statistics(grad, factors, state.eigenvalues,
-                                              initializing)
+  def step(self, rotated, state, view):
+    mu = self.b1 * state.mu.astype(rotated.dtype) + (1 - self.b1) * rotated
+    values = view.estimates.eigenvalues
+    if self.rounding_floor:
+      values = _floors.with_separable_rounding_floor(values)
+    whitening = _factored.outer_product([jnp.sqrt(v) for v in values])
+    return (mu / (whitening + self.eps), 1,
+            _KLShampooStack(mu.astype(state.mu.dtype)))
 
-  def _running_axes(self, layout):
-    return tuple(axis for axis in range(len(layout.merged_shape))
-                 if self.running or axis not in layout.factored_axes)
-
-  def unit_step(self, g, factors, state, quotients, refreshed, count):
-    del refreshed, count
-    layout, values = factors.layout, state.eigenvalues
-    rotated = _kronecker.rotate(g, factors)
-    mu = self.b1 * state.mu.astype(g.dtype) + (1 - self.b1) * rotated
-    scales = (_floors.with_separable_rounding_floor(values)
-              if self.rounding_floor else values)
-    direction = _kronecker.unrotate(
-        mu / (_factored.outer_product([jnp.sqrt(v) for v in scales])
-              + self.eps), factors)
-    increments = _estimators.kl_eigenvalue_increments(rotated, values)
-    return _skeleton.UnitStep(
-        direction=direction,
-        state=_KLShampooStack(
-            mu=mu.astype(state.mu.dtype),
-            eigenvalues=_estimators.kl_updated_eigenvalues(
-                values, increments, self.factor_beta,
-                self._running_axes(layout))),
-        quotients=tuple(
-            self.factor_beta * q + (1 - self.factor_beta) * increments[axis]
-            for q, axis in zip(quotients, layout.factored_axes)))
-
-  def on_refresh(self, state, old, new, orders, values):
-    """``m`` carried exactly into the new bases; each factored axis's
-    estimates follow their columns (``running``) or are the refresh's
-    (``refresh``)."""
-    mu = _kronecker.rotate(
-        _kronecker.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
-    if self.running:
-      eigenvalues = _kronecker.permute_per_axis(state.eigenvalues, old.layout,
-                                                orders)
-    else:
-      eigenvalues = list(state.eigenvalues)
-      for axis, refreshed in zip(old.layout.factored_axes, values):
-        eigenvalues[axis] = _estimators.kl_floored(refreshed)
-    return _KLShampooStack(mu=mu.astype(state.mu.dtype),
-                           eigenvalues=tuple(eigenvalues))
+  def on_refresh(self, state, change):
+    """``m`` carried exactly into the new bases."""
+    return _KLShampooStack(change.tensor(state.mu))
 
 
 def scale_by_kl_shampoo(
@@ -238,13 +191,12 @@ def scale_by_kl_shampoo(
     <https://arxiv.org/abs/2509.03378>`_, ICLR 2026.
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
-  _checks.check_beta('b1', b1)
-  _checks.check_beta('shampoo_beta', shampoo_beta)
-  _checks.check_nonnegative('eps', eps)
-  _checks.check_positive('initial_eigenvalue', initial_eigenvalue)
-  _checks.check_choice('eigenvalues', eigenvalues, EIGENVALUE_MODES)
-  return _skeleton.eigenbasis_transform(_KLShampooRule(
-      b1=b1, factor_beta=shampoo_beta, eps=eps,
-      initial_eigenvalue=initial_eigenvalue,
-      running=eigenvalues == 'running', rounding_floor=rounding_floor,
-      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype)), config)
+  _checks.check_arguments(
+      locals(), betas=('b1', 'shampoo_beta'), nonnegative=('eps',),
+      positive=('initial_eigenvalue',),
+      choices={'eigenvalues': EIGENVALUE_MODES})
+  rule = _KLShampooRule(
+      b1=b1, eps=eps, rounding_floor=rounding_floor,
+      mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype))
+  return _skeleton.eigenbasis_transform(rule, config, _estimators.KL(
+      shampoo_beta, initial_eigenvalue, running=eigenvalues == 'running'))

@@ -59,6 +59,21 @@ class FactorLayout:
   def factor_sizes(self) -> tuple[int, ...]:
     return tuple(self.merged_shape[i] for i in self.factored_axes)
 
+  def unfactored(self, per_axis: Sequence[Any]) -> tuple[Any, ...]:
+    """The entries of a per-axis tuple that belong to axes without a
+    factor."""
+    return tuple(x for axis, x in enumerate(per_axis)
+                 if axis not in self.factored_axes)
+
+  def interleave(self, factored: Sequence[Any], unfactored: Sequence[Any]
+                 ) -> tuple[Any, ...]:
+    """One entry per axis: the factored axes' from ``factored``, the others'
+    from ``unfactored``, each in axis order."""
+    factored, unfactored = iter(factored), iter(unfactored)
+    return tuple(
+        next(factored) if axis in self.factored_axes else next(unfactored)
+        for axis in range(len(self.merged_shape)))
+
   @property
   def unit_cost(self) -> int:
     """A unit's work, in multiply-adds up to constants: its refresh
@@ -218,3 +233,39 @@ def permute_per_axis(per_axis: Sequence[jax.Array], layout: FactorLayout,
   for axis, order in zip(layout.factored_axes, orders):
     per_axis[axis] = per_axis[axis][order]
   return tuple(per_axis)
+
+
+class BasisChange(NamedTuple):
+  """A unit's refresh: its old bases, its new ones and how the columns moved.
+
+  What a rule whose moments live in the basis needs to carry them across:
+  :meth:`tensor` for a tensor in rotated coordinates (exact), :meth:`permuted`
+  and :meth:`per_axis` for statistics that follow their columns.
+
+  Attributes:
+    old: the unit's factors with the bases the step used.
+    new: the same factors with the refreshed bases.
+    orders: per factored axis, the old column each new one follows (see
+      :class:`soap_optax._solvers.Solution`).
+  """
+
+  old: KroneckerFactors
+  new: KroneckerFactors
+  orders: tuple[jax.Array, ...]
+
+  def tensor(self, x: jax.Array) -> jax.Array:
+    """``rotate_new(unrotate_old(x))``, computed in the statistics' dtype and
+    returned in ``x``'s."""
+    dtype = self.old.stats[0].dtype
+    return rotate(unrotate(x.astype(dtype), self.old), self.new).astype(
+        x.dtype)
+
+  def permuted(self, x: jax.Array) -> jax.Array:
+    """A merged-shape ``x`` with each factored axis reordered like its
+    basis's columns."""
+    return permute_axes(x, self.old.layout, self.orders)
+
+  def per_axis(self, vectors: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """One vector per (merged) axis, each factored one reordered like its
+    basis's columns."""
+    return permute_per_axis(vectors, self.old.layout, self.orders)

@@ -276,6 +276,56 @@ def stale_stacks(eigenbasis: _state.EigenbasisState,
       > policy.tolerance, policy.min_interval, policy.max_interval)
 
 
+def foam_decision(policy: FoamRefresh, *, exponent: Any,
+                  base_damping: Any):
+  """FOAM's refresh decision for a transform with these ``exponent`` and
+  base damping ``ε_0`` (see :class:`FoamRefresh`), as the skeleton's
+  ``decide``.
+
+  The returned ``decide(count, factors, states, eigenbasis)`` reads, per
+  stack, the transform's state fields ``eigenvalues`` (the cached ``Λ_k``,
+  one per axis) and ``damping`` (``ε_k``, one ``(U,)`` array per factored
+  axis). Every ``check_interval`` calls each factor's damping is updated by
+  :func:`foam_damping`, and a stack is due when one of its factors' damping
+  passed ``max_damping`` (or ``max_interval`` calls after its last
+  refresh). It returns the states with their new damping and the per-stack
+  decisions.
+
+  Raises:
+    ValueError: if ``base_damping`` (the transform's ``eps``) is not > 0.
+  """
+  if not isinstance(base_damping, jax.core.Tracer) and not (
+      float(base_damping) > 0):
+    raise ValueError(
+        f'eps must be > 0 with precondition_frequency=FoamRefresh(...): it '
+        f'is the damping FOAM starts from and multiplies, got '
+        f'{base_damping!r}.')
+  update = jax.vmap(functools.partial(
+      foam_damping, exponent=exponent, tau=policy.tau,
+      base_damping=base_damping))
+
+  def decide(count, factors, states, eigenbasis):
+    plan = eigenbasis.plan
+    checked = (count > 0) & (count % policy.check_interval == 0)
+
+    def check():
+      return [tuple(update(stat, basis, st.eigenvalues[axis], d)
+                    for stat, basis, axis, d in zip(
+                        f.stats, f.bases, f.layout.factored_axes, st.damping))
+              for f, st in zip(factors, states)]
+
+    damping = jax.lax.cond(checked, check,
+                           lambda: [st.damping for st in states])
+    def over(s):
+      return checked & functools.reduce(jnp.logical_or, [
+          plan.largest_over_units(s, d) > policy.max_damping
+          for d in damping[s]], jnp.zeros([], bool))
+    return ([st._replace(damping=d) for st, d in zip(states, damping)],
+            due_stacks(eigenbasis, over, 1, policy.max_interval))
+
+  return decide
+
+
 class Due(NamedTuple):
   """Per stack, ``(U,)`` boolean masks over the slots.
 

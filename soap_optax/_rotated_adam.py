@@ -17,8 +17,6 @@ from soap_optax import _skeleton
 from soap_optax import _state
 
 
-FACTOR_ESTIMATORS = ('frobenius', 'kl')
-
 
 class ScaleByRotatedAdamState(NamedTuple):
   """State of :func:`scale_by_rotated_adam`.
@@ -60,7 +58,6 @@ class ScaleByRotatedAdamKLState(NamedTuple):
 class _RotatedAdamStack(NamedTuple):
   mu: jax.Array
   nu: tuple[jax.Array, ...]  # (v,), or (s_0, ..., s_{N-1}) when factored.
-  eigenvalues: tuple[jax.Array, ...]  # KL's λ_k per axis, or ().
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,96 +67,47 @@ class _RotatedAdamRule(_skeleton.Rule):
 
   b1: Any
   b2: Any
-  factor_beta: Any
   eps: Any
   normalize_grads: bool
   factored: bool
   rounding_floor: bool
   mu_dtype: Any
-  kl: bool
+  State: type = ScaleByRotatedAdamState
 
-  refresh_first = False
-  initializes_first = True
-
-  @property
-  def State(self):  # pylint: disable=invalid-name
-    return ScaleByRotatedAdamKLState if self.kl else ScaleByRotatedAdamState
-
-  @property
-  def pads_exactly(self):
-    return not self.kl  # KL's d_k / n and floors count the unit's entries
+  carries_moments = True
 
   def init_stack(self, stack):
-    shape = (stack.num_slots,) + stack.layout.merged_shape
-    if self.factored:
-      nu = tuple(jnp.zeros((stack.num_slots, d), stack.dtype)
-                 for d in stack.layout.merged_shape)
-    else:
-      nu = (jnp.zeros(shape, stack.dtype),)
-    eigenvalues = () if not self.kl else tuple(
-        jnp.full((stack.num_slots, d), _estimators.KL_INITIAL_EIGENVALUE,
-                 stack.dtype) for d in stack.layout.merged_shape)
+    units, shape = stack.num_slots, stack.layout.merged_shape
+    nu = [(units, d) for d in shape] if self.factored else [(units, *shape)]
     return _RotatedAdamStack(
-        mu=jnp.zeros(shape, self.mu_dtype or stack.dtype), nu=nu,
-        eigenvalues=eigenvalues)
+        mu=jnp.zeros((units, *shape), self.mu_dtype or stack.dtype),
+        nu=tuple(jnp.zeros(s, stack.dtype) for s in nu))
 
-  def factor_statistics(self, grad, factors, state, initializing):
-    if not self.kl:
-      return super().factor_statistics(grad, factors, state, initializing)
-    return _estimators.kl_absorbed_statistics(grad, factors, state.eigenvalues,
-                                              initializing)
-
-  def unit_step(self, g, factors, state, quotients, refreshed, count):
-    del refreshed
+  def step(self, rotated, state, view):
     b1, b2 = self.b1, self.b2
-    rotated = _kronecker.rotate(g, factors)
-    sums = _factored.axis_sums_of_squares(rotated)
-    mu = b1 * state.mu.astype(g.dtype) + (1 - b1) * rotated
-    if self.factored:
-      nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(state.nu, sums))
-      second_moment = _factored.factored_second_moment(nu)
-    else:
-      nu = (b2 * state.nu[0] + (1 - b2) * rotated**2,)
-      second_moment = nu[0]
+    mu = b1 * state.mu.astype(rotated.dtype) + (1 - b1) * rotated
+    squares = (_factored.axis_sums_of_squares(rotated) if self.factored
+               else (rotated**2,))
+    nu = tuple(b2 * s + (1 - b2) * new for s, new in zip(state.nu, squares))
+    second_moment = (_factored.factored_second_moment(nu) if self.factored
+                     else nu[0])
     if self.rounding_floor:
       second_moment = second_moment + _floors.rounding_floor_squared(
-          second_moment, factors.layout, factors.extent)
-    direction = _kronecker.unrotate(
-        mu / (jnp.sqrt(second_moment) + self.eps), factors)
+          second_moment, view.layout, view.extent)
+    direction = mu / (jnp.sqrt(second_moment) + self.eps)
+    t = view.count  # The first call initialized; count - 1 earlier steps.
+    scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(rotated.dtype)
     if self.normalize_grads:  # Normalized first, bias-corrected after.
-      direction = direction / (1e-30 + jnp.sqrt(
-          _kronecker.unit_mean(jnp.square(direction), factors.extent)))
-    t = count  # The first call initialized; count - 1 earlier Adam steps.
-    scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(g.dtype)
-    eigenvalues, absorbed = state.eigenvalues, sums
-    if self.kl:
-      absorbed = _estimators.kl_eigenvalue_increments(rotated, eigenvalues)
-      eigenvalues = _estimators.kl_updated_eigenvalues(
-          eigenvalues, absorbed, self.factor_beta,
-          tuple(range(len(eigenvalues))))
-    return _skeleton.UnitStep(
-        direction=scale * direction,
-        state=_RotatedAdamStack(mu=mu.astype(state.mu.dtype), nu=nu,
-                                eigenvalues=eigenvalues),
-        quotients=tuple(
-            self.factor_beta * q + (1 - self.factor_beta) * absorbed[axis]
-            for q, axis in zip(quotients, factors.layout.factored_axes)))
+      scale = scale / (1e-30 + jnp.sqrt(
+          _kronecker.unit_mean(jnp.square(direction), view.extent)))
+    return direction, scale, _RotatedAdamStack(mu.astype(state.mu.dtype), nu)
 
-  def on_refresh(self, state, old, new, orders, values):
-    """``m <- rotate_new(unrotate_old(m))`` (exact); ``v`` (or each factored
-    axis's statistic, and KL's estimates) permuted with the columns, not
-    rotated."""
-    del values
-    mu = _kronecker.rotate(
-        _kronecker.unrotate(state.mu.astype(old.stats[0].dtype), old), new)
-    if self.factored:
-      nu = _kronecker.permute_per_axis(state.nu, old.layout, orders)
-    else:
-      nu = (_kronecker.permute_axes(state.nu[0], old.layout, orders),)
-    return _RotatedAdamStack(
-        mu=mu.astype(state.mu.dtype), nu=nu,
-        eigenvalues=_kronecker.permute_per_axis(state.eigenvalues, old.layout,
-                                                orders) if self.kl else ())
+  def on_refresh(self, state, change):
+    """``m`` carried exactly into the new bases; ``v`` (or each factored
+    axis's statistic) permuted with the columns, not rotated."""
+    nu = (change.per_axis(state.nu) if self.factored
+          else (change.permuted(state.nu[0]),))
+    return _RotatedAdamStack(mu=change.tensor(state.mu), nu=nu)
 
 
 def scale_by_rotated_adam(
@@ -285,19 +233,16 @@ def scale_by_rotated_adam(
     <https://arxiv.org/abs/2509.03378>`_, 2025 (KL-SOAP).
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
-  _checks.check_beta('b1', b1)
-  _checks.check_beta('b2', b2)
-  if shampoo_beta is not None:
-    _checks.check_beta('shampoo_beta', shampoo_beta)
-  _checks.check_nonnegative('eps', eps)
-  _checks.check_bool('normalize_grads', normalize_grads)
-  _checks.check_bool('factored', factored)
-  _checks.check_choice('factor_estimator', factor_estimator,
-                       FACTOR_ESTIMATORS)
+  _checks.check_arguments(
+      locals(), betas=('b1', 'b2', 'shampoo_beta'), nonnegative=('eps',),
+      bools=('normalize_grads', 'factored'), optional=('shampoo_beta',),
+      choices={'factor_estimator': tuple(_estimators.ESTIMATORS)})
   rule = _RotatedAdamRule(
-      b1=b1, b2=b2, factor_beta=b2 if shampoo_beta is None else shampoo_beta,
-      eps=eps, normalize_grads=normalize_grads, factored=factored,
-      rounding_floor=rounding_floor,
+      b1=b1, b2=b2, eps=eps, normalize_grads=normalize_grads,
+      factored=factored, rounding_floor=rounding_floor,
       mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype),
-      kl=factor_estimator == 'kl')
-  return _skeleton.eigenbasis_transform(rule, config)
+      State=(ScaleByRotatedAdamKLState if factor_estimator == 'kl'
+             else ScaleByRotatedAdamState))
+  estimator = _estimators.ESTIMATORS[factor_estimator]
+  return _skeleton.eigenbasis_transform(rule, config, estimator(
+      b2 if shampoo_beta is None else shampoo_beta))

@@ -2,7 +2,6 @@
 the skeleton, :mod:`soap_optax._skeleton`)."""
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
+from soap_optax import _estimators
 from soap_optax import _factored
 from soap_optax import _floors
-from soap_optax import _kronecker
 from soap_optax import _refresh
 from soap_optax import _skeleton
 from soap_optax import _state
@@ -29,9 +28,6 @@ class ScaleByShampooEigenbasisState(NamedTuple):
       axes in order).
     eigenvalues: ``Λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
       flat, from the last refresh (held fixed between refreshes).
-    rayleigh_quotients: ``diag(Q_k^T GG_k Q_k)`` with the current factors and
-      bases, shaped like ``eigenvalues`` (equal to them on a refresh call,
-      updated every call from the rotated gradient).
     damping: with ``precondition_frequency=FoamRefresh(...)``, FOAM's
       damping ``ε`` of every factor, ``(U,)`` per stack and factored axis,
       flat like the engine's factors (``eps`` after a refresh); otherwise
@@ -41,125 +37,62 @@ class ScaleByShampooEigenbasisState(NamedTuple):
   eigenbasis: _state.EigenbasisState
   diagonals: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
-  rayleigh_quotients: tuple[jax.Array, ...]
   damping: tuple[jax.Array, ...] = ()
 
 
 class _ShampooStack(NamedTuple):
   diagonals: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
-  rayleigh_quotients: tuple[jax.Array, ...]
   damping: tuple[jax.Array, ...]
-
-
-def _per_axis(layout, factored: tuple, unfactored: tuple) -> tuple:
-  """Interleaves per-factored-axis and per-unfactored-axis values by axis."""
-  factored, unfactored = iter(factored), iter(unfactored)
-  return tuple(
-      next(factored) if axis in layout.factored_axes else next(unfactored)
-      for axis in range(len(layout.merged_shape)))
-
-
-def _unfactored(per_axis: tuple, layout) -> tuple:
-  """The entries of a per-axis tuple that belong to axes without a factor."""
-  return tuple(x for axis, x in enumerate(per_axis)
-               if axis not in layout.factored_axes)
 
 
 @dataclasses.dataclass(frozen=True)
 class _ShampooRule(_skeleton.Rule):
-  """Absorb, refresh, then ``G ×_k P_k`` in the unit's (new) bases."""
+  """Refresh, then ``G ×_k P_k`` in the unit's (new) bases."""
 
-  factor_beta: Any
+  beta: Any
   exponent: Any
   eps: Any
   trace_normalize: bool
   rounding_floor: bool
   rayleigh_floor: bool
-  foam: _refresh.FoamRefresh | None
+  foam: bool
 
   State = ScaleByShampooEigenbasisState
 
-  @property
-  def pads_exactly(self):
-    # FOAM's norms count the padded eigenvalues; the trace is axis 0's
-    # (another axis for a reordered unit) and sums the padding's floor.
-    return self.foam is None and not self.trace_normalize
-
   def init_stack(self, stack):
-    layout = stack.layout
-    per_axis = lambda: tuple(jnp.zeros((stack.num_slots, d), stack.dtype)
-                             for d in layout.merged_shape)
+    layout, units = stack.layout, stack.num_slots
+    per_axis = tuple(jnp.zeros((units, d), stack.dtype)
+                     for d in layout.merged_shape)
     return _ShampooStack(
-        diagonals=_unfactored(per_axis(), layout), eigenvalues=per_axis(),
-        rayleigh_quotients=per_axis(),
-        damping=() if self.foam is None else tuple(
-            jnp.full((stack.num_slots,), self.eps, stack.dtype)
-            for _ in layout.factored_axes))
+        diagonals=layout.unfactored(per_axis), eigenvalues=per_axis,
+        damping=tuple(jnp.full((units,), self.eps, stack.dtype)
+                      for _ in layout.factored_axes) if self.foam else ())
 
-  def decide(self, count, factors, states, eigenbasis):
-    """FOAM (see :class:`soap_optax.FoamRefresh`): every ``check_interval``
-    calls each factor's damping is updated, and a stack is due when one of
-    its factors' damping passed ``max_damping``."""
-    if self.foam is None:
-      return states, None
-    foam, plan = self.foam, eigenbasis.plan
-    checked = (count > 0) & (count % foam.check_interval == 0)
-    update = jax.vmap(functools.partial(
-        _refresh.foam_damping, exponent=self.exponent, tau=foam.tau,
-        base_damping=self.eps))
-
-    def check():
-      return [tuple(update(stat, basis, st.eigenvalues[axis], d)
-                    for stat, basis, axis, d in zip(
-                        f.stats, f.bases, f.layout.factored_axes, st.damping))
-              for f, st in zip(factors, states)]
-
-    damping = jax.lax.cond(checked, check,
-                           lambda: [st.damping for st in states])
-    def over(s):
-      return checked & functools.reduce(jnp.logical_or, [
-          plan.largest_over_units(s, d) > foam.max_damping
-          for d in damping[s]], jnp.zeros([], bool))
-    return ([st._replace(damping=d) for st, d in zip(states, damping)],
-            _refresh.due_stacks(eigenbasis, over, 1, foam.max_interval))
-
-  def unit_step(self, g, factors, state, quotients, refreshed, count):
-    del quotients, count
-    beta, layout, due = self.factor_beta, factors.layout, refreshed.due
+  def step(self, rotated, state, view):
+    beta, layout, due = self.beta, view.layout, view.due
     diagonals = tuple(beta * d + (1 - beta) * new for d, new in zip(
         state.diagonals,
-        _unfactored(_factored.axis_sums_of_squares(g), layout)))
+        layout.unfactored(_factored.axis_sums_of_squares(rotated))))
     values = tuple(jnp.where(due, new, old) for new, old in zip(
-        _per_axis(layout, refreshed.values, diagonals), state.eigenvalues))
+        layout.interleave(view.values, diagonals), state.eigenvalues))
     damping = tuple(jnp.where(due, jnp.asarray(self.eps, d.dtype), d)
                     for d in state.damping)
-    rotated = _kronecker.rotate(g, factors)
-    rayleigh = tuple(
-        jnp.where(due, v, beta * r + (1 - beta) * new) for v, r, new in zip(
-            values, state.rayleigh_quotients,
-            _factored.axis_sums_of_squares(rotated)))
     floored = values
-    if self.rayleigh_floor:
-      floored = tuple(jnp.maximum(v, r) for v, r in zip(floored, rayleigh))
+    if self.rayleigh_floor:  # The current factors' Rayleigh quotients.
+      floored = tuple(jnp.maximum(v, r) for v, r in zip(
+          floored, layout.interleave(view.quotients, diagonals)))
     if self.rounding_floor:
       floored = _floors.with_separable_rounding_floor(floored)
-    per_axis_damping = _per_axis(
-        layout, damping or (None,) * len(layout.factored_axes),
-        (None,) * (len(layout.merged_shape) - len(layout.factored_axes)))
-    scaled = rotated * _factored.outer_product(
-        [_factored.inverse_power(v + (self.eps if d is None else d),
-                                 self.exponent)
-         for v, d in zip(floored, per_axis_damping)])
-    direction = _kronecker.unrotate(scaled, factors)
-    if self.trace_normalize:
-      total = jnp.maximum(jnp.sum(floored[0]), 0.0)
-      direction = direction * total ** (
-          (len(floored) - 1) * self.exponent)
-    return _skeleton.UnitStep(
-        direction=direction,
-        state=_ShampooStack(diagonals, values, rayleigh, damping),
-        quotients=tuple(rayleigh[axis] for axis in layout.factored_axes))
+    shifts = layout.interleave(damping or (self.eps,) * len(view.values),
+                               (self.eps,) * len(diagonals))
+    scaled = rotated * _factored.outer_product([
+        _factored.inverse_power(v + shift, self.exponent)
+        for v, shift in zip(floored, shifts)])
+    trace = jnp.maximum(jnp.sum(floored[0]), 0.0)
+    scale = (trace ** ((len(floored) - 1) * self.exponent)
+             if self.trace_normalize else 1)
+    return scaled, scale, _ShampooStack(diagonals, values, damping)
 
 
 def scale_by_shampoo_eigenbasis(
@@ -271,20 +204,19 @@ def scale_by_shampoo_eigenbasis(
     <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 3).
   """
   config = _skeleton.EngineConfig.from_arguments(locals(), foam_allowed=True)
-  _checks.check_beta('shampoo_beta', shampoo_beta)
-  _checks.check_nonnegative('exponent', exponent)
-  _checks.check_nonnegative('eps', eps)
-  for name, value in (('trace_normalize', trace_normalize),
-                      ('rayleigh_floor', rayleigh_floor)):
-    _checks.check_bool(name, value)
+  _checks.check_arguments(
+      locals(), betas=('shampoo_beta',), nonnegative=('exponent', 'eps'),
+      bools=('trace_normalize', 'rayleigh_floor'))
   foam = (config.schedule
           if isinstance(config.schedule, _refresh.FoamRefresh) else None)
-  if foam is not None and not isinstance(eps, jax.core.Tracer) and not (
-      float(eps) > 0):
-    raise ValueError(
-        f'eps must be > 0 with precondition_frequency=FoamRefresh(...): it is '
-        f'the damping FOAM starts from and multiplies, got {eps!r}.')
-  return _skeleton.eigenbasis_transform(_ShampooRule(
-      factor_beta=shampoo_beta, exponent=exponent, eps=eps,
+  rule = _ShampooRule(
+      beta=shampoo_beta, exponent=exponent, eps=eps,
       trace_normalize=trace_normalize, rounding_floor=rounding_floor,
-      rayleigh_floor=rayleigh_floor, foam=foam), config)
+      rayleigh_floor=rayleigh_floor, foam=foam is not None)
+  return _skeleton.eigenbasis_transform(
+      rule, config, _estimators.Frobenius(shampoo_beta),
+      # FOAM's norms count the padded eigenvalues; the trace is axis 0's
+      # (another axis for a reordered unit) and sums the padding's floor.
+      pads_exactly=foam is None and not trace_normalize,
+      decide=None if foam is None else _refresh.foam_decision(
+          foam, exponent=exponent, base_damping=eps))

@@ -167,102 +167,74 @@ class EngineConfig:
         mesh=self.mesh, shard_axes=self.shard_axes)
 
 
-class UnitRefresh(NamedTuple):
-  """What the refresh gave one unit on this call (refresh-first rules).
+class View(NamedTuple):
+  """What the skeleton tells a rule's step about one unit.
 
   Attributes:
-    values: per factored axis, the eigenvalue estimates in the new basis.
-    due: scalar boolean, whether the unit was refreshed on this call.
+    quotients: per factored axis, the tracked ``diag(Q^T GG Q)`` in the
+      bases the gradient was rotated into, this call's gradient included
+      (the refresh's values on a unit refreshed before its step).
+    values: per factored axis, the refresh's eigenvalue estimates (rules
+      that do not carry moments; zeros where not ``due``); ``()`` otherwise.
+    due: scalar boolean, whether the unit was refreshed before its step
+      (always False for rules that carry moments: they refresh after).
+    count: the number of calls before this one.
+    estimates: the factor estimator's per-axis estimates from before the
+      call (KL's ``λ_k`` as ``estimates.eigenvalues``; empty for Shampoo's).
+    layout: the unit's :class:`soap_optax._kronecker.FactorLayout` (static).
+    extent: the unit's own lengths in a size bucket, or None (see
+      :class:`soap_optax._kronecker.KroneckerFactors`).
   """
 
+  quotients: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   due: jax.Array
-
-
-class UnitStep(NamedTuple):
-  """A rule's per-unit step.
-
-  Attributes:
-    direction: the unit's update, in the merged shape.
-    state: the unit's new rule state.
-    quotients: per factored axis, ``diag(Q^T GG Q)`` with the factor that
-      absorbed this call's gradient, in the basis the gradient was
-      preconditioned in (see :func:`soap_optax._staleness.staleness`).
-  """
-
-  direction: jax.Array
-  state: Any
-  quotients: tuple[jax.Array, ...]
+  count: jax.Array
+  estimates: Any
+  layout: _kronecker.FactorLayout
+  extent: jax.Array | None
 
 
 class Rule:
-  """What a transform adds to the skeleton (override in a subclass).
+  """A coordinate-wise optimizer in the eigenbasis (override in a subclass).
+
+  The skeleton rotates the gradient into the unit's bases, hands it to
+  :meth:`step`, and rotates the direction back out; it keeps the tracked
+  quotients and the factors. A rule says only what it keeps and how it
+  steps.
 
   Attributes:
     State: the public state class: a NamedTuple with an ``eigenbasis`` field
-      and one field per field of the per-stack state, holding that field's
-      arrays flat over the stacks (a per-stack tuple is concatenated).
-    factor_beta: the decay of the Kronecker factors.
-    refresh_first: ``True``: refresh, then the step in the new bases
-      (Shampoo, Adafactor); ``False``: the step in the old bases, then the
-      refresh and :meth:`on_refresh` (SOAP).
-    initializes_first: a unit's first accepted call only initializes it (its
-      update is zero and its rule state unchanged), as SOAP's first call.
+      and one field per field of the per-stack state (the rule's, then its
+      factor estimator's), holding that field's arrays flat over the stacks
+      (a per-stack tuple is concatenated).
+    carries_moments: ``True``: the rule's state lives in the basis (SOAP's
+      moments). A step is preconditioned in the old bases, then the due
+      units are refreshed and :meth:`on_refresh` carries the state into the
+      new bases; a unit's first accepted call only initializes it (zero
+      update, state unchanged). ``False``: the due units are refreshed
+      first, and the step runs in the new bases.
   """
 
   State: type
-  factor_beta: Any
-  refresh_first = True
-  initializes_first = False
-
-  @property
-  def pads_exactly(self) -> bool:
-    """Whether a unit padded with zeros (a size bucket) computes its real
-    entries exactly as unpadded. Rules whose arithmetic counts a unit's
-    entries or adds to its padded coordinates say False."""
-    return True
+  carries_moments = False
 
   def init_stack(self, stack: _stacks.Stack) -> Any:
     """The rule's zero state for a stack: a NamedTuple of ``(U, ...)`` arrays
     or tuples of them."""
     raise NotImplementedError
 
-  def unit_step(self, grad: jax.Array, factors: _kronecker.KroneckerFactors,
-                state: Any, quotients: tuple[jax.Array, ...],
-                refreshed: UnitRefresh | None, count: jax.Array) -> UnitStep:
-    """One unit's step. ``count`` is the number of calls before this one;
-    ``refreshed`` is None for rules that refresh after their step."""
+  def step(self, rotated: jax.Array, state: Any, view: View
+           ) -> tuple[jax.Array, Any, Any]:
+    """One unit's step on its rotated gradient: ``(direction in the basis,
+    scale, new state)``; the unit's update is ``scale * unrotate(direction)``
+    (scalars that apply after the rotation out, as a bias correction)."""
     raise NotImplementedError
 
-  def factor_statistics(self, grad: jax.Array,
-                        factors: _kronecker.KroneckerFactors, state: Any,
-                        initializing: jax.Array) -> tuple[jax.Array, ...]:
-    """What one unit's factors absorb on this call, per factored axis, with
-    the unit's bases and rule state before the call; ``initializing``: a
-    scalar boolean, whether this is the unit's first accepted call. By
-    default Shampoo's ``C_i(G)``."""
-    del state, initializing
-    return _estimators.factor_statistics(grad, factors.layout)
-
-  def on_refresh(self, state: Any, old: _kronecker.KroneckerFactors,
-                 new: _kronecker.KroneckerFactors,
-                 orders: tuple[jax.Array, ...],
-                 values: tuple[jax.Array, ...]) -> Any:
-    """One refreshed unit's rule state carried into its new bases (rules
-    that refresh after their step); ``values``: per factored axis, the
-    refresh's eigenvalue estimates in the new bases."""
-    del old, new, orders, values
-    return state
-
-  def decide(self, count: jax.Array,
-             factors: list[_kronecker.KroneckerFactors], states: list[Any],
-             eigenbasis: _state.EigenbasisState
-             ) -> tuple[list[Any], list[jax.Array] | None]:
-    """A rule's own refresh decision (FOAM): per stack, the states it
-    updated and whether the stack is due; ``None`` leaves the decision to
-    the engine's schedule or policy."""
-    del count, factors, eigenbasis
-    return states, None
+  def on_refresh(self, state: Any, change: _kronecker.BasisChange) -> Any:
+    """One refreshed unit's state carried into its new bases (rules that
+    carry moments)."""
+    raise NotImplementedError
 
 
 class _OutsideMapParams:
@@ -295,36 +267,44 @@ def _as_tuple(x: Any) -> tuple[Any, ...]:
   return x if isinstance(x, tuple) else (x,)
 
 
-def _to_public(rule: Rule, eigenbasis: _state.EigenbasisState,
-               per_stack: list[Any], fields: tuple[str, ...]) -> Any:
+def _fields_of(parts: tuple[Any, ...]) -> dict[str, Any]:
+  """One stack's fields: the rule's state's, then its estimator's."""
+  return {name: value for part in parts for name, value in part._asdict().items()}
+
+
+def _to_public(state_class: type, eigenbasis: _state.EigenbasisState,
+               per_stack: list[tuple[Any, ...]], fields: tuple[str, ...]
+               ) -> Any:
   """The public state: each field's arrays, flat over the stacks."""
-  return rule.State(eigenbasis=eigenbasis, **{
-      name: tuple(x for state in per_stack
-                  for x in _as_tuple(getattr(state, name)))
+  merged = [_fields_of(parts) for parts in per_stack]
+  return state_class(eigenbasis=eigenbasis, **{
+      name: tuple(x for stack in merged for x in _as_tuple(stack[name]))
       for name in fields})
 
 
-def _from_public(rule: Rule, state: Any) -> list[Any]:
-  """Inverse of :func:`_to_public`: the rule's state of every stack."""
+def _from_public(state: Any, init_parts: Any) -> list[tuple[Any, ...]]:
+  """Inverse of :func:`_to_public`: every stack's parts (the rule's state,
+  its estimator's), shaped like ``init_parts(stack)``."""
   plan = state.eigenbasis.plan
-  shapes = [jax.eval_shape(rule.init_stack, stack) for stack in plan.stacks]
-  starts = {name: 0 for name in (shapes[0]._fields if shapes else ())}
+  starts: dict[str, int] = {}
   per_stack = []
-  for shape in shapes:
-    fields = {}
-    for name, like in zip(shape._fields, shape):
-      # A per-stack field the public state lacks must be empty (a rule
-      # option that is off, as KL-SOAP's estimates in plain SOAP).
-      if not hasattr(state, name) and like != ():
-        raise ValueError(
-            f'{type(state).__name__} has no field {name!r}, which this '
-            f'transform keeps: a state of another transform or option?')
-      flat, start = getattr(state, name, ()), starts[name]
-      count = len(like) if isinstance(like, tuple) else 1
-      part = tuple(flat[start:start + count])
-      fields[name] = part if isinstance(like, tuple) else part[0]
-      starts[name] = start + count
-    per_stack.append(type(shape)(**fields))
+  for stack in plan.stacks:
+    parts = []
+    for shape in jax.eval_shape(init_parts, stack):
+      fields = {}
+      for name, like in zip(shape._fields, shape):
+        # A per-stack field the public state lacks must be empty.
+        if not hasattr(state, name) and like != ():
+          raise ValueError(
+              f'{type(state).__name__} has no field {name!r}, which this '
+              f'transform keeps: a state of another transform or option?')
+        flat, start = getattr(state, name, ()), starts.get(name, 0)
+        count = len(like) if isinstance(like, tuple) else 1
+        part = tuple(flat[start:start + count])
+        fields[name] = part if isinstance(like, tuple) else part[0]
+        starts[name] = start + count
+      parts.append(type(shape)(**fields))
+    per_stack.append(tuple(parts))
   return per_stack
 
 
@@ -336,65 +316,103 @@ def _where_units(mask: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(select, new, old)
 
 
-def _carry_on_refresh(rule: Rule, states, old_factors, refreshed, due,
+def _carry_on_refresh(carried, per_stack, old_factors, refreshed, due,
                       plan: _stacks.EigenbasisPlan):
-  """:meth:`Rule.on_refresh` on every due unit. Per stack inside a
-  ``lax.cond`` (nothing runs on calls without a due unit); with staggering
-  per unit under ``lax.map`` and a ``lax.cond``, so that only the due units
-  pay."""
+  """``carried(parts, change, values)`` on every due unit. Per stack inside
+  a ``lax.cond`` (nothing runs on calls without a due unit); with
+  staggering per unit under ``lax.map`` and a ``lax.cond``, so that only
+  the due units pay."""
   out = []
-  for state, old, new, orders, values, mask in zip(
-      states, old_factors, refreshed.factors, refreshed.orders,
+  for parts, old, new, orders, values, mask in zip(
+      per_stack, old_factors, refreshed.factors, refreshed.orders,
       refreshed.values, due):
     if not old.layout.factored_axes:
-      out.append(state)
+      out.append(parts)
       continue
+    def unit(parts, old, new, orders, values):
+      return carried(parts, _kronecker.BasisChange(old, new, orders), values)
     def carry(args):
-      state, old, new, orders, values, mask = args
       if plan.refresh_phases is None:
-        return _where_units(mask, jax.vmap(rule.on_refresh)(
-            state, old, new, orders, values), state)
-      return jax.lax.map(lambda unit: jax.lax.cond(
-          unit[-1], lambda: rule.on_refresh(*unit[:-1]), lambda: unit[0]),
-                         (state, old, new, orders, values, mask))
-    operands = (state, old, new, orders, values, mask)
+        return _where_units(args[-1], jax.vmap(unit)(*args[:-1]), args[0])
+      return jax.lax.map(lambda one: jax.lax.cond(
+          one[-1], lambda: unit(*one[:-1]), lambda: one[0]), args)
     out.append(jax.lax.cond(jnp.any(mask), carry, lambda args: args[0],
-                            operands))
+                            (parts, old, new, orders, values, mask)))
   return out
 
 
-def eigenbasis_transform(rule: Rule, config: EngineConfig
-                         ) -> optax.GradientTransformation:
+def eigenbasis_transform(
+    rule: Rule, config: EngineConfig, estimator: Any, *,
+    pads_exactly: bool = True, decide: Any = None,
+) -> optax.GradientTransformation:
   """The ``optax.GradientTransformation`` of ``rule`` on the engine.
 
   Args:
     rule: what the transform computes per unit (see :class:`Rule`).
     config: the engine options (see :class:`EngineConfig`).
+    estimator: what the factors absorb and the estimates kept besides them
+      (:class:`soap_optax._estimators.Frobenius` or ``KL``); its ``beta`` is
+      the factors' and the tracked quotients' decay.
+    pads_exactly: whether a unit padded with zeros (a size bucket) computes
+      its real entries exactly as unpadded; False (or an estimator that
+      counts a unit's entries, or a refresh policy) turns buckets off.
+    decide: a refresh decision of the transform's own,
+      ``decide(count, factors, states, eigenbasis) -> (states, due per
+      stack)`` (FOAM's: :func:`soap_optax._refresh.foam_decision`), or None
+      (the engine's schedule or policy decides).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``rule.State``.
   """
   fields = tuple(name for name in rule.State._fields if name != 'eigenbasis')
-  if not rule.pads_exactly or _refresh.is_policy(config.schedule):
+  carries, beta = rule.carries_moments, estimator.beta
+  if (not (pads_exactly and estimator.pads_exactly)
+      or _refresh.is_policy(config.schedule)):
     # A policy decides per stack: a bucket would tie its shapes' refreshes.
     config = dataclasses.replace(config, bucket_padding=None)
+
+  def init_parts(stack):
+    return rule.init_stack(stack), estimator.init_stack(stack)
 
   def init_fn(params):
     if _is_optax_params_placeholder(params):
       return OUTSIDE_MAP_PARAMS
     eigenbasis = config.init_eigenbasis(params)
     layout = eigenbasis.plan.sharding
-    per_stack = [_mesh.place_state(rule.init_stack(stack), layout)
+    per_stack = [_mesh.place_state(init_parts(stack), layout)
                  for stack in eigenbasis.plan.stacks]
-    # Which stack each array of the rule's fields belongs to (for
+    # Which stack each array of the public fields belongs to (for
     # soap_optax.portable_state and reshard_state).
+    merged = [_fields_of(parts) for parts in per_stack]
     field_stacks = tuple(
-        (name, tuple(s for s, state in enumerate(per_stack)
-                     for _ in _as_tuple(getattr(state, name))))
+        (name, tuple(s for s, stack in enumerate(merged)
+                     for _ in _as_tuple(stack[name])))
         for name in fields)
     eigenbasis = eigenbasis._replace(plan=dataclasses.replace(
         eigenbasis.plan, field_stacks=field_stacks))
-    return _to_public(rule, eigenbasis, per_stack, fields)
+    return _to_public(rule.State, eigenbasis, per_stack, fields)
+
+  def unit_step(grad, factors, state, estimates, quotients, values, due,
+                count):
+    """One unit: rotate in, track the quotients, the rule's step, rotate
+    out."""
+    rotated = _kronecker.rotate(grad, factors)
+    increments = estimator.increments(rotated, estimates)
+    tracked = tuple(
+        beta * q + (1 - beta) * increments[axis]
+        for q, axis in zip(quotients, factors.layout.factored_axes))
+    if not carries:  # Refreshed before the step: the refresh's values.
+      tracked = tuple(jnp.where(due, v, q) for v, q in zip(values, tracked))
+    direction, scale, state = rule.step(rotated, state, View(
+        tracked, values, due, count, estimates, factors.layout,
+        factors.extent))
+    return (scale * _kronecker.unrotate(direction, factors), state,
+            estimator.advance(estimates, increments, factors.layout), tracked)
+
+  def carried(parts, change, values):
+    state, estimates = parts
+    return (rule.on_refresh(state, change),
+            estimator.on_refresh(estimates, change, values))
 
   def update_fn(updates, state, params=None):
     del params
@@ -409,48 +427,47 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
     stacked = [_where_units(ok, g, jnp.zeros_like(g))
                for ok, g in zip(accepted, stacked)]
     factors = _state.unpack(eigenbasis)
-    old_states = _from_public(rule, state)
+    old_states, old_estimates = (
+        [list(parts) for parts in zip(*_from_public(state, init_parts))]
+        or ([], []))
     old_quotients = plan.split(eigenbasis.quotients)
-    def absorb(f, g, st, initializing):
-      return _estimators.accumulate(
-          f, rule.factor_statistics(g, f, st, initializing), rule.factor_beta)
+    def absorb(f, g, estimates, initializing):
+      return _estimators.accumulate(f, estimator.statistics(
+          g, f, estimates, initializing), beta)
     absorbed = [
-        _where_units(ok, jax.vmap(absorb)(f, g, st, refreshes == 0), f)
-        for ok, f, g, st, refreshes in zip(
-            accepted, factors, stacked, old_states, eigenbasis.refreshes)]
-    states, decided = rule.decide(count, absorbed, old_states, eigenbasis)
+        _where_units(ok, jax.vmap(absorb)(f, g, est, refreshes == 0), f)
+        for ok, f, g, est, refreshes in zip(
+            accepted, factors, stacked, old_estimates, eigenbasis.refreshes)]
+    states, decided = (old_states, None) if decide is None else decide(
+        count, absorbed, old_states, eigenbasis)
     due = _refresh.due_units(eigenbasis, config.schedule, accepted, decided)
-    advanced = ([ok & ~new for ok, new in zip(accepted, due.initializing)]
-                if rule.initializes_first else accepted)
     refresh = functools.partial(
         _refresh.refresh, method=config.refresh, plan=plan,
         partial=_refresh.is_policy(config.schedule))
 
-    if rule.refresh_first:
-      refreshed = refresh(absorbed, due)
-      steps = [
-          jax.vmap(lambda g, f, st, q, r: rule.unit_step(g, f, st, q, r,
-                                                         count))(
-              g, f, st, q, UnitRefresh(values, mask))
-          for g, f, st, q, values, mask in zip(
-              stacked, refreshed.factors, states, old_quotients,
-              refreshed.values, due.units)]
+    if carries:  # The step in the old bases; the refresh comes after.
+      advanced = [ok & ~new for ok, new in zip(accepted, due.initializing)]
+      bases, values = factors, [()] * len(factors)
+      before = [jnp.zeros_like(mask) for mask in due.units]
     else:
-      steps = [
-          jax.vmap(lambda g, f, st, q: rule.unit_step(g, f, st, q, None,
-                                                      count))(g, f, st, q)
-          for g, f, st, q in zip(stacked, factors, states, old_quotients)]
-    directions = [_where_units(ok, step.direction,
-                               jnp.zeros_like(step.direction))
-                  for ok, step in zip(advanced, steps)]
-    new_states = [_where_units(ok, step.state, old)
-                  for ok, step, old in zip(advanced, steps, old_states)]
-    quotients = [_where_units(ok, step.quotients, old)
-                 for ok, step, old in zip(advanced, steps, old_quotients)]
-    if not rule.refresh_first:
       refreshed = refresh(absorbed, due)
-      new_states = _carry_on_refresh(rule, new_states, absorbed, refreshed,
-                                     due.units, plan)
+      advanced, bases, values, before = (
+          accepted, refreshed.factors, refreshed.values, due.units)
+    steps = [
+        jax.vmap(functools.partial(unit_step, count=count))(*unit)
+        for unit in zip(stacked, bases, states, old_estimates, old_quotients,
+                        values, before)]
+    directions = [_where_units(ok, d, jnp.zeros_like(d))
+                  for ok, (d, *_) in zip(advanced, steps)]
+    per_stack = [_where_units(ok, (st, est), (old_st, old_est))
+                 for ok, (_, st, est, _), old_st, old_est in zip(
+                     advanced, steps, old_states, old_estimates)]
+    quotients = [_where_units(ok, step[3], old)
+                 for ok, step, old in zip(advanced, steps, old_quotients)]
+    if carries:
+      refreshed = refresh(absorbed, due)
+      per_stack = _carry_on_refresh(carried, per_stack, absorbed, refreshed,
+                                    due.units, plan)
     quotients = [_where_units(mask, values, q) for mask, values, q in zip(
         due.units, refreshed.values, quotients)]
 
@@ -460,7 +477,7 @@ def eigenbasis_transform(rule: Rule, config: EngineConfig
                     jnp.zeros([], jnp.int32)),
         failed_refreshes=refreshed.failures, quotients=quotients,
         refreshed=due.units)
-    new_state = _to_public(rule, new_eigenbasis, new_states, fields)
+    new_state = _to_public(rule.State, new_eigenbasis, per_stack, fields)
     outputs = treedef.unflatten([
         d.astype(g.dtype)
         for d, g in zip(_stacks.scatter(directions, plan), grads)])

@@ -153,8 +153,14 @@ def test_state_sizes_match_the_formulas(m, n):
           soap_optax.factorized_soap(one_sided=True),
           2 * small**2 + m * n + m + n + one),
       'adamw': (optax.adamw(1e-3), 2 * m * n),
+      # Its eigenvalues from the last refresh (m + n); the Rayleigh floor's
+      # quotients are the engine's tracked diagonals.
       'shampoo eigenbasis': (soap_optax.scale_by_shampoo_eigenbasis(),
-                             2 * m * m + 2 * n * n + 2 * (m + n) + both),
+                             2 * m * m + 2 * n * n + (m + n) + both),
+      # Every axis factored: its statistics are the tracked diagonals.
+      'adafactor in eigenbasis': (
+          soap_optax.scale_by_adafactor_in_eigenbasis(),
+          2 * m * m + 2 * n * n + both),
   }
   for name, (opt, size) in expected.items():
     assert soap_optax.state_size(opt.init(params)) == size, name

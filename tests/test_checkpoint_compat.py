@@ -16,6 +16,7 @@ states, the ``.npz`` files, bit for bit):
 and alias default (grafted Shampoo, KL-SOAP, KL-Shampoo) included.
 """
 
+import collections
 import json
 import pathlib
 
@@ -24,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import soap_optax
 from tests.fixtures import make_checkpoints as fixture
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
@@ -36,6 +38,17 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 # (one (1, 5) unit), the flipped columns: the null one).
 SIGN_CONVENTION_CHANGED = {
     ('v0_checkpoints', 'factorized_soap'): (16, (0,), [4])}
+
+# The fields soap_optax 0.2.0 dropped (see soap_optax._upgrade), and the
+# field order the fixtures' code flattened those states in.
+DROPPED = {'ScaleByShampooEigenbasisState': 'rayleigh_quotients',
+           'ScaleByAdafactorInEigenbasisState': 'axis_stats'}
+SAVED_FIELDS = {
+    'ScaleByShampooEigenbasisState': (
+        'eigenbasis', 'diagonals', 'eigenvalues', 'rayleigh_quotients',
+        'damping'),
+    'ScaleByAdafactorInEigenbasisState': ('eigenbasis', 'axis_stats'),
+}
 
 CASES = [(name, optimizer) for name, spec in sorted(fixture.FIXTURE_SETS.items())
          for optimizer in spec['optimizers']]
@@ -58,6 +71,39 @@ def _column_signs(actual, desired):
   return np.where(np.sum(actual * desired, axis=-2) < 0, -1.0, 1.0)
 
 
+def _per_axis_as_saved(node, unfactored):
+  """Every stack's per-axis vectors, axes in order: a factored axis's from
+  the engine's tracked quotients (the numbers the dropped fields
+  duplicated), the others' from ``unfactored`` (flat over stacks)."""
+  tracked, rest, out = iter(node.eigenbasis.quotients), iter(unfactored), []
+  for stack in node.eigenbasis.plan.stacks:
+    layout = stack.layout
+    out.extend(layout.interleave(
+        [next(tracked) for _ in layout.factored_axes],
+        [next(rest) for _ in layout.unfactored(layout.merged_shape)]))
+  return tuple(out)
+
+
+def _as_saved(state):
+  """Today's state in the tree the fixture's code saved: each dropped field
+  rebuilt from the numbers that replace it (for Shampoo's Rayleigh
+  quotients of an axis without a factor, its running diagonal), so that
+  every saved leaf is compared, the dropped ones included."""
+  def rebuild(node):
+    kind = type(node).__name__
+    if kind not in SAVED_FIELDS:
+      return node
+    fields = node._asdict()
+    if kind == 'ScaleByShampooEigenbasisState':
+      fields['rayleigh_quotients'] = _per_axis_as_saved(node, node.diagonals)
+    else:
+      fields['axis_stats'] = _per_axis_as_saved(node, node.axis_stats)
+    saved = collections.namedtuple(kind, SAVED_FIELDS[kind])
+    return saved(**{name: fields[name] for name in SAVED_FIELDS[kind]})
+  return jax.tree.map(rebuild, state,
+                      is_leaf=lambda x: type(x).__name__ in SAVED_FIELDS)
+
+
 @pytest.mark.parametrize('set_name', sorted(fixture.FIXTURE_SETS))
 def test_fixture_set_names_the_commit_that_wrote_it(set_name):
   provenance = json.loads(
@@ -75,12 +121,24 @@ def test_checkpoint_restores_and_continues(set_name, name, x64):
   opt = fixture.optimizers([name])[name]
   params = fixture.params()
   target = jax.eval_shape(opt.init, params)
+  changed = any(type(node).__name__ in DROPPED for node in jax.tree.leaves(
+      target, is_leaf=lambda x: type(x).__name__ in DROPPED))
   with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(here / name, target)
-    metadata = checkpointer.metadata(here / name)
+    saved = checkpointer.restore(here / name)  # The tree as saved.
+    if not changed:  # Today's tree: a direct restore works too.
+      direct = checkpointer.restore(here / name, target)
+  # The documented conversion: the dropped fields' arrays left out, every
+  # other array as saved, bit for bit.
+  state = soap_optax.upgrade_state(saved, target)
   assert jax.tree.structure(state) == jax.tree.structure(target)
-  assert len(jax.tree.leaves(metadata.item_metadata)) == len(
-      jax.tree.leaves(state))
+  saved_leaves = jax.tree.leaves(saved)
+  assert len(jax.tree.leaves(_as_saved(state))) == len(saved_leaves)
+  kept = {np.asarray(x).tobytes() for x in saved_leaves}
+  for leaf in jax.tree.leaves(state):
+    assert np.asarray(leaf).tobytes() in kept
+  if not changed:
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(direct)):
+      np.testing.assert_array_equal(a, b)
   expected = np.load(here / f'{name}.npz')
   update = jax.jit(opt.update)
   for step in range(3, 6):
@@ -88,7 +146,7 @@ def test_checkpoint_restores_and_continues(set_name, name, x64):
     for i, leaf in enumerate(jax.tree.leaves(updates)):
       _assert_within_ulps(leaf, expected[f'updates{step}_{i}'],
                           f'{name}: update {step}, leaf {i}')
-  leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+  leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(_as_saved(state))]
   assert len(leaves) == len([k for k in expected.files
                              if k.startswith('state_')])
   flipped = SIGN_CONVENTION_CHANGED.get((set_name, name))
@@ -101,6 +159,8 @@ def test_checkpoint_restores_and_continues(set_name, name, x64):
     leaves[basis] = leaves[basis] * signs[..., None, :]
     for i in rotated:
       leaves[i] = leaves[i] * signs.reshape(leaves[i].shape)
+  # Every saved leaf, a dropped field's included (rebuilt from the tracked
+  # quotients and diagonals that replace it).
   for i, leaf in enumerate(leaves):
     _assert_within_ulps(leaf, expected[f'state_{i}'],
                         f'{name}: state leaf {i}')
