@@ -144,12 +144,13 @@ def scale_by_shampoo_eigenbasis(
 
   * ``rayleigh_floor``: between refreshes each ``Λ_k`` is used as
     ``max(Λ_k, R_k)`` with ``R_k = diag(Q_k^T GG_k Q_k)``, the Rayleigh
-    quotients of the *current* factor in the current basis (kept exactly, at
-    no extra product, as ``R_k <- β R_k + (1 - β) sum_{other axes} G'^2``;
-    ``R_k = Λ_k`` on a refresh call). Frozen eigenvalues of a factor that was
-    rank-deficient at its last refresh are otherwise near zero in directions
-    the new gradients do reach, and the update explodes until the next
-    refresh.
+    quotients of the *current* factor in the current basis (the engine's
+    tracked ``eigenbasis.quotients``, kept exactly at no extra product as
+    ``R_k <- β R_k + (1 - β) sum_{other axes} G'^2``, ``R_k = Λ_k`` on a
+    refresh call; on an axis without a factor, its running diagonal).
+    Frozen eigenvalues of a factor that was rank-deficient at its last
+    refresh are otherwise near zero in directions the new gradients do
+    reach, and the update explodes until the next refresh.
   * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
     :func:`scale_by_rotated_adam`'s rounding-noise floor (see
     :func:`soap_optax._floors.with_separable_rounding_floor`).

@@ -2,31 +2,37 @@
 the update every rule shares.
 
 Every transform of this package is a *rule* plugged into
-:func:`eigenbasis_transform`. Per call, for every stack of same-shape units
-(see :mod:`soap_optax._stacks`):
+:func:`eigenbasis_transform` with a *factor estimator*
+(:mod:`soap_optax._estimators`). Per call, for every stack of same-shape
+units (see :mod:`soap_optax._stacks`):
 
 1. **gather** the gradients into stacks ``(U, *merged_shape)``;
 2. **reject** each unit whose gradient is not finite (or whose ``sum(G**2)``
    overflows): its gradient is replaced by zeros here, its update is zero, and
    every floating array of its state is left bitwise unchanged;
 3. **absorb** the gradient into the Kronecker factors,
-   ``GG_i <- β GG_i + (1 - β) C_i``, with the rule's ``factor_beta`` and
+   ``GG_i <- β GG_i + (1 - β) C_i``, with the estimator's ``beta`` and
    statistics (Shampoo's ``C_i(G)``, or KL's whitened ones);
 4. **refresh** the bases of the units due (:func:`soap_optax._refresh.refresh`,
-   the one driver), either *before* the rule's step (Shampoo, Adafactor: a
-   step's own gradient shapes the basis on a refresh call) or *after* it
-   (SOAP: a step is preconditioned in the old basis, then the rule's state is
-   carried into the new one by ``on_refresh``);
-5. the rule's **per-unit step**, ``jax.vmap``-ed over each stack;
+   the one driver), either *before* the step (Shampoo, Adafactor: a step's
+   own gradient shapes the basis on a refresh call) or *after* it (rules
+   that declare ``carries_moments``, SOAP and KL-Shampoo: a step is
+   preconditioned in the old bases, then the rule's state is carried into
+   the new ones by its ``on_refresh``, the estimator's by its own);
+5. per unit, ``jax.vmap``-ed over each stack: **rotate** the gradient into
+   the bases, update the **tracked quotients** ``diag(Q_i^T GG_i Q_i)``
+   (``q <- β q + (1 - β)`` the estimator's increments; the refresh's values
+   on a refresh before the step), the rule's **step** (a direction in the
+   basis and a scale), **rotate** the direction out and scale it;
 6. **keep** rejected units unchanged, **pack** the state, **scatter** the
    updates back to the parameters' shapes and dtypes.
 
 On an Explicit mesh the whole update runs inside ``jax.sharding.auto_axes``
 (:func:`soap_optax._mesh.on_any_mesh`).
 
-A rule says only what differs: its factor decay, its order, its per-stack
-state, its per-unit step and what a refresh does to its state. Adding a rule
-is one file with a :class:`Rule` and its public ``scale_by_*``.
+A rule says only what it keeps and how it steps in the basis (five
+members: see :class:`Rule`). Adding a rule is one file with a :class:`Rule`
+and its public ``scale_by_*``.
 """
 
 import dataclasses

@@ -31,7 +31,10 @@ def _field(saved: Any, name: str, where: str) -> Any:
                        f'(it has {sorted(saved)}): a state of another '
                        f'optimizer?')
     return saved[name]
-  return getattr(saved, name)
+  if _is_namedtuple(saved) and name in saved._fields:
+    return getattr(saved, name)
+  raise ValueError(f'{where}: the saved state has no field {name!r} (it is a '
+                   f'{type(saved).__name__}): a state of another optimizer?')
 
 
 def _per_axis_of_factored_units(saved: list, like: tuple, plan: Any,

@@ -164,3 +164,25 @@ def test_checkpoint_restores_and_continues(set_name, name, x64):
   for i, leaf in enumerate(leaves):
     _assert_within_ulps(leaf, expected[f'state_{i}'],
                         f'{name}: state leaf {i}')
+
+
+def test_upgrade_state_names_what_does_not_fit(x64):
+  del x64
+  params = fixture.optimizers(['soap', 'adafactor'])
+  target = jax.eval_shape(params['adafactor'].init, fixture.params())
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.restore(FIXTURES / 'v1_checkpoints' / 'soap')
+  with pytest.raises(ValueError, match=r'state.*another optimizer'):
+    soap_optax.upgrade_state(saved, target)
+
+
+def test_upgrade_state_keeps_a_state_of_today(x64):
+  del x64
+  opt = fixture.optimizers(['shampoo'])['shampoo']
+  state = opt.init(fixture.params())
+  _, state = jax.jit(opt.update)(fixture.gradients(0), state,
+                                 fixture.params())
+  upgraded = soap_optax.upgrade_state(state, state)
+  assert jax.tree.structure(upgraded) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(upgraded), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)

@@ -24,9 +24,9 @@ def formula_numbers(name: str, shape) -> int:
   Written from the algorithms, not from the library: AdamW keeps m and v
   (``2 numel``); SOAP adds ``GG_i`` and ``Q_i`` (``2 d_i^2``) per rotated
   axis; factorized SOAP keeps m plus one vector per axis; Shampoo keeps
-  ``GG_i``, ``Q_i`` per rotated axis, ``diag(GG)`` per other axis, eigenvalues
-  and Rayleigh quotients per axis, the Adam graft's v and the momentum
-  (``2 numel``); KL-Shampoo keeps ``GG_i``, ``Q_i``, the momentum and one
+  ``GG_i``, ``Q_i`` per rotated axis, ``diag(GG)`` per other axis, the
+  eigenvalues per axis (its Rayleigh floor reads the tracked quotients
+  below), the Adam graft's v and the momentum (``2 numel``); KL-Shampoo keeps ``GG_i``, ``Q_i``, the momentum and one
   eigenvalue estimate per entry of every axis. Every eigenbasis optimizer
   also tracks ``diag(Q_i^T GG_i Q_i)`` (``d_i``) per rotated axis, for the
   staleness, and two counters per unit (the parameter here; each block with
@@ -49,7 +49,7 @@ def formula_numbers(name: str, shape) -> int:
   if name == 'shampoo':
     unrotated = len(axes) - len(rotated)
     diagonals = sum(axes) - sum(rotated) if unrotated else 0
-    return factors + diagonals + 2 * sum(axes) + 2 * size + tracking
+    return factors + diagonals + sum(axes) + 2 * size + tracking
   raise ValueError(name)
 
 
