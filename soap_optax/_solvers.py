@@ -119,12 +119,14 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
   :func:`null_space_threshold` (``m = 0`` when the factor is zero: its
   basis is kept). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
   Q_1^T`` (``Q_1``: the other columns) does not depend on the basis chosen;
-  the new columns are the Q factor of ``P R_m``, the projection of the first
-  ``m`` columns of the fixed :func:`null_space_reference` ``R``, except
-  that coordinate axes on which ``GG`` is exactly zero (a dead input or
-  output) stay axes (the last columns, in index order); their values are
-  their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level, like the
-  eigenvalues they replace, but a continuous function of ``GG``).
+  the new columns are the Gram-Schmidt orthonormalization of ``P R_m``, the
+  projection of the first ``m`` columns of the fixed
+  :func:`null_space_reference` ``R`` (computed as one Householder QR of
+  ``[Q_1 | R_m]``, each column's sign chosen positive against its ``R``
+  column), except that coordinate axes on which ``GG`` is exactly zero (a
+  dead input or output) stay axes (the last columns, in index order); their
+  values are their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level,
+  like the eigenvalues they replace, but a continuous function of ``GG``).
 
   Args:
     stat: the ``(d, d)`` factor ``GG``.
@@ -135,45 +137,72 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
   Returns:
     ``(basis, values)`` with the null columns replaced.
   """
-  d = values.shape[0]
-  threshold = null_space_threshold(values, stat)[0]
-  small = (values <= threshold) & (threshold > 0)
-  null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
-  m = jnp.sum(null.astype(jnp.int32))
+  null, m = _trailing_null(values, stat)
 
   def canonical(operands):
     basis, values = operands
-    dtype = basis.dtype
-    # Coordinate axes with a zero row and column in GG (a unit's dead
-    # inputs or outputs: exactly zero gradient there) are exact null
-    # vectors, whatever the rounding: they are kept as axes, last, in index
-    # order, so that a zero gradient coordinate stays exactly zero rotated.
-    on_axis = jnp.diagonal(stat) == 0
-    axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
-    live = (~on_axis)[:, None].astype(dtype)
-    axis_columns = jnp.eye(d, dtype=dtype)[
-        :, jnp.argsort(~on_axis, stable=True)]
-    # The rest of the null space: project the first m - axes columns of R
-    # with I - Q_1 Q_1^T (Q_1: the kept columns) and off the axes, and
-    # orthonormalize (Householder QR: its first columns depend on the first
-    # columns of its argument alone, the rest being zero); twice: the first
-    # QR's result leans into the kept span by rounding times R's condition
-    # number, the second starts from orthonormal columns.
-    kept = basis * (~null)[None, :].astype(dtype)
-    first = (jnp.arange(d) < m - axes)[None, :].astype(dtype)
-    projected = null_space_reference(d, dtype) * first
-    for _ in range(2):
-      projected = projected - jnp.matmul(kept, jnp.matmul(
-          kept.T, projected, precision=HIGHEST), precision=HIGHEST)
-      projected = jnp.linalg.qr(projected * live)[0] * first * live
-    position = jnp.arange(d)[None, :]
-    basis = jnp.where(
-        position >= d - axes, jnp.roll(axis_columns, d - axes, axis=1),
-        jnp.where(null[None, :], jnp.roll(projected, d - m, axis=1), basis))
+    basis = _with_reference_columns(stat, basis, null, m, keep_columns=True)
     return basis, jnp.where(null, rayleigh_quotients(stat, basis), values)
 
   return jax.lax.cond(m > 0, canonical, lambda operands: operands,
                       (basis, values))
+
+
+def _trailing_null(values: jax.Array, stat: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """The null columns (the longest run at the end whose ``values`` are at
+  most :func:`null_space_threshold`; none for a zero factor) and their
+  number."""
+  threshold = null_space_threshold(values, stat)[0]
+  small = (values <= threshold) & (threshold > 0)
+  null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
+  return null, jnp.sum(null.astype(jnp.int32))
+
+
+def _with_reference_columns(stat: jax.Array, columns: jax.Array,
+                            null: jax.Array, m: jax.Array, *,
+                            keep_columns: bool) -> jax.Array:
+  """An orthonormal basis whose last ``m`` columns (``null``) are the
+  canonical basis of the complement of the other ``columns``' span.
+
+  Coordinate axes with a zero row and column in ``stat`` (a unit's dead
+  inputs or outputs: exactly zero gradient there) are exact null vectors,
+  whatever the rounding: they are kept as axes, last, in index order, so
+  that a zero gradient coordinate stays exactly zero rotated. The rest: the
+  first ``m - axes`` columns of :func:`null_space_reference` ``R`` (off the
+  axes) orthonormalized after the other columns by one Householder QR of
+  ``[columns | R | axes]``. Its column ``j`` spans the part of ``R_j``
+  orthogonal to the columns before it, which depends on their span alone;
+  its sign is made canonical too: positive against ``R_j``. The other
+  columns are ``columns`` themselves (``keep_columns``: already
+  orthonormal) or the QR's (their orthonormalization, which depends on
+  them alone: Householder's first columns do not see the later ones).
+  """
+  d, dtype = columns.shape[0], columns.dtype
+  on_axis = jnp.diagonal(stat) == 0
+  axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
+  live = (~on_axis)[:, None].astype(dtype)
+  axis_columns = jnp.eye(d, dtype=dtype)[:, jnp.argsort(~on_axis, stable=True)]
+  position = jnp.arange(d)[None, :]
+  in_reference = null[None, :] & (position < d - axes)
+  reference = jnp.roll(null_space_reference(d, dtype), d - m, axis=1) * live
+  # Scaled like the largest other column (the result does not depend on
+  # it), so that the QR's rounding, relative to its largest column, is
+  # rounding relative to the reference columns too.
+  norms = jnp.sqrt(jnp.sum(jnp.square(reference), axis=0))
+  largest = jnp.max(jnp.where(null, 0, jnp.sqrt(jnp.sum(
+      jnp.square(columns), axis=0))))
+  reference = reference * jnp.where(
+      norms > 0, jnp.where(largest > 0, largest, 1) / jnp.where(
+          norms > 0, norms, 1), 0)[None, :]
+  on_axes = jnp.roll(axis_columns, d - axes, axis=1)
+  augmented = jnp.where(position >= d - axes, on_axes,
+                        jnp.where(in_reference, reference, columns))
+  orthonormal = jnp.linalg.qr(augmented)[0]
+  sign = jnp.where(jnp.sum(orthonormal * reference, axis=0) < 0, -1, 1)
+  canonical = orthonormal * live * sign.astype(dtype)
+  return jnp.where(position >= d - axes, on_axes, jnp.where(
+      in_reference, canonical, columns if keep_columns else orthonormal))
 
 
 def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -210,11 +239,25 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
   # the other outputs; ``argsort``'s index operand alone is not).
   order = order + jnp.zeros_like(estimates, dtype=order.dtype)
-  new_basis, _ = jnp.linalg.qr(power[:, order])
+  # Old columns at rounding level (last once sorted) span the factor's null
+  # space: their power columns are rounding. They are replaced by the
+  # canonical reference columns before the one QR (the others' columns come
+  # out exactly as QR(GG Q) gives them).
+  sorted_estimates = jnp.take(estimates, order)
+  null = (sorted_estimates == 0) & (jnp.max(estimates) > 0)
+  new_basis = _with_reference_columns(
+      stat, power[:, order], null, jnp.sum(null.astype(jnp.int32)),
+      keep_columns=False)
   ok = _all_finite(new_basis)
   basis = jnp.where(ok, new_basis, old_basis)
-  basis, values = canonical_null_space(stat, basis,
-                                       rayleigh_quotients(stat, basis))
+  values = rayleigh_quotients(stat, basis)
+  # Where the new basis's own null columns are not those (a rank that
+  # fell, a value at the threshold, a failed solve), the canonical basis of
+  # its null space is made afresh.
+  redone, _ = _trailing_null(values, stat)
+  basis, values = jax.lax.cond(
+      ok & jnp.all(redone == null), lambda: (basis, values),
+      lambda: canonical_null_space(stat, basis, values))
   identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
   return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
 

@@ -31,13 +31,15 @@ from tests.fixtures import make_checkpoints as fixture
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 
 # Basis columns whose sign the code has since changed, and the state leaves
-# in that unit's rotated coordinates. v0's factorized_soap refreshes the
-# (5,) vector's rank-deficient 5 x 5 factor during the continuation; the
-# canonical null-space basis (issue 21) picks a null column's sign by its own
-# rule, not eigh's: (leaf of the bases, leaves of the unit's rotated state
-# (one (1, 5) unit), the flipped columns: the null one).
+# in that unit's rotated coordinates. factorized_soap refreshes the (5,)
+# vector's rank-deficient 5 x 5 factor during the continuation, and its null
+# column's sign is the canonical null-space basis's choice: v0 took eigh's;
+# v1 (issue 21's basis) the sign of a second Householder QR; today's (issue
+# 29: one QR, each column positive against its reference column) happens to
+# agree with v0's and flips v1's: (leaf of the bases, leaves of the unit's
+# rotated state (one (1, 5) unit), the flipped columns: the null one).
 SIGN_CONVENTION_CHANGED = {
-    ('v0_checkpoints', 'factorized_soap'): (16, (0,), [4])}
+    ('v1_checkpoints', 'factorized_soap'): (16, (0,), [4])}
 
 # The fields soap_optax 0.2.0 dropped (see soap_optax._upgrade), and the
 # field order the fixtures' code flattened those states in.

@@ -167,7 +167,10 @@ def test_multisteps_accumulates_then_applies_soap():
                                np.asarray(expected['w']), rtol=1e-5, atol=1e-7)
 
 
-def test_partition_soap_for_matrices_adamw_for_the_rest():
+def test_partition_soap_for_matrices_adamw_for_the_rest(x64):
+  # In float64: the routed leaf's update equals SOAP's alone to rounding,
+  # whatever XLA fuses differently in the two programs.
+  del x64
   params = {'embed': jnp.ones((50, 8)), 'dense': jnp.ones((8, 8)),
             'bias': jnp.ones((8,))}
   labels = {'embed': 'adamw', 'dense': 'soap', 'bias': 'adamw'}
@@ -179,12 +182,13 @@ def test_partition_soap_for_matrices_adamw_for_the_rest():
     updates, state = update(_random_grads(params, i), state, params)
   soap_only = soap_optax.soap(1e-2)
   s = soap_only.init({'dense': params['dense']})
-  for i in range(3):  # Jitted too: the same program, the same rounding.
+  for i in range(3):
     expected, s = jax.jit(soap_only.update)(
         {'dense': _random_grads(params, i)['dense']}, s,
         {'dense': params['dense']})
+  assert updates['dense'].dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(updates['dense']),
-                             np.asarray(expected['dense']), rtol=1e-6)
+                             np.asarray(expected['dense']), rtol=1e-12)
 
 
 def test_masked_soap_leaves_other_parameters_alone():
