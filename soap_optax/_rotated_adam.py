@@ -44,8 +44,9 @@ class ScaleByRotatedAdamKLState(NamedTuple):
   (KL-SOAP): :class:`ScaleByRotatedAdamState`'s fields and
 
   Attributes:
-    eigenvalues: the KL rule's eigenvalue estimates ``λ_k``, ``(U, d_k)`` per
-      stack and (merged) axis, flat (see
+    eigenvalues: the KL estimator's eigenvalue estimates ``λ_k``
+      (:class:`soap_optax._estimators.KL`, shared with KL-Shampoo),
+      ``(U, d_k)`` per stack and (merged) axis, flat (see
       :func:`soap_optax.scale_by_kl_shampoo`).
   """
 

@@ -378,7 +378,13 @@ def eigenbasis_transform(
     config = dataclasses.replace(config, bucket_padding=None)
 
   def init_parts(stack):
-    return rule.init_stack(stack), estimator.init_stack(stack)
+    state, estimates = rule.init_stack(stack), estimator.init_stack(stack)
+    if set(state._fields) & set(estimates._fields):
+      raise ValueError(
+          f'{type(rule).__name__} and {type(estimator).__name__} both keep '
+          f'{sorted(set(state._fields) & set(estimates._fields))}: the '
+          f'public state holds each field once.')
+    return state, estimates
 
   def init_fn(params):
     if _is_optax_params_placeholder(params):

@@ -12,6 +12,10 @@ size and dtype in one batched call (:func:`soap_optax._batching.map_by_size`):
   ``est = diag(Q^T GG Q)``, columns of ``Q`` sorted by ``est`` descending,
   ``Q <- qr(GG Q).Q``.
 
+Both give a rank-deficient factor's null space a canonical basis
+(:func:`canonical_null_space`); the power step builds it inside its own QR
+where it can (:func:`solve_power_qr`).
+
 A refresh never replaces a finite basis by a non-finite one: when the new basis
 of a factor is not finite the old one is kept.
 
@@ -227,7 +231,16 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   QR (about ``14/3 d^3`` flops), as in the SOAP reference implementation:
   ``est = diag(Q^T GG Q)``, ``order`` sorts ``est`` descending (stable),
   ``Q <- qr(GG Q[:, order]).Q``; the values are ``diag(Q_new^T GG Q_new)``.
-  When the new basis is not finite, the old one is kept (identity order)."""
+  When the new basis is not finite, the old one is kept (identity order).
+
+  The null space gets the basis of :func:`canonical_null_space`: the old
+  columns whose estimate is rounding (last once sorted) are replaced, in
+  ``GG Q``, by the reference columns before the one QR, which then returns
+  the canonical null columns as well as the others exactly as
+  ``qr(GG Q[:, order])`` would; where the new basis's own null columns
+  turn out to be others (a rank that fell, an estimate at the threshold),
+  :func:`canonical_null_space` runs after the QR. (Under ``vmap``, on
+  accelerators, that ``lax.cond`` runs both branches.)"""
   power = jnp.matmul(stat, old_basis, precision=HIGHEST)
   estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
   # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)

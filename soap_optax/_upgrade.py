@@ -73,7 +73,8 @@ def _convert(saved: Any, like: Any, where: str, plan: Any = None) -> Any:
     return type(like)(**fields)
   if _is_namedtuple(like):
     if not like._fields or saved is None:
-      if like._fields or saved not in (None, {}, ()):
+      if like._fields or not (saved is None or (
+        isinstance(saved, (dict, list, tuple)) and not saved)):
         raise ValueError(f'{where}: saved {saved!r} for {type(like).__name__}')
       return like
     return type(like)(**{
@@ -118,6 +119,12 @@ def upgrade_state(saved: Any, like: Any) -> Any:
   Raises:
     ValueError: naming the field, where the saved state does not fit
       ``like`` (another optimizer, other parameters or options).
+
+  The arrays come back as plain (unplaced) arrays. For a transform built
+  with a ``mesh``, a checkpoint saved through
+  :func:`soap_optax.portable_state` is converted against
+  ``portable_state(jax.eval_shape(tx.init, params))`` and then placed with
+  :func:`soap_optax.reshard_state`.
 
   Example::
 

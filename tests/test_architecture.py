@@ -114,7 +114,7 @@ def test_rule_interface_has_five_members():
                      'on_refresh']
 
 
-def test_rules_are_small_and_use_what_they_are_handed():
+def test_rules_are_small_and_delete_nothing_they_are_handed():
   for name in RULES:
     source = (PACKAGE / f'{name}.py').read_text()
     assert len(_code_lines(source)) <= 100, name

@@ -270,13 +270,57 @@ def test_canonical_null_space_depends_on_the_subspace_only(x64):
   # The new columns lie in the null space: GG Q_0 = 0 (to rounding).
   assert np.max(np.abs(a @ q[:, 4:])) <= 1e-13 * np.max(np.abs(a))
   # The oracle, from the definition: the first 8 columns of the fixed
-  # reference projected off the range, orthonormalized (Q of a QR; columns
-  # up to sign).
-  reference = np.asarray(_solvers.null_space_reference(12, jnp.float64))
-  projected = reference[:, :8] - v[:, :4] @ (v[:, :4].T @ reference[:, :8])
-  oracle = np.linalg.qr(projected)[0]
-  np.testing.assert_allclose(np.abs(np.sum(oracle * q[:, 4:], axis=0)), 1.0,
+  # reference projected off the range, orthonormalized in order, each
+  # column's sign positive against its reference column.
+  np.testing.assert_allclose(q[:, 4:], _null_basis_oracle(v[:, :4], 8),
                              atol=1e-13)
+
+
+def _null_basis_oracle(kept, m):
+  """The canonical null columns from their definition (Gram-Schmidt of
+  the reference's first ``m`` columns against ``kept``'s span and the
+  columns before them; signs positive against the reference columns)."""
+  d = kept.shape[0]
+  reference = np.asarray(_solvers.null_space_reference(d, jnp.float64))
+  kept = np.linalg.qr(kept)[0]
+  columns = []
+  for j in range(m):
+    x = reference[:, j].copy()
+    for _ in range(2):  # twice is enough
+      for q in [*kept.T, *columns]:
+        x -= q * (q @ x)
+    x /= np.linalg.norm(x)
+    columns.append(x if x @ reference[:, j] > 0 else -x)
+  return np.stack(columns, axis=1)
+
+
+def test_power_qr_builds_the_canonical_null_basis_inside_its_qr(
+    x64, monkeypatch):
+  """From a basis whose null columns stay null, one power step gives the
+  canonical null columns without the separate pass (poisoned here: it
+  must not run), and the others as plain QR(GG Q) does."""
+  del x64
+  rng = np.random.default_rng(3)
+  a = _rank_deficient_factor(rng, 12, 4)
+  w, v = _eigh_descending(a)
+  start = np.asarray(_solvers.canonical_null_space(
+      jnp.asarray(a), jnp.asarray(v), jnp.asarray(w))[0])
+  # The factor moves within its range: the same null space.
+  moved = a + 0.3 * v[:, :4] @ np.diag(rng.uniform(1, 2, 4)) @ v[:, :4].T
+  monkeypatch.setattr(_solvers, 'canonical_null_space',
+                      lambda stat, basis, values: (basis * np.nan, values))
+  solution = _solvers.solve_power_qr(jnp.asarray(moved), jnp.asarray(start))
+  q = np.asarray(solution.basis)
+  assert np.all(np.isfinite(q))  # the separate pass did not run
+  np.testing.assert_allclose(q.T @ q, np.eye(12), atol=1e-13)
+  power = moved @ start
+  order = np.asarray(solution.order)
+  np.testing.assert_array_equal(np.sort(order[:4]), np.arange(4))
+  plain = np.linalg.qr(power[:, order])[0]
+  np.testing.assert_allclose(np.abs(np.sum(q[:, :4] * plain[:, :4], axis=0)),
+                             1.0, atol=1e-12)
+  np.testing.assert_allclose(q[:, 4:], _null_basis_oracle(q[:, :4], 8),
+                             atol=1e-12)
 
 
 def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
