@@ -13,8 +13,7 @@ size and dtype in one batched call (:func:`soap_optax._batching.map_by_size`):
   ``Q <- qr(GG Q).Q``.
 
 Both give a rank-deficient factor's null space a canonical basis
-(:func:`canonical_null_space`); the power step builds it inside its own QR
-where it can (:func:`solve_power_qr`).
+(:func:`canonical_null_space`).
 
 A refresh never replaces a finite basis by a non-finite one: when the new basis
 of a factor is not finite the old one is kept.
@@ -145,7 +144,7 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
 
   def canonical(operands):
     basis, values = operands
-    basis = _with_reference_columns(stat, basis, null, m, keep_columns=True)
+    basis = _with_reference_columns(stat, basis, null, m)
     return basis, jnp.where(null, rayleigh_quotients(stat, basis), values)
 
   return jax.lax.cond(m > 0, canonical, lambda operands: operands,
@@ -164,8 +163,7 @@ def _trailing_null(values: jax.Array, stat: jax.Array
 
 
 def _with_reference_columns(stat: jax.Array, columns: jax.Array,
-                            null: jax.Array, m: jax.Array, *,
-                            keep_columns: bool) -> jax.Array:
+                            null: jax.Array, m: jax.Array) -> jax.Array:
   """An orthonormal basis whose last ``m`` columns (``null``) are the
   canonical basis of the complement of the other ``columns``' span.
 
@@ -178,9 +176,7 @@ def _with_reference_columns(stat: jax.Array, columns: jax.Array,
   ``[columns | R | axes]``. Its column ``j`` spans the part of ``R_j``
   orthogonal to the columns before it, which depends on their span alone;
   its sign is made canonical too: positive against ``R_j``. The other
-  columns are ``columns`` themselves (``keep_columns``: already
-  orthonormal) or the QR's (their orthonormalization, which depends on
-  them alone: Householder's first columns do not see the later ones).
+  columns are ``columns``, unchanged.
   """
   d, dtype = columns.shape[0], columns.dtype
   on_axis = jnp.diagonal(stat) == 0
@@ -206,7 +202,7 @@ def _with_reference_columns(stat: jax.Array, columns: jax.Array,
   sign = jnp.where(jnp.sum(orthonormal * reference, axis=0) < 0, -1, 1)
   canonical = orthonormal * live * sign.astype(dtype)
   return jnp.where(position >= d - axes, on_axes, jnp.where(
-      in_reference, canonical, columns if keep_columns else orthonormal))
+      in_reference, canonical, columns))
 
 
 def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -232,15 +228,7 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   ``est = diag(Q^T GG Q)``, ``order`` sorts ``est`` descending (stable),
   ``Q <- qr(GG Q[:, order]).Q``; the values are ``diag(Q_new^T GG Q_new)``.
   When the new basis is not finite, the old one is kept (identity order).
-
-  The null space gets the basis of :func:`canonical_null_space`: the old
-  columns whose estimate is rounding (last once sorted) are replaced, in
-  ``GG Q``, by the reference columns before the one QR, which then returns
-  the canonical null columns as well as the others exactly as
-  ``qr(GG Q[:, order])`` would; where the new basis's own null columns
-  turn out to be others (a rank that fell, an estimate at the threshold),
-  :func:`canonical_null_space` runs after the QR. (Under ``vmap``, on
-  accelerators, that ``lax.cond`` runs both branches.)"""
+  The null space then gets the basis of :func:`canonical_null_space`."""
   power = jnp.matmul(stat, old_basis, precision=HIGHEST)
   estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
   # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
@@ -252,25 +240,11 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
   # the other outputs; ``argsort``'s index operand alone is not).
   order = order + jnp.zeros_like(estimates, dtype=order.dtype)
-  # Old columns at rounding level (last once sorted) span the factor's null
-  # space: their power columns are rounding. They are replaced by the
-  # canonical reference columns before the one QR (the others' columns come
-  # out exactly as QR(GG Q) gives them).
-  sorted_estimates = jnp.take(estimates, order)
-  null = (sorted_estimates == 0) & (jnp.max(estimates) > 0)
-  new_basis = _with_reference_columns(
-      stat, power[:, order], null, jnp.sum(null.astype(jnp.int32)),
-      keep_columns=False)
+  new_basis, _ = jnp.linalg.qr(power[:, order])
   ok = _all_finite(new_basis)
   basis = jnp.where(ok, new_basis, old_basis)
-  values = rayleigh_quotients(stat, basis)
-  # Where the new basis's own null columns are not those (a rank that
-  # fell, a value at the threshold, a failed solve), the canonical basis of
-  # its null space is made afresh.
-  redone, _ = _trailing_null(values, stat)
-  basis, values = jax.lax.cond(
-      ok & jnp.all(redone == null), lambda: (basis, values),
-      lambda: canonical_null_space(stat, basis, values))
+  basis, values = canonical_null_space(stat, basis,
+                                       rayleigh_quotients(stat, basis))
   identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
   return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
 
