@@ -6,12 +6,18 @@ scanned, with and without ``block_size``), builds SOAP's plan on abstract
 parameters with ``bucket_padding`` off, at its default and at a larger
 bound, and reports:
 
-* ``stacks``: distinct unit shapes (one per-unit program each), and
-  ``factor sizes`` (one solver program each);
+* ``stacks``: distinct unit shapes (one per-unit program each),
+  ``factor sizes``, and ``solver sizes`` (one solver program each: factor
+  sizes padded to shared sizes, :func:`soap_optax._refresh.solver_sizes`);
 * ``extra work``: the padded units' work over their own (refresh ``sum d^3``
   plus a step's ``n (1 + sum d)``, :attr:`FactorLayout.unit_cost`), in %;
 * ``extra state``: the padded units' optimizer state over their own
-  (moments ``2 n`` and factors and bases ``2 sum d^2``), in %.
+  (moments ``2 n`` and factors and bases ``2 sum d^2``), in %;
+* ``extra refresh``: what solving factors at their solver size adds to the
+  refresh's work (``sum D^3`` over ``sum d^3``), in %, and ``solver bytes``:
+  what it adds to the solvers' inputs (``sum D^2`` over ``sum d^2``; the
+  temporaries of a batched solve on an accelerator scale with it, a
+  ``lax.map`` holds one factor's at a time; no state is padded), in %.
 
 Nothing is compiled or allocated: seconds on any machine.
 
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 
 import soap_optax
 from soap_optax import _kronecker
+from soap_optax import _refresh
 
 import pod_scale
 from benchmark_sections import train_step
@@ -65,10 +72,20 @@ def report(params, **soap_kwargs) -> list[dict]:
       for extent in extents:
         w, m = _own_work_and_state(stack, tuple(int(e) for e in extent))
         own_work, own_state = own_work + w, own_state + m
+    factors = [jax.ShapeDtypeStruct((s.size, d, d), jnp.float32)
+               for s in plan.stacks for d in s.layout.factor_sizes]
+    solver = _refresh.solver_sizes(factors, padding)
+    solved = [solver[(f.shape[-1], f.dtype)] for f in factors]
     rows.append(dict(
         bucket_padding=padding, stacks=len(plan.stacks),
-        factor_sizes=len({d for s in plan.stacks
-                          for d in s.layout.factor_sizes}),
+        factor_sizes=len({f.shape[-1] for f in factors}),
+        solver_sizes=sorted(set(solved)),
+        extra_refresh_pct=100 * (sum(f.shape[0] * D**3 for f, D in zip(
+            factors, solved)) / max(1, sum(f.shape[0] * f.shape[-1]**3
+                                          for f in factors)) - 1),
+        extra_solver_bytes_pct=100 * (sum(f.shape[0] * D**2 for f, D in zip(
+            factors, solved)) / max(1, sum(f.shape[0] * f.shape[-1]**2
+                                          for f in factors)) - 1),
         extra_work_pct=100 * (work / own_work - 1),
         extra_state_pct=100 * (state / own_state - 1)))
   return rows
@@ -95,14 +112,18 @@ def models():
 
 
 def markdown(results: dict) -> str:
-  lines = ['| model | bucket_padding | stacks | factor sizes | extra work | '
-           'extra state |', '| --- | --- | --- | --- | --- | --- |']
+  lines = ['| model | bucket_padding | stacks | factor sizes | solver sizes '
+           '| extra work | extra state | extra refresh | solver bytes |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for name, rows in results.items():
     for r in rows:
+      sizes = ', '.join(map(str, r['solver_sizes']))
       lines.append(
           f"| {name} | {r['bucket_padding']} | {r['stacks']} | "
-          f"{r['factor_sizes']} | {r['extra_work_pct']:.1f}% | "
-          f"{r['extra_state_pct']:.1f}% |")
+          f"{r['factor_sizes']} | {len(r['solver_sizes'])} ({sizes}) | "
+          f"{r['extra_work_pct']:.1f}% | {r['extra_state_pct']:.1f}% | "
+          f"{r['extra_refresh_pct']:.1f}% | "
+          f"{r['extra_solver_bytes_pct']:.1f}% |")
   return '\n'.join(lines)
 
 

@@ -143,6 +143,20 @@ MUTANTS = (
            'return 1.0 / float(min(max(d, low), high))**2',
            'return 1.0 / float(min(max(d, low), high))',
            ('tests/test_kl_shampoo.py',)),
+    Mutant('solver padding before the factor, not after',
+           'soap_optax/_refresh.py',
+           'widths = ((0, 0), (0, extra), (0, extra))',
+           'widths = ((0, 0), (extra, 0), (extra, 0))',
+           ('tests/test_refresh.py',)),
+    Mutant('solver sizes: the first cut within the bound, not the least',
+           'soap_optax/_refresh.py',
+           'least.append([min(((previous[i][0] + extra(i + 1, j),',
+           'least.append([max(((previous[i][0] + extra(i + 1, j),',
+           ('tests/test_refresh.py',)),
+    Mutant('axes-only null space keeps the solver\'s null columns',
+           'soap_optax/_solvers.py',
+           '_axis_columns(on_axis, axes, basis.dtype), basis)',
+           'basis, basis)', ('tests/test_engine.py', 'tests/test_refresh.py')),
 )
 
 

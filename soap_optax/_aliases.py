@@ -145,7 +145,9 @@ def soap(
     bucket_padding: let units of different shapes share one stack, and so
       one compiled program, padded with zeros, when padding adds at most
       this fraction of a unit's work (``None`` or 0: one stack per shape);
-      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      it also bounds the refresh work added by solving factors of several
+      sizes at one padded solver size (one solver program each); no number
+      changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the eigenbasis refreshes evenly over the
       ``precondition_frequency`` steps (each unit still refreshes every
       ``precondition_frequency`` steps) to flatten the refresh spike.
@@ -316,7 +318,9 @@ def shampoo(
     bucket_padding: let units of different shapes share one stack, and so
       one compiled program, padded with zeros, when padding adds at most
       this fraction of a unit's work (``None`` or 0: one stack per shape);
-      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      it also bounds the refresh work added by solving factors of several
+      sizes at one padded solver size (one solver program each); no number
+      changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` steps (see :func:`soap`).
     rounding_floor: the rounding-noise floor on the eigenvalues (see

@@ -402,16 +402,90 @@ def _count_failures(solutions) -> jax.Array:
               for solution in solutions), jnp.zeros([], jnp.int32))
 
 
+def solver_sizes(stats: Sequence[jax.Array], max_padding: float | None
+                 ) -> dict[tuple[int, Any], int]:
+  """The size each factor size is solved at: ``{(d, dtype): D}``, ``D >= d``.
+
+  Factors of several sizes padded to one size go through one solver program
+  (one ``eigh``, one QR, one canonical null space), so that compile time
+  grows with the number of solver sizes, not of distinct factor sizes. A
+  factor ``GG`` of size ``d`` is solved as ``[[GG, 0], [0, 0]]`` of size
+  ``D`` with the basis ``[[Q, 0], [0, 0]]``: its padding axes are dead axes,
+  which every solver leaves alone and the canonical null space keeps as the
+  last coordinate axes, so the top-left ``d x d`` block of the result is the
+  unpadded solution (to rounding; ``tests/test_refresh.py`` compares in
+  float64).
+
+  The sizes, per dtype, sorted, are cut into the fewest runs, each padded to
+  its largest size, such that the padding adds at most ``max_padding`` of
+  the refresh's work (``d^3`` per factor, summed over the tree); among
+  those, the cut with the least padding. ``None`` or 0: no padding.
+  """
+  counts: dict[Any, dict[int, int]] = {}
+  for stat in stats:
+    per_size = counts.setdefault(stat.dtype, {})
+    per_size[stat.shape[-1]] = per_size.get(stat.shape[-1], 0) + stat.shape[0]
+  result = {}
+  for dtype, per_size in counts.items():
+    sizes = sorted(per_size)
+    result.update({(d, dtype): d for d in sizes})
+    if not max_padding:
+      continue
+    budget = max_padding * sum(per_size[d] * d**3 for d in sizes)
+    def extra(i, j):  # sizes[i..j] padded to sizes[j]
+      return sum(per_size[d] * (sizes[j]**3 - d**3) for d in sizes[i:j + 1])
+    k = len(sizes)
+    # least[g][j]: (least padding, cut) of sizes[:j + 1] in g + 1 runs.
+    least = [[(extra(0, j), (j,)) for j in range(k)]]
+    while least[-1][k - 1][0] > budget and len(least) < k:
+      previous = least[-1]
+      least.append([min(((previous[i][0] + extra(i + 1, j),
+                          previous[i][1] + (j,)) for i in range(j)),
+                        default=(float('inf'), ()))
+                    for j in range(k)])
+    start = 0
+    for end in least[-1][k - 1][1]:
+      result.update({(d, dtype): sizes[end] for d in sizes[start:end + 1]})
+      start = end + 1
+  return result
+
+
+def _padded_solver(fn, sizes):
+  """``fn`` on every stack, each factor padded to its solver size (see
+  :func:`solver_sizes`) and its solution cut back."""
+  def padded(stats, bases, masks):
+    real = [stat.shape[-1] for stat in stats]
+
+    def pad(stat, basis):
+      d = stat.shape[-1]
+      extra = sizes[(d, stat.dtype)] - d
+      if not extra:
+        return stat, basis
+      # The old basis's padding is never read back: the power step's
+      # product is zero there and a QR leaves a zero column's axis alone.
+      widths = ((0, 0), (0, extra), (0, extra))
+      return jnp.pad(stat, widths), jnp.pad(basis, widths)
+    stats, bases = zip(*map(pad, stats, bases)) if stats else ((), ())
+    solutions = fn(list(stats), list(bases), masks)
+    return [solution._replace(basis=solution.basis[:, :d, :d],
+                              values=solution.values[:, :d],
+                              order=solution.order[:, :d])
+            for solution, d in zip(solutions, real)]
+  return padded
+
+
 def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
-               batched: bool):
-  """``solver`` on every due factor, batched by factor size; a factor not
-  due keeps its basis (:func:`soap_optax._solvers.keep_basis`).
+               batched: bool, sizes=None):
+  """``solver`` on every due factor, batched by (padded) factor size; a
+  factor not due keeps its basis (:func:`soap_optax._solvers.keep_basis`).
 
   With ``skip`` each factor's solve sits in a ``lax.cond``, so that a factor
   not due costs nothing (staggered schedules, a mesh's padding slots);
   otherwise every factor is solved and the result selected, a smaller
   program for calls where (almost) every unit is due. ``batched``: one
-  ``vmap``-ed call per size (accelerators), else ``lax.map``.
+  ``vmap``-ed call per size (accelerators), else ``lax.map``. ``sizes``:
+  the solver size of each factor size (:func:`solver_sizes`; None: none
+  padded).
   """
   def conditional(stat, basis, due):
     return jax.lax.cond(due, solver, _solvers.keep_basis, stat, basis)
@@ -421,8 +495,12 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
                         solver(stat, basis), _solvers.keep_basis(stat, basis))
 
   def local(fn, *lists):
-    solutions = _batching.map_by_size(fn, *lists, batched_call=(
-        _batching.vmap_items if batched else _batching.map_items))
+    def by_size(*lists):
+      return _batching.map_by_size(fn, *lists, batched_call=(
+          _batching.vmap_items if batched else _batching.map_items))
+    if sizes is not None:
+      by_size = _padded_solver(by_size, sizes)
+    solutions = by_size(*lists)
     return solutions, _count_failures(solutions)
 
   fn = conditional if skip else selected
@@ -433,11 +511,12 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
 
 def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
             method: str, plan: _stacks.EigenbasisPlan,
-            partial: bool = False) -> Refreshed:
-  """Refreshes the bases of the due units; one program per factor size.
+            partial: bool = False,
+            solver_padding: float | None = None) -> Refreshed:
+  """Refreshes the bases of the due units; one program per solver size.
 
-  Every factor of the same size and dtype, from every stack, goes through one
-  batched solver call, inside one ``lax.cond`` that skips the whole refresh
+  Every factor of the same solver size (:func:`solver_sizes`) and dtype, from
+  every stack, goes through one batched solver call, inside one ``lax.cond`` that skips the whole refresh
   on calls where nothing is due. A call where some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
   :data:`soap_optax._solvers.SOLVERS`). Where a call refreshes only some
@@ -446,7 +525,9 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
   skips the factors not due (on a mesh inside one ``shard_map``, each device
   solving its own units); otherwise every factor of a due call is solved
   (one ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and
-  the results of the due ones are kept.
+  the results of the due ones are kept. ``solver_padding``: the bound
+  :func:`solver_sizes` plans the solver sizes with (None: each factor size
+  its own).
   """
   active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
   stats = [stat for s in active for stat in factors[s].stats]
@@ -459,10 +540,6 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
           or plan.refresh_phases is not None)
   batched = not skip and jax.default_backend() != 'cpu'
 
-  def solve(name):
-    return lambda: _solve_due(_solvers.SOLVERS[name], stats, bases, masks,
-                              plan.sharding, skip=skip, batched=batched)
-
   def keep():
     solutions = [jax.vmap(lambda b: _solvers.keep_basis(None, b))(b)
                  for b in bases]
@@ -470,6 +547,16 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
 
   if stats:
     any_due = functools.reduce(jnp.logical_or, [jnp.any(m) for m in masks])
+    # Planned on the real units (a mesh's padding slots not counted), so
+    # that every layout of the tree solves at the same sizes.
+    sizes = solver_sizes([
+        jax.ShapeDtypeStruct((plan.stacks[s].size,) + stat.shape[1:],
+                             stat.dtype)
+        for s in active for stat in factors[s].stats], solver_padding)
+    def solve(name):
+      return functools.partial(
+          _solve_due, _solvers.SOLVERS[name], stats, bases, masks,
+          plan.sharding, skip=skip, batched=batched, sizes=sizes)
     if method == 'eigh':
       body = solve('eigh')
     else:

@@ -204,7 +204,9 @@ def scale_by_rotated_adam(
     bucket_padding: let units of different shapes share one stack, and so
       one compiled program, padded with zeros, when padding adds at most
       this fraction of a unit's work (``None`` or 0: one stack per shape);
-      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      it also bounds the refresh work added by solving factors of several
+      sizes at one padded solver size (one solver program each); no number
+      changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over ``precondition_frequency``
       calls.
     rounding_floor: divide by ``sqrt(v + f^2)`` (above); ``False``

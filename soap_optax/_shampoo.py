@@ -184,7 +184,9 @@ def scale_by_shampoo_eigenbasis(
     bucket_padding: let units of different shapes share one stack, and so
       one compiled program, padded with zeros, when padding adds at most
       this fraction of a unit's work (``None`` or 0: one stack per shape);
-      no number changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      it also bounds the refresh work added by solving factors of several
+      sizes at one padded solver size (one solver program each); no number
+      changes (see :class:`soap_optax._skeleton.EngineConfig`).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: add the rounding-noise floor to the eigenvalues (above).

@@ -89,8 +89,14 @@ class EngineConfig:
       do not bucket, nor do adaptive refresh policies (they decide per
       stack); under ``staggered_refresh`` phases are assigned over the
       bucketed stacks (each unit still refreshes every
-      ``precondition_frequency`` calls). Under ``optax.inject_hyperparams``
-      with a ``jit``-ed ``init``, list it in ``static_args``.
+      ``precondition_frequency`` calls). The same bound plans the solver
+      sizes, for every rule: factor sizes whose refresh work is small share
+      the solver program of a larger size, padded with zero rows and
+      columns (and so a dead axis each), while the padding adds at most
+      this fraction of the whole tree's refresh work (``d^3`` per factor;
+      :func:`soap_optax._refresh.solver_sizes`). Under
+      ``optax.inject_hyperparams`` with a ``jit``-ed ``init``, list it in
+      ``static_args``.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls instead of refreshing every unit on the same call: each unit is
       still refreshed every ``precondition_frequency`` calls, on the residue
@@ -372,6 +378,8 @@ def eigenbasis_transform(
   """
   fields = tuple(name for name in rule.State._fields if name != 'eigenbasis')
   carries, beta = rule.carries_moments, estimator.beta
+  # Solver sizes pad the solver's input alone: exact for every rule.
+  solver_padding = config.bucket_padding
   if (not (pads_exactly and estimator.pads_exactly)
       or _refresh.is_policy(config.schedule)):
     # A policy decides per stack: a bucket would tie its shapes' refreshes.
@@ -401,7 +409,9 @@ def eigenbasis_transform(
                      for _ in _as_tuple(stack[name])))
         for name in fields)
     eigenbasis = eigenbasis._replace(plan=dataclasses.replace(
-        eigenbasis.plan, field_stacks=field_stacks))
+        eigenbasis.plan, field_stacks=field_stacks,
+        solver_padding=None if solver_padding is None else float(
+            solver_padding)))
     return _to_public(rule.State, eigenbasis, per_stack, fields)
 
   def unit_step(grad, factors, state, estimates, quotients, values, due,
@@ -455,7 +465,8 @@ def eigenbasis_transform(
     due = _refresh.due_units(eigenbasis, config.schedule, accepted, decided)
     refresh = functools.partial(
         _refresh.refresh, method=config.refresh, plan=plan,
-        partial=_refresh.is_policy(config.schedule))
+        partial=_refresh.is_policy(config.schedule),
+        solver_padding=plan.solver_padding)
 
     if carries:  # The step in the old bases; the refresh comes after.
       advanced = [ok & ~new for ok, new in zip(accepted, due.initializing)]

@@ -130,6 +130,7 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
   dead input or output) stay axes (the last columns, in index order); their
   values are their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level,
   like the eigenvalues they replace, but a continuous function of ``GG``).
+  Where every null column is such an axis, no QR is needed and none is run.
 
   Args:
     stat: the ``(d, d)`` factor ``GG``.
@@ -141,14 +142,28 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
     ``(basis, values)`` with the null columns replaced.
   """
   null, m = _trailing_null(values, stat)
+  on_axis = jnp.diagonal(stat) == 0
+  axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
+
+  def axes_only(operands):
+    basis, values = operands
+    d = basis.shape[0]
+    position = jnp.arange(d)[None, :]
+    columns = jnp.where(position >= d - axes,
+                        _axis_columns(on_axis, axes, basis.dtype), basis)
+    return columns, jnp.where(null, jnp.zeros_like(values), values)
 
   def canonical(operands):
     basis, values = operands
-    basis = _with_reference_columns(stat, basis, null, m)
+    basis = _with_reference_columns(stat, basis, null, m, on_axis, axes)
     return basis, jnp.where(null, rayleigh_quotients(stat, basis), values)
 
-  return jax.lax.cond(m > 0, canonical, lambda operands: operands,
-                      (basis, values))
+  # No null column: nothing to do. Every null column a dead axis (a
+  # full-rank factor padded to its solver size, a unit padded to its
+  # bucket): the axes put in place, no QR. Otherwise the reference columns.
+  branch = jnp.where(m > 0, 1 + (m > axes).astype(jnp.int32), 0)
+  return jax.lax.switch(branch, (lambda operands: operands, axes_only,
+                                 canonical), (basis, values))
 
 
 def _trailing_null(values: jax.Array, stat: jax.Array
@@ -162,8 +177,18 @@ def _trailing_null(values: jax.Array, stat: jax.Array
   return null, jnp.sum(null.astype(jnp.int32))
 
 
+def _axis_columns(on_axis: jax.Array, axes: jax.Array,
+                  dtype: Any) -> jax.Array:
+  """The coordinate axes where ``on_axis`` as the last ``axes`` columns of a
+  ``(d, d)`` matrix, in index order."""
+  d = on_axis.shape[0]
+  columns = jnp.eye(d, dtype=dtype)[:, jnp.argsort(~on_axis, stable=True)]
+  return jnp.roll(columns, d - axes, axis=1)
+
+
 def _with_reference_columns(stat: jax.Array, columns: jax.Array,
-                            null: jax.Array, m: jax.Array) -> jax.Array:
+                            null: jax.Array, m: jax.Array,
+                            on_axis: jax.Array, axes: jax.Array) -> jax.Array:
   """An orthonormal basis whose last ``m`` columns (``null``) are the
   canonical basis of the complement of the other ``columns``' span.
 
@@ -179,10 +204,7 @@ def _with_reference_columns(stat: jax.Array, columns: jax.Array,
   columns are ``columns``, unchanged.
   """
   d, dtype = columns.shape[0], columns.dtype
-  on_axis = jnp.diagonal(stat) == 0
-  axes = jnp.minimum(jnp.sum(on_axis.astype(jnp.int32)), m)
   live = (~on_axis)[:, None].astype(dtype)
-  axis_columns = jnp.eye(d, dtype=dtype)[:, jnp.argsort(~on_axis, stable=True)]
   position = jnp.arange(d)[None, :]
   in_reference = null[None, :] & (position < d - axes)
   reference = jnp.roll(null_space_reference(d, dtype), d - m, axis=1) * live
@@ -195,7 +217,7 @@ def _with_reference_columns(stat: jax.Array, columns: jax.Array,
   reference = reference * jnp.where(
       norms > 0, jnp.where(largest > 0, largest, 1) / jnp.where(
           norms > 0, norms, 1), 0)[None, :]
-  on_axes = jnp.roll(axis_columns, d - axes, axis=1)
+  on_axes = _axis_columns(on_axis, axes, dtype)
   augmented = jnp.where(position >= d - axes, on_axes,
                         jnp.where(in_reference, reference, columns))
   orthonormal = jnp.linalg.qr(augmented)[0]

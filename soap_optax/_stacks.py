@@ -149,6 +149,7 @@ class EigenbasisPlan:
   leaf_paths: tuple[str, ...] | None = None
   sharding: _mesh.ShardedLayout | None = None
   field_stacks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+  solver_padding: float | None = None
 
   def unsharded(self) -> 'EigenbasisPlan':
     """This plan without its mesh: every stack ``U`` slots, no padding."""

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import soap_optax
+from soap_optax import _refresh
 
 SCANNED = soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
 DIMENSION_NUMBERS = {'embed': None, 'attention': None, 'layers': SCANNED,
@@ -298,16 +299,23 @@ def check_compiled():
     state = tx.init(placed)
     plan = state[0].eigenbasis.plan if name != 'shampoo' else (
         state[0].direction.eigenbasis.plan)
-    # Expected: per factor size, the sum over stacks (and their factors of
-    # that size) of ceil(U / 8): the slots each device loops over.
+    # Expected: per solver size (the factor sizes padded as the plan's
+    # bound allows), the sum over stacks (and their factors of that size)
+    # of ceil(U / 8): the slots each device loops over.
+    solver_sizes = _refresh.solver_sizes(
+        [jax.ShapeDtypeStruct((stack.size, d, d), jnp.float32)
+         for stack in plan.stacks for d in stack.layout.factor_sizes],
+        plan.solver_padding)
     expected = {}
     for stack in plan.stacks:
       for d in stack.layout.factor_sizes:
-        expected[d] = expected.get(d, 0) + math.ceil(stack.size / 8)
+        solved = solver_sizes[(d, jnp.dtype(jnp.float32))]
+        expected[solved] = expected.get(solved, 0) + math.ceil(
+            stack.size / 8)
     text = jax.jit(tx.update).lower(placed, state, placed).compile().as_text()
     shapes, loops, collectives, in_loops, exchanges = compiled_counts(text)
     results[name] = {
-        'factor_sizes': sorted(expected),
+        'solver_sizes': sorted(expected),
         'expected_trips': sorted(expected.items()),
         'stack_sizes': [s.size for s in plan.stacks],
         'solver_shapes': sorted(set(shapes)),

@@ -198,7 +198,8 @@ def test_owner_layout_figure_draws_every_unit_once(tmp_path):
 def test_bucket_report_keeps_padding_within_its_bound(tmp_path):
   """scripts/buckets.py: at the default bound the GPT-2-sized main job's
   padding adds at most 10% work (the issue's goal) and buckets never add
-  stacks; every row's extra work is within its bucket_padding."""
+  stacks; every row's extra work, and the extra refresh work of its solver
+  sizes, is within its bucket_padding."""
   out = tmp_path / 'buckets.json'
   result = run('buckets.py', '--json', str(out))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -211,5 +212,13 @@ def test_bucket_report_keeps_padding_within_its_bound(tmp_path):
     assert off['extra_work_pct'] == 0.0 and off['extra_state_pct'] == 0.0
     for r in rows:
       assert r['stacks'] <= off['stacks']
+      assert len(r['solver_sizes']) <= off['factor_sizes']
       if r['bucket_padding']:
         assert r['extra_work_pct'] <= 100 * r['bucket_padding'] + 1e-9
+        assert r['extra_refresh_pct'] <= 100 * r['bucket_padding'] + 1e-9
+      else:
+        assert r['extra_refresh_pct'] == 0.0
+  # The solver sizes (issue 29's padding goal: at most 10% more work on
+  # GPT-2-small shapes at the default): 6 factor sizes, 3 solver programs.
+  assert default['factor_sizes'] == 6 and len(default['solver_sizes']) == 3
+  assert default['extra_refresh_pct'] <= 10.0

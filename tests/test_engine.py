@@ -179,18 +179,25 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
              for f in factors],
       initializing=[jnp.zeros(f.stats[0].shape[:1] if f.stats else (1,), bool)
                     for f in factors])
-  def refresh(method):
-    return jax.make_jaxpr(
-        lambda fs: _refresh.refresh(fs, due, method, state.plan))(factors)
+  def refresh(method, solver_padding=None):
+    return jax.make_jaxpr(lambda fs: _refresh.refresh(
+        fs, due, method, state.plan, solver_padding=solver_padding))(factors)
   qr_jaxpr, eigh_jaxpr = refresh('qr'), refresh('eigh')
   # With "qr", a unit's first refresh is still a full eigh: one call of each
   # solver per size. Each solver's result then goes through
-  # canonical_null_space: one more QR (inside a cond that skips it on
-  # full-rank factors) per solver and size.
+  # canonical_null_space: one more QR (in a switch that skips it on
+  # full-rank factors and on null spaces of dead axes) per solver and size.
   assert count_primitives(qr_jaxpr.jaxpr, 'qr') == 3 * len(sizes)
   assert count_primitives(qr_jaxpr.jaxpr, 'eigh') == len(sizes)
   assert count_primitives(eigh_jaxpr.jaxpr, 'eigh') == len(sizes)
   assert count_primitives(eigh_jaxpr.jaxpr, 'qr') == len(sizes)
+  # Solver sizes (factors of size 4, 8, 16, 32: 1, 6, 4, 1; work d^3 each,
+  # 52,288 in all): within 0.1, 4 joins 8 (adds 448); 8 joining 16 would
+  # add 21,504. Everything at 32 adds 340,928: within 7 times the work.
+  assert count_primitives(refresh('qr', 0.1).jaxpr, 'qr') == 3 * 3
+  merged = refresh('qr', solver_padding=7.0)
+  assert count_primitives(merged.jaxpr, 'qr') == 3
+  assert count_primitives(merged.jaxpr, 'eigh') == 1
 
 
 def test_map_by_size_keeps_input_order():

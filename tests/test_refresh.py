@@ -69,6 +69,80 @@ def test_the_vmap_path_of_the_driver_equals_the_lax_map_path(solver, x64):
       np.testing.assert_allclose(got, np.asarray(want.basis), atol=1e-12)
 
 
+def _low_rank(rng, n, rank, count, dead=()):
+  """``count`` factors ``A A^T`` of rank ``rank``, rows ``dead`` zero."""
+  a = rng.normal(size=(count, n, rank))
+  a[:, list(dead)] = 0.0
+  return a @ np.transpose(a, (0, 2, 1))
+
+
+@pytest.mark.parametrize('method', sorted(_solvers.SOLVERS))
+def test_solver_sizes_pad_factors_exactly(method, x64):
+  """Factors of sizes 3, 5 and 6 solved padded to 8 (zero rows and columns,
+  the basis's padding an identity block) give the unpadded solutions: the
+  basis, values and order, full-rank, rank-deficient (the canonical null
+  space) and with a dead axis, due and not due, at float64 rounding."""
+  del x64
+  rng = np.random.default_rng(1)
+  stats = [_spd(rng, 5, 2), _low_rank(rng, 6, 3, 2),
+           _low_rank(rng, 6, 4, 1, dead=(2,)), _spd(rng, 3, 1),
+           _low_rank(rng, 8, 5, 1)]
+  bases = [np.linalg.qr(s + rng.normal(size=s.shape) * 1e-3)[0]
+           for s in stats]
+  masks = [np.array([True, False]), np.array([True, True]), np.array([True]),
+           np.array([True]), np.array([True])]
+  stats, bases, masks = (list(map(jnp.asarray, x))
+                         for x in (stats, bases, masks))
+  solver = _solvers.SOLVERS[method]
+  plan = _refresh.solver_sizes(stats, 100.0)
+  assert set(plan.values()) == {8}
+  run = lambda sizes: jax.jit(
+      lambda st, b, m: _refresh._solve_due(  # pylint: disable=protected-access
+          solver, st, b, m, None, skip=True, batched=False,
+          sizes=sizes))(stats, bases, masks)
+  (padded, failures), (plain, _) = run(plan), run(None)
+  assert int(failures) == 0
+  for one, other in zip(padded, plain):
+    for field in ('basis', 'values'):
+      np.testing.assert_allclose(
+          np.asarray(getattr(one, field)), np.asarray(getattr(other, field)),
+          rtol=0, atol=1e-12, err_msg=field)
+    np.testing.assert_array_equal(np.asarray(one.order),
+                                  np.asarray(other.order))
+  # The rank-deficient factors' null space is the canonical one, so the
+  # comparison covers it.
+  reference, _ = _solvers.canonical_null_space(
+      stats[1][0], plain[1].basis[0], plain[1].values[0])
+  np.testing.assert_allclose(np.asarray(reference),
+                             np.asarray(plain[1].basis[0]), atol=1e-12)
+
+
+def test_solver_sizes_fewest_runs_within_the_bound():
+  """The plan cuts the sorted sizes into the fewest runs whose padding adds
+  at most the bound's share of the work (``d^3`` per factor), the least
+  padding among those; dtypes apart."""
+  f32, f64 = jnp.float32, jnp.float64
+  def stack(count, d, dtype=f32):
+    return jax.ShapeDtypeStruct((count, d, d), dtype)
+  # Work: 4^3 + 6 * 8^3 + 4 * 16^3 + 32^3 = 52,288.
+  stats = [stack(1, 4), stack(6, 8), stack(4, 16), stack(1, 32)]
+  plan = lambda bound: {d: to for (d, _), to in _refresh.solver_sizes(
+      stats, bound).items()}
+  assert plan(None) == plan(0) == {4: 4, 8: 8, 16: 16, 32: 32}
+  # 4 -> 8 adds 448 (0.9%); 8 -> 16 would add 21,504 (41%).
+  assert plan(0.01) == {4: 8, 8: 8, 16: 16, 32: 32}
+  assert plan(0.41) == {4: 8, 8: 8, 16: 16, 32: 32}
+  # Two runs: [4..16 -> 16] adds 4032 + 21504 = 25,536 (48.8%), cheaper
+  # than [4, 8 -> 8] + [16, 32 -> 32] (448 + 114,688).
+  assert plan(0.5) == {4: 16, 8: 16, 16: 16, 32: 32}
+  # One run: 340,928 (6.52x).
+  assert plan(6.6) == {4: 32, 8: 32, 16: 32, 32: 32}
+  # Another dtype is planned on its own.
+  mixed = _refresh.solver_sizes(stats + [stack(1, 2, f64)], 100.0)
+  assert mixed[(2, jnp.dtype(f64))] == 2
+  assert mixed[(4, jnp.dtype(f32))] == 32
+
+
 def _direct_staleness(stat, basis):
   """``‖B - diag B‖_F / ‖B‖_F`` from ``B`` itself."""
   b = basis.T @ stat @ basis

@@ -258,14 +258,14 @@ def test_state_shardings_needs_a_mesh():
 
 
 def test_refresh_is_divided_in_the_compiled_program():
-  """Per device: one loop per factor size whose trip count is the sum of
-  ceil(U / 8) over the stacks (the device's slots), solvers on whole
-  (d, d) factors only, and one collective (the failure count's psum) per
+  """Per device: one loop per solver size (factor sizes padded to shared
+  sizes) whose trip count is the sum of ceil(U / 8) over the stacks (the
+  device's slots), solvers on whole (D, D) solver inputs only, and one collective (the failure count's psum) per
   refresh, none inside a loop."""
   results = _run_check('compiled')
   for name, r in results.items():
     message = f'{name}: {json.dumps(r)}'
-    assert r['solver_shapes'] == [[d, d] for d in r['factor_sizes']], message
+    assert r['solver_shapes'] == [[d, d] for d in r['solver_sizes']], message
     expected = dict(r['expected_trips'])
     # Each refresh variant (the first call's eigh, the scheduled one) has
     # its loops; a trip count of 1 may be unrolled by XLA.

@@ -273,17 +273,21 @@ def test_state_round_trips_through_flatten_and_unflatten():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_update_launches_one_eigh_and_one_qr_per_distinct_factor_size():
+@pytest.mark.parametrize('bucket_padding, sizes', [(None, 3), (0.1, 2)])
+def test_update_launches_one_eigh_and_one_qr_per_solver_size(
+    bucket_padding, sizes):
   from tests.test_engine import count_primitives
   params = {'a': jnp.zeros((8, 16)), 'b': jnp.zeros((16, 8)),
             'c': jnp.zeros((8, 8)), 'd': jnp.zeros((4, 8, 16))}
-  opt = soap_optax.scale_by_rotated_adam()
+  opt = soap_optax.scale_by_rotated_adam(bucket_padding=bucket_padding)
   state = opt.init(params)
   jaxpr = jax.make_jaxpr(opt.update)(params, state).jaxpr
-  assert count_primitives(jaxpr, 'eigh') == 3  # sizes 4, 8, 16
+  # Factor sizes 4, 8, 16 (1, 4, 3 factors); by default the factor of size
+  # 4 is solved padded to 8 (adds 448 of the tree's 14,400 work, d^3 each).
+  assert count_primitives(jaxpr, 'eigh') == sizes
   # Per size: the power step's QR, and one in canonical_null_space after
-  # each solver (inside a cond that skips it on full-rank factors).
-  assert count_primitives(jaxpr, 'qr') == 3 * 3
+  # each solver (in a switch that skips it on full-rank factors).
+  assert count_primitives(jaxpr, 'qr') == 3 * sizes
 
 
 @pytest.mark.parametrize('kwargs, name', [
