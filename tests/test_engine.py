@@ -345,6 +345,26 @@ def test_canonical_null_space_keeps_full_rank_bases_and_dead_axes(x64):
   # are eigh's own, zero to rounding)
   np.testing.assert_array_equal(q[[2, 7], 3:-2], 0.0)
   np.testing.assert_allclose(q.T @ q, np.eye(10), atol=1e-13)
+  # Dead axes and nothing else null (a full-rank factor with zero rows, as
+  # a factor padded to its solver size): the axes in place, exactly and
+  # with a positive sign, whatever the solver left there (here the
+  # eigenvectors of the dead axes rotated into each other and negated),
+  # and no QR run.
+  live = _rank_deficient_factor(rng, 8, 8)
+  padded = np.zeros((10, 10))
+  padded[np.ix_([0, 1, 3, 4, 5, 6, 8, 9], [0, 1, 3, 4, 5, 6, 8, 9])] = live
+  w, v = _eigh_descending(padded)
+  mixed = v.copy()
+  mixed[:, -2:] = -v[:, -2:] @ np.array([[0.6, 0.8], [-0.8, 0.6]])
+  q, values = (np.asarray(x) for x in _solvers.canonical_null_space(
+      jnp.asarray(padded), jnp.asarray(mixed), jnp.asarray(w)))
+  np.testing.assert_array_equal(q[:, -2:], np.eye(10)[:, [2, 7]])
+  np.testing.assert_array_equal(q[:, :-2], mixed[:, :-2])
+  np.testing.assert_array_equal(values[-2:], 0.0)
+  assert 'qr' not in str(jax.make_jaxpr(
+      lambda s, b, v: _solvers.canonical_null_space(s, b, v)[0])(
+          jnp.asarray(padded), jnp.asarray(mixed), jnp.asarray(w)).jaxpr
+      .eqns[-1].params['branches'][1])
   # A zero factor keeps its basis.
   zero = jnp.zeros((5, 5))
   np.testing.assert_array_equal(_solvers.canonical_null_space(
