@@ -9,13 +9,18 @@ d 768, 12 layers, 12 heads, sequence 1024, as built by
 :mod:`benchmark_sections.train_step`): its update and one 768 x 3072 matrix
 against AdamW and ``optax.contrib.muon``, and its whole training step
 (forward, backward, update) against AdamW's, all in this one process.
+Last (not with ``--quick``), compile time against the number of distinct
+shapes (:func:`run_distinct_shapes`).
 """
 
 import time
 
 import common
 import jax
+import jax.numpy as jnp
 import optimizers
+import soap_optax
+from soap_optax import _refresh
 
 from benchmark_sections import shared
 from benchmark_sections import train_step
@@ -59,7 +64,42 @@ def run(quick: bool) -> dict:
         rows.append(dict(layers=layers, layout=layout, d_model=d,
                          num_leaves=len(shapes), optimizer=name,
                          lower_s=lower_s, compile_s=compile_s))
-  return dict(rows=rows, gpt2=run_gpt2(quick))
+  return dict(rows=rows, gpt2=run_gpt2(quick),
+              shapes=None if quick else run_distinct_shapes())
+
+
+# Two models of 4,718,592 parameters: 2 distinct matrix shapes, and 12
+# (widths 592, 624, ..., 944: the same sum of widths).
+DISTINCT_SHAPES_MODELS = {
+    2: [(512, 512)] * 6 + [(512, 1024)] * 6,
+    12: [(512, 592 + 32 * k) for k in range(12)],
+}
+
+
+def run_distinct_shapes(paddings=(None, 0.1, 0.25)) -> list[dict]:
+  """``scale_by_rotated_adam``'s update on the two models of
+  :data:`DISTINCT_SHAPES_MODELS` at each ``bucket_padding``: its stacks
+  (per-unit programs), solver sizes and compile seconds."""
+  rows = []
+  for padding in paddings:
+    for distinct, shapes in DISTINCT_SHAPES_MODELS.items():
+      print(f'  compile: {distinct} distinct shapes, bucket_padding='
+            f'{padding}', flush=True)
+      params = {f'w{i:02d}': jax.ShapeDtypeStruct(shape, jnp.float32)
+                for i, shape in enumerate(shapes)}
+      tx = soap_optax.scale_by_rotated_adam(bucket_padding=padding)
+      state = jax.eval_shape(tx.init, params)
+      plan = state.eigenbasis.plan
+      factors = [jax.ShapeDtypeStruct((s.size, d, d), jnp.float32)
+                 for s in plan.stacks for d in s.layout.factor_sizes]
+      lower_s, compile_s = aot_seconds(tx.update, params, state, params)
+      rows.append(dict(
+          distinct_shapes=distinct, bucket_padding=padding,
+          parameters=sum(a * b for a, b in shapes), stacks=len(plan.stacks),
+          solver_sizes=len(set(_refresh.solver_sizes(
+              factors, padding).values())),
+          lower_s=lower_s, compile_s=compile_s))
+  return rows
 
 
 def run_gpt2(quick: bool) -> dict:
@@ -122,4 +162,17 @@ def table(section) -> str:
           f'{r["lower_s"]:.2f} | {r["compile_s"]:.2f} | {total:.2f} | '
           f'{total / totals[r["what"], "adamw"]:.2f} | '
           + (f'{total / muon:.2f} |' if muon else '– |'))
+  if section.get('shapes'):
+    lines += ['', 'Against the number of distinct shapes '
+              '(`scale_by_rotated_adam`, 4.7 M parameters each):', '',
+              '| distinct shapes | bucket_padding | stacks | solver sizes | '
+              'total s | × 2 shapes |', '| --- | --- | --- | --- | --- | --- |']
+    two = {r['bucket_padding']: r['lower_s'] + r['compile_s']
+           for r in section['shapes'] if r['distinct_shapes'] == 2}
+    for r in section['shapes']:
+      total = r['lower_s'] + r['compile_s']
+      lines.append(
+          f'| {r["distinct_shapes"]} | {r["bucket_padding"]} | '
+          f'{r["stacks"]} | {r["solver_sizes"]} | {total:.2f} | '
+          f'{total / two[r["bucket_padding"]]:.2f} |')
   return '\n'.join(lines)
