@@ -516,8 +516,8 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
   """Refreshes the bases of the due units; one program per solver size.
 
   Every factor of the same solver size (:func:`solver_sizes`) and dtype, from
-  every stack, goes through one batched solver call, inside one ``lax.cond`` that skips the whole refresh
-  on calls where nothing is due. A call where some due unit initializes uses
+  every stack, goes through one batched solver call, inside one ``lax.cond``
+  that skips the whole refresh on calls where nothing is due. A call where some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
   :data:`soap_optax._solvers.SOLVERS`). Where a call refreshes only some
   units (staggering, a policy's per-stack decision: ``partial``) and on a
