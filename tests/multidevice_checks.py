@@ -173,6 +173,17 @@ def stacked_states(state):
           if is_state(x)]
 
 
+def ulp_perturbed(params, seed):
+  """``params`` with every entry moved by one ulp of its dtype (its own
+  magnitude times eps), up or down at random."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      x + jnp.where(jax.random.bernoulli(k, 0.5, x.shape), 1, -1).astype(
+          x.dtype) * jnp.abs(x) * jnp.finfo(x.dtype).eps
+      for x, k in zip(leaves, keys)])
+
+
 def relative_error(a, b):
   return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -211,6 +222,14 @@ def check_parity(dtype_name):
     reference, reference_state, _ = train(tx, params, 12, reject=reject)
     expected = {k: np.asarray(v) for k, v in
                 soap_optax.diagnostics(reference_state).items()}
+    # float32: how far the unsharded run itself moves when its starting
+    # parameters move by one ulp (every entry, random signs): the problem's
+    # own rounding noise floor after 12 steps, to compare the sharded run
+    # with.
+    noise_floor = None if dtype == jnp.float64 else max(
+        relative_error(train(tx, ulp_perturbed(params, seed), 12,
+                             reject=reject)[0], reference)
+        for seed in range(2))
     for shape, axis_type, axes in meshes[name]:
       mesh = make_mesh(shape, axis_type)
       placed = jax.tree.map(
@@ -223,6 +242,7 @@ def check_parity(dtype_name):
       got = {k: np.asarray(v) for k, v in soap_optax.diagnostics(state).items()}
       results[key] = {
           'relative_error': relative_error(out, reference),
+          'noise_floor': noise_floor,
           'bitwise': all(np.array_equal(x, y) for x, y in zip(
               jax.tree.leaves(out), jax.tree.leaves(reference))),
           'engines': len(engines),

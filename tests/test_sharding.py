@@ -293,7 +293,14 @@ def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
   results = _run_check('parity', dtype)
   assert len(results) == (10 if dtype == 'float64' else 3)
   for key, r in results.items():
-    assert r['relative_error'] <= tolerance, f'{key}: {r}'
+    # float32: 12 steps of this problem amplify rounding. The unsharded run
+    # started from parameters one ulp away ends up to 2e-5 from itself for
+    # soap (5e-7 for the others), measured in the same process
+    # (noise_floor); the sharded run is held to the tolerance, or to that
+    # floor where the problem's own is higher.
+    bound = tolerance if dtype == 'float64' else max(tolerance,
+                                                     r['noise_floor'])
+    assert r['relative_error'] <= bound, f'{key}: {r}'
     assert r['engines'] == 1, f'{key}: {r}'
     assert r['refreshes_failed'] == 0, f'{key}: {r}'
     # The combined tree's attention kernel (16, 2, 8) is rejected once, on
