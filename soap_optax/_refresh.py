@@ -511,13 +511,13 @@ def _solve_due(solver, stats, bases, masks, layout, *, skip: bool,
 
 def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
             method: str, plan: _stacks.EigenbasisPlan,
-            partial: bool = False,
-            solver_padding: float | None = None) -> Refreshed:
+            partial: bool = False) -> Refreshed:
   """Refreshes the bases of the due units; one program per solver size.
 
   Every factor of the same solver size (:func:`solver_sizes`) and dtype, from
   every stack, goes through one batched solver call, inside one ``lax.cond``
-  that skips the whole refresh on calls where nothing is due. A call where some due unit initializes uses
+  that skips the whole refresh on calls where nothing is due. A call where
+  some due unit initializes uses
   ``eigh`` for every due unit; other calls use ``method`` (a key of
   :data:`soap_optax._solvers.SOLVERS`). Where a call refreshes only some
   units (staggering, a policy's per-stack decision: ``partial``) and on a
@@ -525,9 +525,9 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
   skips the factors not due (on a mesh inside one ``shard_map``, each device
   solving its own units); otherwise every factor of a due call is solved
   (one ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and
-  the results of the due ones are kept. ``solver_padding``: the bound
-  :func:`solver_sizes` plans the solver sizes with (None: each factor size
-  its own).
+  the results of the due ones are kept. The plan's ``solver_padding`` is
+  the bound :func:`solver_sizes` plans the solver sizes with (None: each
+  factor size its own).
   """
   active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
   stats = [stat for s in active for stat in factors[s].stats]
@@ -552,7 +552,7 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
     sizes = solver_sizes([
         jax.ShapeDtypeStruct((plan.stacks[s].size,) + stat.shape[1:],
                              stat.dtype)
-        for s in active for stat in factors[s].stats], solver_padding)
+        for s in active for stat in factors[s].stats], plan.solver_padding)
     def solve(name):
       return functools.partial(
           _solve_due, _solvers.SOLVERS[name], stats, bases, masks,

@@ -465,8 +465,7 @@ def eigenbasis_transform(
     due = _refresh.due_units(eigenbasis, config.schedule, accepted, decided)
     refresh = functools.partial(
         _refresh.refresh, method=config.refresh, plan=plan,
-        partial=_refresh.is_policy(config.schedule),
-        solver_padding=plan.solver_padding)
+        partial=_refresh.is_policy(config.schedule))
 
     if carries:  # The step in the old bases; the refresh comes after.
       advanced = [ok & ~new for ok, new in zip(accepted, due.initializing)]

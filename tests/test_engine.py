@@ -1,6 +1,8 @@
 """Tests of the per-unit math: axis rules and rotation (_kronecker), factor
 statistics (_estimators), solvers (_solvers), batched refresh (_batching)."""
 
+import dataclasses
+
 import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
@@ -180,8 +182,9 @@ def test_refresh_is_one_batched_call_per_distinct_factor_size():
       initializing=[jnp.zeros(f.stats[0].shape[:1] if f.stats else (1,), bool)
                     for f in factors])
   def refresh(method, solver_padding=None):
-    return jax.make_jaxpr(lambda fs: _refresh.refresh(
-        fs, due, method, state.plan, solver_padding=solver_padding))(factors)
+    plan = dataclasses.replace(state.plan, solver_padding=solver_padding)
+    return jax.make_jaxpr(
+        lambda fs: _refresh.refresh(fs, due, method, plan))(factors)
   qr_jaxpr, eigh_jaxpr = refresh('qr'), refresh('eigh')
   # With "qr", a unit's first refresh is still a full eigh: one call of each
   # solver per size. Each solver's result then goes through
