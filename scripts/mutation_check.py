@@ -157,6 +157,14 @@ MUTANTS = (
            'soap_optax/_solvers.py',
            '_axis_columns(on_axis, axes, basis.dtype), basis)',
            'basis, basis)', ('tests/test_engine.py', 'tests/test_refresh.py')),
+    Mutant('opaque offsets: a loop that runs step times',
+           'soap_optax/_stacks.py',
+           'jax.lax.fori_loop(0, jnp.minimum(step, 0),',
+           'jax.lax.fori_loop(0, step,', ('tests/test_stacks.py',)),
+    Mutant('opaque offsets: a loop XLA folds away',
+           'soap_optax/_stacks.py',
+           'lambda _, v: v[1:] + v[:1], values)',
+           'lambda _, v: v, values)', ('tests/test_stacks.py',)),
 )
 
 

@@ -502,7 +502,7 @@ def eigenbasis_transform(
     new_state = _to_public(rule.State, new_eigenbasis, per_stack, fields)
     outputs = treedef.unflatten([
         d.astype(g.dtype)
-        for d, g in zip(_stacks.scatter(directions, plan), grads)])
+        for d, g in zip(_stacks.scatter(directions, plan, count), grads)])
     return outputs, _mesh.place_state(new_state, plan.sharding)
 
   return optax.GradientTransformation(

@@ -7,6 +7,7 @@ block, driven with the slice's gradients, in float64.
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +285,51 @@ def test_gather_then_scatter_is_the_identity(shape, numbers, block_size):
   assert sum(int(np.prod(s.shape)) for s in stacked) == x.size
   np.testing.assert_array_equal(
       np.asarray(_stacks.scatter(stacked, plan)[0]), x)
+
+
+def _scatter_plan():
+  """Four parameters cut into blocks of 4: units of shapes (4, 4) and (1, 4)
+  from several parameters in each stack."""
+  shapes = [(8, 8), (8, 8), (9, 8), (8, 12)]
+  leaves = [np.arange(math.prod(s), dtype=np.float32).reshape(s) * (i + 1)
+            for i, s in enumerate(shapes)]
+  return leaves, _stacks.plan_units(leaves, None, leaves, 4)
+
+
+def test_scatter_at_opaque_offsets_is_exact_for_every_step():
+  leaves, plan = _scatter_plan()
+  stacked = _stacks.gather([jnp.asarray(x) for x in leaves], plan)
+  scatter = jax.jit(lambda st, step: _stacks.scatter(st, plan, step))
+  for step in (0, 7, -3, np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+    for got, want in zip(scatter(stacked, np.int32(step)), leaves):
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jax.jit(
+        lambda s: jnp.stack(_stacks.opaque_offsets([3, 0, 5, 5], s)))(
+            np.int32(step)), [3, 0, 5, 5])
+
+
+def _distinct_fusions(hlo: str, result: str) -> int:
+  """How many different fused computations in compiled ``hlo`` return
+  ``result`` (names and metadata aside): XLA compiles one kernel for each."""
+  bodies = re.findall(r'^%fused\S* \([^\n]*\) -> ' + re.escape(result) +
+                      r' \{\n(.*?)\n\}', hlo, flags=re.M | re.S)
+  return len({re.sub(r'%[\w.\-]+|, metadata=\{[^}]*\}', '', body)
+              for body in bodies})
+
+
+def test_slices_of_one_stack_share_one_kernel():
+  # Six parameters in one stack, each scaled after the scatter as an alias's
+  # learning rate would be: XLA fuses the scaling into each slice.
+  leaves = [np.full((8, 8), i, np.float32) for i in range(6)]
+  plan = _stacks.plan_units(leaves, None, leaves, None)
+  stacked = _stacks.gather([jnp.asarray(x) for x in leaves], plan)
+  def program(step):
+    return jax.jit(lambda st, n: [
+        -0.1 * x for x in _stacks.scatter(st, plan, step and n)]).lower(
+            stacked, np.int32(0)).compile().as_text()
+  assert _distinct_fusions(program(True), 'f32[8,8]') == 1
+  # At constant offsets, every slice is a kernel of its own.
+  assert _distinct_fusions(program(False), 'f32[8,8]') == 6
 
 
 def test_gathered_blocks_are_the_numpy_blocks():
