@@ -159,12 +159,17 @@ MUTANTS = (
            'basis, basis)', ('tests/test_engine.py', 'tests/test_refresh.py')),
     Mutant('opaque offsets: a loop that runs step times',
            'soap_optax/_stacks.py',
-           'jax.lax.fori_loop(0, jnp.minimum(step, 0),',
-           'jax.lax.fori_loop(0, step,', ('tests/test_stacks.py',)),
+           'trips = jnp.minimum(jnp.asarray(step).astype(jnp.int32), 0)',
+           'trips = jnp.asarray(step).astype(jnp.int32)',
+           ('tests/test_stacks.py',)),
     Mutant('opaque offsets: a loop XLA folds away',
            'soap_optax/_stacks.py',
            'lambda _, v: v[1:] + v[:1], values)',
            'lambda _, v: v, values)', ('tests/test_stacks.py',)),
+    Mutant('the update scatters at constant offsets',
+           'soap_optax/_skeleton.py',
+           '_stacks.scatter(directions, plan, count)',
+           '_stacks.scatter(directions, plan)', ('tests/test_stacks.py',)),
 )
 
 

@@ -493,25 +493,29 @@ def scatter(stacked: Sequence[jax.Array], plan: EigenbasisPlan,
             step: jax.Array | None = None) -> list[jax.Array]:
   """Inverse of :func:`gather`: stacks back to parameter-shaped arrays.
 
-  With ``step`` (any runtime int32 scalar: the step count), the units are
-  sliced at offsets the compiler cannot see (:func:`opaque_offsets`), so that
-  pieces of one shape in one stack compile to one kernel. XLA fuses the
+  With ``step`` (a traced integer scalar: the step count), the units are
+  sliced at offsets the compiler cannot see (:func:`opaque_offsets`), so
+  that the pieces of one shape in one stack share one kernel. XLA fuses the
   consumers' elementwise chain (an alias's weight decay and learning rate)
-  into each slice; at constant offsets every parameter got a kernel of its
-  own, half the generated code of the GPT-2-sized update."""
+  into each slice, and at constant offsets every parameter got a kernel of
+  its own (BENCHMARKS.md, section 11). With a mesh, the exchange scatters
+  (:func:`soap_optax._exchange.scatter`) and ``step`` is not used."""
   if plan.sharding is not None:
     return _exchange.scatter(stacked, plan)
-  offsets = [piece.offset for placement in plan.placements
-             for piece in placement.pieces]
-  offsets = iter(offsets if step is None else opaque_offsets(offsets, step))
+  starts = [piece.offset for placement in plan.placements
+            for piece in placement.pieces]
+  starts = iter(starts if step is None else opaque_offsets(starts, step))
   leaves = []
   for placement in plan.placements:
     regions = {}
     for piece in placement.pieces:
       stack = plan.stacks[piece.stack]
       count = placement.num_slices * math.prod(piece.blocks)
+      # A dynamic slice clamps its start: a plan whose piece overran its
+      # stack would silently read other units.
+      assert piece.offset + count <= stacked[piece.stack].shape[0], piece
       units = jax.lax.dynamic_slice_in_dim(
-          stacked[piece.stack], next(offsets), count,
+          stacked[piece.stack], next(starts), count,
           allow_negative_indices=False)
       units = _exchange.stack_to_units(
           units.reshape((count,) + stack.unit_shape),
@@ -529,10 +533,13 @@ def opaque_offsets(offsets: Sequence[int], step: jax.Array
 
   They pass through a loop of ``min(step, 0)`` iterations: none, for every
   value of ``step``, so the results equal ``offsets`` exactly. The loop's body
-  (never run) rotates them, so that XLA can neither drop the loop nor fold its
-  values into the kernels that use them; a kernel that slices at one of them
-  then serves every slice of its shape.
+  (never run) rotates them, so that XLA can neither drop the loop nor fold
+  their values (two or more of them) into the kernels that use them; a kernel
+  that slices at one of them then serves every slice of its shape. ``step``
+  must be traced: a concrete one gives the constants back. On a GPU the loop's
+  condition is read on the host once per call, as the refresh's ``lax.cond``
+  is.
   """
   values = tuple(jnp.int32(offset) for offset in offsets)
-  return jax.lax.fori_loop(0, jnp.minimum(step, 0),
-                           lambda _, v: v[1:] + v[:1], values)
+  trips = jnp.minimum(jnp.asarray(step).astype(jnp.int32), 0)
+  return jax.lax.fori_loop(0, trips, lambda _, v: v[1:] + v[:1], values)

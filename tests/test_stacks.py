@@ -300,12 +300,13 @@ def test_scatter_at_opaque_offsets_is_exact_for_every_step():
   leaves, plan = _scatter_plan()
   stacked = _stacks.gather([jnp.asarray(x) for x in leaves], plan)
   scatter = jax.jit(lambda st, step: _stacks.scatter(st, plan, step))
-  for step in (0, 7, -3, np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+  offsets = jax.jit(
+      lambda s: jnp.stack(_stacks.opaque_offsets([3, 0, 5, 5], s)))
+  # Step 7 first: a loop that ran would fail there, not run 2**31 times.
+  for step in (7, 0, -3, np.iinfo(np.int32).max, np.iinfo(np.int32).min):
     for got, want in zip(scatter(stacked, np.int32(step)), leaves):
       np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(jax.jit(
-        lambda s: jnp.stack(_stacks.opaque_offsets([3, 0, 5, 5], s)))(
-            np.int32(step)), [3, 0, 5, 5])
+    np.testing.assert_array_equal(offsets(np.int32(step)), [3, 0, 5, 5])
 
 
 def _distinct_fusions(hlo: str, result: str) -> int:
@@ -323,13 +324,29 @@ def test_slices_of_one_stack_share_one_kernel():
   leaves = [np.full((8, 8), i, np.float32) for i in range(6)]
   plan = _stacks.plan_units(leaves, None, leaves, None)
   stacked = _stacks.gather([jnp.asarray(x) for x in leaves], plan)
-  def program(step):
+  def program(opaque):
     return jax.jit(lambda st, n: [
-        -0.1 * x for x in _stacks.scatter(st, plan, step and n)]).lower(
-            stacked, np.int32(0)).compile().as_text()
+        -0.1 * x for x in _stacks.scatter(st, plan, n if opaque else None)
+    ]).lower(stacked, np.int32(0)).compile().as_text()
   assert _distinct_fusions(program(True), 'f32[8,8]') == 1
   # At constant offsets, every slice is a kernel of its own.
   assert _distinct_fusions(program(False), 'f32[8,8]') == 6
+
+
+def test_the_update_scatters_at_opaque_offsets(monkeypatch):
+  # The skeleton passes its step count: without it, each of the six
+  # parameters' slices (with the alias's chain) is one more kernel.
+  params = {f'w{i}': jnp.zeros((8, 8)) for i in range(6)}
+  def distinct():
+    tx = soap_optax.soap(1e-3)
+    state = tx.init(params)
+    return _distinct_fusions(jax.jit(tx.update).lower(
+        params, state, params).compile().as_text(), 'f32[8,8]')
+  opaque = distinct()
+  scatter = _stacks.scatter
+  monkeypatch.setattr(_stacks, 'scatter',
+                      lambda stacked, plan, step=None: scatter(stacked, plan))
+  assert distinct() == opaque + 5
 
 
 def test_gathered_blocks_are_the_numpy_blocks():
