@@ -517,17 +517,16 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
   Every factor of the same solver size (:func:`solver_sizes`) and dtype, from
   every stack, goes through one batched solver call, inside one ``lax.cond``
   that skips the whole refresh on calls where nothing is due. A call where
-  some due unit initializes uses
-  ``eigh`` for every due unit; other calls use ``method`` (a key of
-  :data:`soap_optax._solvers.SOLVERS`). Where a call refreshes only some
-  units (staggering, a policy's per-stack decision: ``partial``) and on a
-  mesh, the solver runs per factor under ``lax.map`` and a ``lax.cond``
-  skips the factors not due (on a mesh inside one ``shard_map``, each device
-  solving its own units); otherwise every factor of a due call is solved
-  (one ``vmap``-ed call per size on accelerators, ``lax.map`` on CPU) and
-  the results of the due ones are kept. The plan's ``solver_padding`` is
-  the bound :func:`solver_sizes` plans the solver sizes with (None: each
-  factor size its own).
+  some due unit initializes uses ``eigh`` for every due unit; other calls use
+  ``method`` (a key of :data:`soap_optax._solvers.SOLVERS`). Where a call
+  refreshes only some units (staggering, a policy's per-stack decision:
+  ``partial``) and on a mesh, the solver runs per factor under ``lax.map`` and
+  a ``lax.cond`` skips the factors not due (on a mesh inside one
+  ``shard_map``, each device solving its own units); otherwise every factor of
+  a due call is solved (one ``vmap``-ed call per size on accelerators,
+  ``lax.map`` on CPU) and the results of the due ones are kept. The plan's
+  ``solver_padding`` is the bound :func:`solver_sizes` plans the solver sizes
+  with (None: each factor size its own).
   """
   active = [s for s, f in enumerate(factors) if f.layout.factored_axes]
   stats = [stat for s in active for stat in factors[s].stats]

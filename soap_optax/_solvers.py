@@ -120,10 +120,11 @@ def canonical_null_space(stat: jax.Array, basis: jax.Array,
   Let the last ``m`` columns ``Q_0`` of ``basis`` be the null ones: the
   longest run at the end whose ``values`` are at most
   :func:`null_space_threshold` (all of them when the factor is zero: it
-  gets the identity, every axis being dead). Their subspace's projector ``P = Q_0 Q_0^T = I - Q_1
-  Q_1^T`` (``Q_1``: the other columns) does not depend on the basis chosen;
-  the new columns are the Gram-Schmidt orthonormalization of ``P R_m``, the
-  projection of the first ``m`` columns of the fixed
+  gets the identity, every axis being dead). Their subspace's projector
+  ``P = Q_0 Q_0^T = I - Q_1 Q_1^T`` (``Q_1``: the other columns) does not
+  depend on the basis chosen; the new columns are the Gram-Schmidt
+  orthonormalization of ``P R_m``, the projection of the first ``m``
+  columns of the fixed
   :func:`null_space_reference` ``R`` (computed as one Householder QR of
   ``[Q_1 | R_m]``, each column's sign chosen positive against its ``R``
   column), except that coordinate axes on which ``GG`` is exactly zero (a
