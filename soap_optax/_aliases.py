@@ -104,6 +104,8 @@ def soap(
     mesh: Any = None,
     shard_axes: Any = None,
     factor_estimator: str = 'frobenius',
+    bias_correction: bool | None = None,
+    initial_eigenvalue: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -162,7 +164,13 @@ def soap(
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
     factor_estimator: ``"frobenius"`` (Shampoo's factors, the paper's SOAP)
       or ``"kl"`` (KL-SOAP: the factors estimated by the KL rule of
-      :func:`soap_optax.scale_by_kl_shampoo`).
+      :func:`soap_optax.scale_by_kl_shampoo`; by default as its authors run
+      it: unsorted QR refreshes, no bias correction).
+    bias_correction: Adam's bias correction; ``None``: the authors' choice
+      (on for SOAP, off for KL-SOAP). See
+      :func:`soap_optax.scale_by_rotated_adam`.
+    initial_eigenvalue: KL-SOAP's starting eigenvalue estimate (``None``:
+      0.1, the authors'); only with ``factor_estimator="kl"``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -182,7 +190,8 @@ def soap(
       dimension_numbers=dimension_numbers, block_size=block_size,
       bucket_padding=bucket_padding, staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor,
-      mesh=mesh, shard_axes=shard_axes, factor_estimator=factor_estimator)
+      mesh=mesh, shard_axes=shard_axes, factor_estimator=factor_estimator,
+      bias_correction=bias_correction, initial_eigenvalue=initial_eigenvalue)
 
 
 def factorized_soap(
@@ -401,7 +410,7 @@ def kl_shampoo(
     rounding_floor: bool = True,
     mesh: Any = None,
     shard_axes: Any = None,
-    refresh: str = 'qr',
+    refresh: str = 'qr_unsorted',
 ) -> optax.GradientTransformation:
   """KL-Shampoo with decoupled weight decay: no grafting, no Adam moments.
 

@@ -89,7 +89,7 @@ def scale_by_kl_shampoo(
     rounding_floor: bool = True,
     mesh: Any = None,
     shard_axes: Any = None,
-    refresh: str = 'qr',
+    refresh: str = 'qr_unsorted',
 ) -> optax.GradientTransformation:
   r"""KL-Shampoo: Shampoo with its factors estimated by KL minimization.
 
@@ -130,10 +130,19 @@ def scale_by_kl_shampoo(
 
     (the second term is ``diag(Q_k^T C_k Q_k)`` of the factor's increment
     ``C_k``), ``S_k`` absorbs ``C_k`` as above, and when
-    ``t % precondition_frequency == 0`` the bases are refreshed (QR's
-    columns sorted by ``diag(Q_k^T S_k Q_k)``, the estimates permuted with
-    them; ``m`` carried exactly into the new bases). ``c_k = clip(d_k, 10,
-    4000)``: the authors' clamp of ``λ^{-1/2}``.
+    ``t % precondition_frequency == 0`` the bases are refreshed by one
+    power-iteration step and QR, ``Q_k <- qr(S_k Q_k).Q``, without a sort
+    (``refresh="qr"`` sorts the columns by ``diag(Q_k^T S_k Q_k)`` first and
+    permutes the estimates with them); ``m`` is carried exactly into the new
+    bases. ``c_k = clip(d_k, 10, 4000)``: the authors' clamp of
+    ``λ^{-1/2}``.
+
+  With the defaults this is the authors' ``KLOpt`` (``yorkerlin/KL-Methods``,
+  ``optim/kl_opt.py``) on matrices, to float64 rounding
+  (``tests/test_kl_authors.py``). On 3-D parameters the library updates
+  every factor and estimate from the values before the call (the paper's
+  joint fixed point); the authors' code updates some of them in sequence
+  (see the KL section of the docs' algorithm notes).
 
   An axis without a factor (longer than ``max_precond_dim``, 1-D without
   ``precondition_1d``, the longer ones with ``one_sided``) keeps the identity
@@ -177,7 +186,10 @@ def scale_by_kl_shampoo(
       :func:`soap_optax._floors.with_separable_rounding_floor`).
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
-    refresh: ``"qr"`` (the authors') or ``"eigh"``.
+    refresh: ``"qr_unsorted"`` (the authors': ``qr(S_k Q_k)``, columns and
+      estimates left in place), ``"qr"`` (SOAP's: the columns sorted by
+      ``diag(Q_k^T S_k Q_k)`` and the estimates permuted with them) or
+      ``"eigh"``.
 
   The engine options are described in full at
   :class:`soap_optax._skeleton.EngineConfig`.

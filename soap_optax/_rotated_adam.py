@@ -56,6 +56,16 @@ class ScaleByRotatedAdamKLState(NamedTuple):
   eigenvalues: tuple[jax.Array, ...]
 
 
+# What each factor estimator's authors run by default: SOAP's (Vyas et al.,
+# the reference ``soap.py``) sorts the QR refresh's columns and corrects
+# Adam's bias; KL-SOAP's (Lin et al., ``KLOpt(using_klsoap=True)``) does
+# neither.
+AUTHORS_CHOICES = {
+    'frobenius': {'refresh': 'qr', 'bias_correction': True},
+    'kl': {'refresh': 'qr_unsorted', 'bias_correction': False},
+}
+
+
 class _RotatedAdamStack(NamedTuple):
   mu: jax.Array
   nu: tuple[jax.Array, ...]  # (v,), or (s_0, ..., s_{N-1}) when factored.
@@ -73,6 +83,7 @@ class _RotatedAdamRule(_skeleton.Rule):
   factored: bool
   rounding_floor: bool
   mu_dtype: Any
+  bias_correction: bool = True
   State: type = ScaleByRotatedAdamState
 
   carries_moments = True
@@ -97,7 +108,8 @@ class _RotatedAdamRule(_skeleton.Rule):
           second_moment, view.layout, view.extent)
     direction = mu / (jnp.sqrt(second_moment) + self.eps)
     t = view.count  # The first call initialized; count - 1 earlier steps.
-    scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(rotated.dtype)
+    scale = ((jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(rotated.dtype)
+             if self.bias_correction else jnp.ones([], rotated.dtype))
     if self.normalize_grads:  # Normalized first, bias-corrected after.
       scale = scale / (1e-30 + jnp.sqrt(
           _kronecker.unit_mean(jnp.square(direction), view.extent)))
@@ -131,8 +143,10 @@ def scale_by_rotated_adam(
     rounding_floor: bool = True,
     mesh: Any = None,
     shard_axes: Any = None,
-    refresh: str = 'qr',
+    refresh: str | None = None,
     factor_estimator: str = 'frobenius',
+    bias_correction: bool | None = None,
+    initial_eigenvalue: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -153,15 +167,17 @@ def scale_by_rotated_adam(
       D &= unrotate\Big(\frac{m}{\sqrt{v + f^2} + \epsilon}\Big), \qquad
       U = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\, D
 
-    where, if ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
+    (``U = D`` without ``bias_correction``, KL-SOAP's default) where, if
+    ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
     authors' order: normalized, then bias-corrected), and ``f^2`` is the
     rounding-noise floor of :func:`soap_optax._floors.rounding_floor_squared`
     (``rounding_floor=True``; 0 otherwise); then
     ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
     the basis it is preconditioned in); and when ``t % precondition_frequency
     == 0`` every basis is refreshed (``refresh="qr"``: power iteration + QR,
-    columns sorted by ``diag(Q_i^T GG_i Q_i)``; ``"eigh"``: eigenvectors by
-    decreasing eigenvalue); ``v`` is permuted with the columns, ``m`` is
+    columns sorted by ``diag(Q_i^T GG_i Q_i)``; ``"qr_unsorted"``: without
+    the sort; ``"eigh"``: eigenvectors by decreasing eigenvalue); ``v`` is
+    permuted with the columns (unsorted: left in place), ``m`` is
     carried exactly into the new basis: ``m <- rotate_new(unrotate_old(m))``.
 
   ``eps`` is added to the *uncorrected* ``sqrt(v)``, as in the authors'
@@ -213,13 +229,27 @@ def scale_by_rotated_adam(
       reproduces the reference's float32 behaviour.
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
-    refresh: ``"qr"`` (the authors') or ``"eigh"``.
+    refresh: the solver of later refreshes: ``"qr"`` (power iteration + QR,
+      columns sorted: the SOAP authors'), ``"qr_unsorted"`` (the same
+      without the sort: the KL-SOAP authors') or ``"eigh"``; ``None``: the
+      authors' choice for ``factor_estimator`` (``"qr"`` for
+      ``"frobenius"``, ``"qr_unsorted"`` for ``"kl"``).
     factor_estimator: ``"frobenius"``: the factors above (the paper's
       SOAP); ``"kl"``: KL-SOAP, the factors estimated by the KL rule of
       :func:`soap_optax.scale_by_kl_shampoo` (each absorbs
       ``d_k/n C_k(G ×_{j≠k} Λ_j^{-1/2} Q_j^T)``, with the running eigenvalue
-      estimates ``λ_j`` kept in ``state.eigenvalues`` and permuted at
-      refreshes), Adam's step unchanged.
+      estimates ``λ_j``, started at ``initial_eigenvalue``, kept in
+      ``state.eigenvalues``), Adam's step unchanged. With the defaults this
+      is the authors' KL-SOAP (Lin et al.'s ``KLOpt(using_klsoap=True)``):
+      unsorted QR refreshes and no bias correction.
+    bias_correction: multiply by ``sqrt(1 - b2^t) / (1 - b1^t)`` (above);
+      ``None``: the authors' choice, ``True`` for SOAP, ``False`` for
+      KL-SOAP (whose authors' first update is then ``(1 - b1) /
+      sqrt(1 - b2)`` of the corrected one's size: 0.22 at ``b1 = b2 =
+      0.95``).
+    initial_eigenvalue: KL-SOAP's (``factor_estimator="kl"``) starting
+      eigenvalue estimate, > 0 (``None``: 0.1, the authors' ``init_factor``);
+      an error with ``"frobenius"``, which keeps no estimates.
 
   The engine options (``precondition_frequency`` to ``shard_axes``, and
   ``refresh``) are described in full at
@@ -235,17 +265,33 @@ def scale_by_rotated_adam(
     Shampoo and SOAP via Kullback-Leibler Minimization
     <https://arxiv.org/abs/2509.03378>`_, 2025 (KL-SOAP).
   """
+  _checks.check_choice('factor_estimator', factor_estimator,
+                       tuple(AUTHORS_CHOICES))
+  kl = factor_estimator == 'kl'
+  if initial_eigenvalue is not None and not kl:
+    raise ValueError(
+        'initial_eigenvalue applies to factor_estimator="kl" only (the '
+        'Frobenius factors keep no eigenvalue estimates); got '
+        f'factor_estimator={factor_estimator!r}.')
+  authors = AUTHORS_CHOICES[factor_estimator]
+  refresh = authors['refresh'] if refresh is None else refresh
+  if bias_correction is None:
+    bias_correction = authors['bias_correction']
+  if initial_eigenvalue is None and kl:
+    initial_eigenvalue = _estimators.KL_INITIAL_EIGENVALUE
   config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_arguments(
       locals(), betas=('b1', 'b2', 'shampoo_beta'), nonnegative=('eps',),
-      bools=('normalize_grads', 'factored'), optional=('shampoo_beta',),
-      choices={'factor_estimator': tuple(_estimators.ESTIMATORS)})
+      bools=('normalize_grads', 'factored', 'bias_correction'),
+      optional=('shampoo_beta', 'initial_eigenvalue'),
+      positive=('initial_eigenvalue',))
   rule = _RotatedAdamRule(
       b1=b1, b2=b2, eps=eps, normalize_grads=normalize_grads,
       factored=factored, rounding_floor=rounding_floor,
       mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype),
-      State=(ScaleByRotatedAdamKLState if factor_estimator == 'kl'
-             else ScaleByRotatedAdamState))
-  estimator = _estimators.ESTIMATORS[factor_estimator]
-  return _skeleton.eigenbasis_transform(rule, config, estimator(
-      b2 if shampoo_beta is None else shampoo_beta))
+      bias_correction=bias_correction,
+      State=ScaleByRotatedAdamKLState if kl else ScaleByRotatedAdamState)
+  beta = b2 if shampoo_beta is None else shampoo_beta
+  return _skeleton.eigenbasis_transform(
+      rule, config, _estimators.KL(beta, initial_eigenvalue) if kl
+      else _estimators.Frobenius(beta))

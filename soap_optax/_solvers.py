@@ -1,16 +1,19 @@
 """The solvers that refresh one factor's basis.
 
-Two solvers (:data:`SOLVERS`, by the name the transforms' ``refresh=``
+Three solvers (:data:`SOLVERS`, by the name the transforms' ``refresh=``
 takes); :mod:`soap_optax._refresh` runs them over every factor of the same
 size and dtype in one batched call (:func:`soap_optax._batching.map_by_size`):
 
 * :func:`solve_eigh`: a full symmetric eigendecomposition of ``GG_i``
   (about ``9 d^3`` flops);
-* :func:`solve_power_qr`: one step of power iteration warm-started from the
-  current basis, followed by a QR decomposition (about ``14/3 d^3`` flops),
-  as in the SOAP reference implementation:
+* :func:`solve_power_qr` (``"qr"``): one step of power iteration
+  warm-started from the current basis, followed by a QR decomposition (about
+  ``14/3 d^3`` flops), as in the SOAP reference implementation:
   ``est = diag(Q^T GG Q)``, columns of ``Q`` sorted by ``est`` descending,
-  ``Q <- qr(GG Q).Q``.
+  ``Q <- qr(GG Q).Q``;
+* :func:`solve_unsorted_power_qr` (``"qr_unsorted"``): the same step without
+  the sort, ``Q <- qr(GG Q).Q``, as in the KL-Shampoo/KL-SOAP reference
+  implementation (Lin et al.).
 
 Both give a rank-deficient factor's null space a canonical basis
 (:func:`canonical_null_space`).
@@ -20,7 +23,10 @@ of a factor is not finite the old one is kept.
 
 References:
   Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-  <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithms 2 and 3).
+  <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithms 2 and 3); Lin et
+  al., `Understanding and Improving Shampoo and SOAP via Kullback-Leibler
+  Minimization <https://arxiv.org/abs/2509.03378>`_, 2025 (their code,
+  ``yorkerlin/KL-Methods``, ``optim/kl_opt.py``: ``qr(GG @ Q)``, unsorted).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -49,11 +55,13 @@ class Solution(NamedTuple):
 
   Attributes:
     basis: the new orthonormal basis (columns by decreasing eigenvalue
-      estimate); the old one where the solver's result was not finite.
+      estimate, or, unsorted, in the old columns' order); the old one where
+      the solver's result was not finite.
     values: the eigenvalue estimates matching the new basis's columns.
     order: the old basis's column that each new column follows (QR: the
-      old columns sorted by ``diag(Q^T GG Q)``, descending; eigh: the same
-      index, both bases being sorted by decreasing eigenvalue). Per-column
+      old columns sorted by ``diag(Q^T GG Q)``, descending; unsorted QR and
+      eigh: the same index, the eigh bases being sorted by decreasing
+      eigenvalue, the unsorted QR's following the old ones). Per-column
       quantities kept in the old basis (SOAP's second moment) are permuted
       by it.
     ok: whether the result was finite.
@@ -246,6 +254,34 @@ def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
                   jnp.where(ok, eigenvalues, old_values), order, ok)
 
 
+def _power_qr(stat: jax.Array, old_basis: jax.Array, sort: bool) -> Solution:
+  """One power-iteration step from ``old_basis`` (its columns sorted by
+  ``diag(Q^T GG Q)`` first if ``sort``), then QR; see the two solvers."""
+  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
+  identity_order = jnp.arange(power.shape[-1]) + jnp.zeros_like(
+      power[0], dtype=jnp.arange(1).dtype)
+  if sort:
+    estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
+    # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
+    # Estimates at rounding level are ties (kept in their order), so that
+    # the null columns' order does not depend on rounding either.
+    estimates = jnp.where(estimates <= null_space_threshold(estimates, stat),
+                          jnp.zeros_like(estimates), estimates)
+    order = jnp.argsort(estimates, descending=True, stable=True)
+    # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh
+    # as the other outputs; ``argsort``'s index operand alone is not).
+    order = order + jnp.zeros_like(estimates, dtype=order.dtype)
+    power = power[:, order]
+  else:
+    order = identity_order
+  new_basis, _ = jnp.linalg.qr(power)
+  ok = _all_finite(new_basis)
+  basis = jnp.where(ok, new_basis, old_basis)
+  basis, values = canonical_null_space(stat, basis,
+                                       rayleigh_quotients(stat, basis))
+  return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
+
+
 def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   """One step of power iteration warm-started from the current basis, then
   QR (about ``14/3 d^3`` flops), as in the SOAP reference implementation:
@@ -253,24 +289,19 @@ def solve_power_qr(stat: jax.Array, old_basis: jax.Array) -> Solution:
   ``Q <- qr(GG Q[:, order]).Q``; the values are ``diag(Q_new^T GG Q_new)``.
   When the new basis is not finite, the old one is kept (identity order).
   The null space then gets the basis of :func:`canonical_null_space`."""
-  power = jnp.matmul(stat, old_basis, precision=HIGHEST)
-  estimates = jnp.einsum('ij,ij->j', old_basis, power, precision=HIGHEST)
-  # (= rayleigh_quotients(stat, old_basis), reusing the product GG Q.)
-  # Estimates at rounding level are ties (kept in their order), so that the
-  # null columns' order does not depend on rounding either.
-  estimates = jnp.where(estimates <= null_space_threshold(estimates, stat),
-                        jnp.zeros_like(estimates), estimates)
-  order = jnp.argsort(estimates, descending=True, stable=True)
-  # Typed like ``estimates`` (inside ``shard_map``: varying over the mesh as
-  # the other outputs; ``argsort``'s index operand alone is not).
-  order = order + jnp.zeros_like(estimates, dtype=order.dtype)
-  new_basis, _ = jnp.linalg.qr(power[:, order])
-  ok = _all_finite(new_basis)
-  basis = jnp.where(ok, new_basis, old_basis)
-  basis, values = canonical_null_space(stat, basis,
-                                       rayleigh_quotients(stat, basis))
-  identity_order = jnp.arange(order.shape[0], dtype=order.dtype)
-  return Solution(basis, values, jnp.where(ok, order, identity_order), ok)
+  return _power_qr(stat, old_basis, sort=True)
+
+
+def solve_unsorted_power_qr(stat: jax.Array, old_basis: jax.Array
+                            ) -> Solution:
+  """:func:`solve_power_qr` without the sort, as in the KL-Shampoo and
+  KL-SOAP reference implementation: ``Q <- qr(GG Q).Q``, column ``j`` of the
+  new basis following column ``j`` of the old one (identity ``order``: the
+  per-column estimates stay where they are). Warm-started from a basis
+  sorted by decreasing eigenvalue (``eigh``'s, on the first call), the
+  columns stay close to that order; :func:`canonical_null_space` then acts
+  on the trailing run of null columns only."""
+  return _power_qr(stat, old_basis, sort=False)
 
 
 def keep_basis(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -290,6 +321,7 @@ def keep_basis(stat: jax.Array, old_basis: jax.Array) -> Solution:
 SOLVERS: dict[str, Callable[[jax.Array, jax.Array], Solution]] = {
     'eigh': solve_eigh,
     'qr': solve_power_qr,
+    'qr_unsorted': solve_unsorted_power_qr,
 }
 
 

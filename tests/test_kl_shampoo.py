@@ -73,7 +73,8 @@ def _per_block(references, shape, block):
 
 
 @pytest.mark.parametrize('eigenvalues, refresh', [
-    ('running', 'qr'), ('refresh', 'qr'), ('running', 'eigh')])
+    ('running', 'qr_unsorted'), ('running', 'qr'), ('refresh', 'qr'),
+    ('running', 'eigh')])
 def test_practical_kl_shampoo_matches_the_oracle(eigenvalues, refresh, x64):
   """A 2-D, a 3-D, a stacked (batch axis), a matrix with a diagonal axis
   (longer than max_precond_dim) and a vector; refreshes every 5 calls."""
@@ -147,10 +148,15 @@ def test_idealized_kl_shampoo_matches_exact_matrix_functions(x64):
   assert max(worst.values()) <= TOLERANCE, worst
 
 
-def test_kl_soap_matches_the_oracle(x64):
+@pytest.mark.parametrize('options', [
+    {}, {'refresh': 'qr', 'bias_correction': True}],
+    ids=['authors_defaults', 'sorted_and_corrected'])
+def test_kl_soap_matches_the_oracle(options, x64):
   """SOAP with ``factor_estimator="kl"``: Adam in the eigenbasis of the
   KL-estimated factors; a 2-D, a 3-D, a stacked parameter and one with a
-  diagonal axis (which whitens the other's factor by its estimates)."""
+  diagonal axis (which whitens the other's factor by its estimates). The
+  defaults (unsorted QR, no bias correction) and the named options that
+  restore SOAP's choices."""
   del x64
   shapes = {'matrix': (8, 8), 'tensor': (4, 5, 6), 'stacked': (2, 6, 6),
             'wide': (8, 40)}
@@ -159,9 +165,9 @@ def test_kl_soap_matches_the_oracle(x64):
       b1=B1, b2=b2, shampoo_beta=BETA, eps=EPS, factor_estimator='kl',
       precondition_frequency=5, max_precond_dim=16,
       dimension_numbers={'matrix': None, 'tensor': None, 'stacked': BATCH,
-                         'wide': None})
+                         'wide': None}, **options)
   make = lambda shape, **kw: oracle.KLSoapReference(
-      shape, b1=B1, b2=b2, beta=BETA, eps=EPS, frequency=5, **kw)
+      shape, b1=B1, b2=b2, beta=BETA, eps=EPS, frequency=5, **options, **kw)
   references = {'matrix': make((8, 8)).step, 'tensor': make((4, 5, 6)).step,
                 'stacked': _per_slice([make((6, 6)) for _ in range(2)]),
                 'wide': make((8, 40), factored=(True, False)).step}

@@ -101,11 +101,15 @@ def refreshed_basis(factor, basis, refresh):
   """Step 5: the new basis and the permutation ``order`` of the old columns.
 
   ``'qr'``: one power-iteration step from the old columns sorted by
-  ``diag(Q^T S Q)`` (descending, stable); ``'eigh'``: the eigenvectors of
-  ``factor`` in decreasing eigenvalue order (``order`` is the identity)."""
-  if refresh == 'qr':
-    estimates = np.diag(basis.T @ factor @ basis)
-    order = np.argsort(-estimates, kind='stable')
+  ``diag(Q^T S Q)`` (descending, stable); ``'qr_unsorted'``: the same step
+  from the old columns as they are (``order`` is the identity); ``'eigh'``:
+  the eigenvectors of ``factor`` in decreasing eigenvalue order (``order`` is
+  the identity)."""
+  if refresh in ('qr', 'qr_unsorted'):
+    order = np.arange(factor.shape[0])
+    if refresh == 'qr':
+      estimates = np.diag(basis.T @ factor @ basis)
+      order = np.argsort(-estimates, kind='stable')
     return np.linalg.qr(factor @ basis[:, order])[0], order
   if refresh == 'eigh':
     return descending_eigh(factor)[1], np.arange(factor.shape[0])
@@ -200,7 +204,7 @@ class KLShampooReference(KLFactorState):
   """
 
   def __init__(self, shape, *, b1, beta, eps, lam0=0.1, frequency,
-               refresh='qr', eigenvalues='running', factored=None):
+               refresh='qr_unsorted', eigenvalues='running', factored=None):
     """``eigenvalues``: ``'running'`` (estimates updated every call) or
     ``'refresh'`` (factored axes' estimates set from ``S_k`` at refreshes);
     ``factored``: one flag per axis (``None``: every axis factored)."""
@@ -302,7 +306,8 @@ class KLSoapReference(KLFactorState):
 
   Call 0 initializes and returns zero. Every later call ``c`` (``t = c``):
   ``G' = rot(G)``; ``m <- b1 m + (1 - b1) G'``; ``v <- b2 v + (1 - b2) G'^2``;
-  ``U = unrot(m / (sqrt(v) + eps)) sqrt(1 - b2^t) / (1 - b1^t)``; then the
+  ``U = unrot(m / (sqrt(v) + eps))``, times ``sqrt(1 - b2^t) / (1 - b1^t)``
+  with ``bias_correction``; then the
   factor and estimate updates and, on calls ``c % frequency == 0``, the
   refresh, which moves ``m`` exactly to the new bases and permutes ``v``.
 
@@ -311,8 +316,9 @@ class KLSoapReference(KLFactorState):
   """
 
   def __init__(self, shape, *, b1, b2, beta, eps, lam0=0.1, frequency,
-               refresh='qr', factored=None):
+               refresh='qr_unsorted', factored=None, bias_correction=False):
     self.b1, self.b2, self.eps = b1, b2, eps
+    self.bias_correction = bias_correction
     self._init_factors(shape, beta=beta, lam0=lam0, frequency=frequency,
                        refresh=refresh, eigenvalues='running',
                        factored=factored)
@@ -332,7 +338,8 @@ class KLSoapReference(KLFactorState):
     self.m = self.b1 * self.m + (1 - self.b1) * rotated
     self.v = self.b2 * self.v + (1 - self.b2) * rotated**2
     t = call
-    correction = np.sqrt(1 - self.b2**t) / (1 - self.b1**t)
+    correction = (np.sqrt(1 - self.b2**t) / (1 - self.b1**t)
+                  if self.bias_correction else 1.0)
     u = unrotate(self.m / (np.sqrt(self.v) + self.eps), self.Q) * correction
     self.update_factors(g, rotated)
     old_bases = list(self.Q)
