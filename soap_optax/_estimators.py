@@ -284,3 +284,12 @@ class KL:
 
 # ``factor_estimator`` name -> estimator class.
 ESTIMATORS = {'frobenius': Frobenius, 'kl': KL}
+
+# What each estimator's authors run SOAP with: the refresh solver and
+# Adam's bias correction. Vyas et al.'s ``soap.py`` sorts the QR refresh's
+# columns and corrects the bias; Lin et al.'s ``KLOpt(using_klsoap=True)``
+# (``yorkerlin/KL-Methods``, ``optim/kl_opt.py``) does neither.
+AUTHORS_CHOICES = {
+    'frobenius': {'refresh': 'qr', 'bias_correction': True},
+    'kl': {'refresh': 'qr_unsorted', 'bias_correction': False},
+}

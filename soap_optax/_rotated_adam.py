@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from soap_optax import _checks
-from soap_optax import _estimators
 from soap_optax import _factored
 from soap_optax import _floors
 from soap_optax import _kronecker
@@ -56,16 +55,6 @@ class ScaleByRotatedAdamKLState(NamedTuple):
   eigenvalues: tuple[jax.Array, ...]
 
 
-# What each factor estimator's authors run by default: SOAP's (Vyas et al.,
-# the reference ``soap.py``) sorts the QR refresh's columns and corrects
-# Adam's bias; KL-SOAP's (Lin et al., ``KLOpt(using_klsoap=True)``) does
-# neither.
-AUTHORS_CHOICES = {
-    'frobenius': {'refresh': 'qr', 'bias_correction': True},
-    'kl': {'refresh': 'qr_unsorted', 'bias_correction': False},
-}
-
-
 class _RotatedAdamStack(NamedTuple):
   mu: jax.Array
   nu: tuple[jax.Array, ...]  # (v,), or (s_0, ..., s_{N-1}) when factored.
@@ -107,9 +96,9 @@ class _RotatedAdamRule(_skeleton.Rule):
       second_moment = second_moment + _floors.rounding_floor_squared(
           second_moment, view.layout, view.extent)
     direction = mu / (jnp.sqrt(second_moment) + self.eps)
-    t = view.count  # The first call initialized; count - 1 earlier steps.
-    scale = ((jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(rotated.dtype)
-             if self.bias_correction else jnp.ones([], rotated.dtype))
+    # The first call initialized: count - 1 earlier steps. t = inf: 1.
+    t = view.count if self.bias_correction else jnp.inf
+    scale = (jnp.sqrt(1 - b2**t) / (1 - b1**t)).astype(rotated.dtype)
     if self.normalize_grads:  # Normalized first, bias-corrected after.
       scale = scale / (1e-30 + jnp.sqrt(
           _kronecker.unit_mean(jnp.square(direction), view.extent)))
@@ -265,33 +254,15 @@ def scale_by_rotated_adam(
     Shampoo and SOAP via Kullback-Leibler Minimization
     <https://arxiv.org/abs/2509.03378>`_, 2025 (KL-SOAP).
   """
-  _checks.check_choice('factor_estimator', factor_estimator,
-                       tuple(AUTHORS_CHOICES))
-  kl = factor_estimator == 'kl'
-  if initial_eigenvalue is not None and not kl:
-    raise ValueError(
-        'initial_eigenvalue applies to factor_estimator="kl" only (the '
-        'Frobenius factors keep no eigenvalue estimates); got '
-        f'factor_estimator={factor_estimator!r}.')
-  authors = AUTHORS_CHOICES[factor_estimator]
-  refresh = authors['refresh'] if refresh is None else refresh
-  if bias_correction is None:
-    bias_correction = authors['bias_correction']
-  if initial_eigenvalue is None and kl:
-    initial_eigenvalue = _estimators.KL_INITIAL_EIGENVALUE
-  config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_arguments(
       locals(), betas=('b1', 'b2', 'shampoo_beta'), nonnegative=('eps',),
-      bools=('normalize_grads', 'factored', 'bias_correction'),
-      optional=('shampoo_beta', 'initial_eigenvalue'),
-      positive=('initial_eigenvalue',))
+      bools=('normalize_grads', 'factored'), optional=('shampoo_beta',))
+  estimator, refresh, bias_correction = _skeleton.estimator_of(locals())
+  config = _skeleton.EngineConfig.from_arguments(locals())
   rule = _RotatedAdamRule(
-      b1=b1, b2=b2, eps=eps, normalize_grads=normalize_grads,
-      factored=factored, rounding_floor=rounding_floor,
+      b1=b1, b2=b2, eps=eps, factored=factored, bias_correction=bias_correction,
+      normalize_grads=normalize_grads, rounding_floor=rounding_floor,
       mu_dtype=_checks.check_float_dtype('mu_dtype', mu_dtype),
-      bias_correction=bias_correction,
-      State=ScaleByRotatedAdamKLState if kl else ScaleByRotatedAdamState)
-  beta = b2 if shampoo_beta is None else shampoo_beta
-  return _skeleton.eigenbasis_transform(
-      rule, config, _estimators.KL(beta, initial_eigenvalue) if kl
-      else _estimators.Frobenius(beta))
+      State=(ScaleByRotatedAdamKLState if factor_estimator == 'kl'
+             else ScaleByRotatedAdamState))
+  return _skeleton.eigenbasis_transform(rule, config, estimator)

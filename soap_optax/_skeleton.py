@@ -353,6 +353,41 @@ def _carry_on_refresh(carried, per_stack, old_factors, refreshed, due,
   return out
 
 
+def estimator_of(arguments: dict[str, Any]) -> tuple[Any, str, bool]:
+  """The factor estimator a SOAP-like transform's keyword ``arguments`` (its
+  ``locals()``) name, checked, and its ``refresh`` and ``bias_correction``
+  with ``None`` replaced by that estimator's authors' choice
+  (:data:`soap_optax._estimators.AUTHORS_CHOICES`).
+
+  The estimator is ``factor_estimator``'s, with the decay ``shampoo_beta``
+  (``b2`` where that is None); ``initial_eigenvalue`` (``None``: 0.1) is the
+  KL estimator's, and an error with the Frobenius one, which keeps no
+  estimates.
+  """
+  name, initial = arguments['factor_estimator'], arguments['initial_eigenvalue']
+  _checks.check_choice('factor_estimator', name, tuple(_estimators.ESTIMATORS))
+  if arguments['bias_correction'] is not None:
+    _checks.check_bool('bias_correction', arguments['bias_correction'])
+  beta = arguments['shampoo_beta']
+  beta = arguments['b2'] if beta is None else beta
+  if name == 'kl':
+    if initial is None:
+      initial = _estimators.KL_INITIAL_EIGENVALUE
+    _checks.check_positive('initial_eigenvalue', initial)
+    estimator = _estimators.KL(beta, initial)
+  elif initial is not None:
+    raise ValueError(
+        'initial_eigenvalue applies to factor_estimator="kl" only (the '
+        f'Frobenius factors keep no eigenvalue estimates); got '
+        f'factor_estimator={name!r}.')
+  else:
+    estimator = _estimators.Frobenius(beta)
+  authors = _estimators.AUTHORS_CHOICES[name]
+  return estimator, *(authors[key] if arguments[key] is None
+                      else arguments[key]
+                      for key in ('refresh', 'bias_correction'))
+
+
 def eigenbasis_transform(
     rule: Rule, config: EngineConfig, estimator: Any, *,
     pads_exactly: bool = True, decide: Any = None,

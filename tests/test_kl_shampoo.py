@@ -206,6 +206,23 @@ def test_soap_rejects_an_unknown_factor_estimator():
     soap_optax.soap(factor_estimator='kullback')
 
 
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(factor_estimator='kl', initial_eigenvalue=0.0),
+     'initial_eigenvalue'),
+    (dict(factor_estimator='kl', initial_eigenvalue=-1.0),
+     'initial_eigenvalue'),
+    (dict(initial_eigenvalue=0.5), 'initial_eigenvalue.*"kl" only'),
+    (dict(factor_estimator='kl', bias_correction='no'), 'bias_correction'),
+    (dict(factor_estimator='kl', refresh='svd'), 'refresh'),
+])
+def test_kl_soap_options_are_checked_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    soap_optax.scale_by_rotated_adam(**kwargs)
+  if 'refresh' not in kwargs:  # soap() has no refresh keyword.
+    with pytest.raises(ValueError, match=match):
+      soap_optax.soap(**kwargs)
+
+
 def test_an_empty_parameter_keeps_a_finite_state():
   params = {'empty': jnp.zeros((0, 5)), 'w': jnp.zeros((3, 3))}
   tx = soap_optax.scale_by_kl_shampoo(precondition_frequency=1)
