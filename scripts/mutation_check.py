@@ -170,6 +170,21 @@ MUTANTS = (
            'soap_optax/_skeleton.py',
            '_stacks.scatter(directions, plan, count)',
            '_stacks.scatter(directions, plan)', ('tests/test_stacks.py',)),
+    Mutant('the KL authors\' refresh sorts its columns',
+           'soap_optax/_solvers.py',
+           'return _power_qr(stat, old_basis, sort=False)',
+           'return _power_qr(stat, old_basis, sort=True)',
+           ('tests/test_kl_authors.py',)),
+    Mutant('KL-SOAP bias-corrected by default', 'soap_optax/_estimators.py',
+           "'kl': {'refresh': 'qr_unsorted', 'bias_correction': False}",
+           "'kl': {'refresh': 'qr_unsorted', 'bias_correction': True}",
+           ('tests/test_kl_authors.py',)),
+    Mutant('KL-Shampoo refreshes sorted by default', 'soap_optax/_kl_shampoo.py',
+           "refresh: str = 'qr_unsorted',", "refresh: str = 'qr',",
+           ('tests/test_kl_authors.py',)),
+    Mutant('bias_correction=False still corrects', 'soap_optax/_rotated_adam.py',
+           't = view.count if self.bias_correction else jnp.inf',
+           't = view.count', ('tests/test_kl_authors.py',)),
 )
 
 
