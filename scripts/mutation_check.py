@@ -185,6 +185,22 @@ MUTANTS = (
     Mutant('bias_correction=False still corrects', 'soap_optax/_rotated_adam.py',
            't = view.count if self.bias_correction else jnp.inf',
            't = view.count', ('tests/test_kl_authors.py',)),
+    Mutant('hyperball steps against the inner update',
+           'soap_optax/_hyperball.py',
+           'moved = w + eta * radius * u', 'moved = w - eta * radius * u',
+           ('tests/test_hyperball.py',)),
+    Mutant('hyperball step not scaled by the radius',
+           'soap_optax/_hyperball.py',
+           'moved = w + eta * radius * u', 'moved = w + eta * u',
+           ('tests/test_hyperball.py',)),
+    Mutant('hyperball schedule one call ahead', 'soap_optax/_hyperball.py',
+           'eta = (learning_rate(state.count) if callable(learning_rate)',
+           'eta = (learning_rate(state.count + 1) if callable(learning_rate)',
+           ('tests/test_hyperball.py',)),
+    Mutant('hyperball wraps 3-D leaves too', 'soap_optax/_hyperball.py',
+           'return [flag and jnp.ndim(leaf) == 2',
+           'return [flag and jnp.ndim(leaf) >= 2',
+           ('tests/test_hyperball.py',)),
 )
 
 

@@ -4,8 +4,10 @@ from soap_optax._adafactor import scale_by_adafactor_in_eigenbasis
 from soap_optax._adafactor import ScaleByAdafactorInEigenbasisState
 from soap_optax._aliases import factorized_soap
 from soap_optax._aliases import kl_shampoo
+from soap_optax._aliases import kl_soap_h
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
+from soap_optax._aliases import soap_h
 from soap_optax._diagnostics import diagnostics
 from soap_optax._diagnostics import stack_names
 from soap_optax._diagnostics import state_nbytes
@@ -17,6 +19,8 @@ from soap_optax._grafting import AdamGraftState
 from soap_optax._grafting import GraftingState
 from soap_optax._grafting import scale_by_adam_graft
 from soap_optax._grafting import scale_by_grafting
+from soap_optax._hyperball import hyperball
+from soap_optax._hyperball import HyperballState
 from soap_optax._kl_shampoo import scale_by_kl_shampoo
 from soap_optax._kl_shampoo import ScaleByKLShampooState
 from soap_optax._refresh import AdaptiveRefresh
@@ -38,6 +42,7 @@ __all__ = (
     'EigenbasisDimensionNumbers',
     'FoamRefresh',
     'GraftingState',
+    'HyperballState',
     'ScaleByAdafactorInEigenbasisState',
     'ScaleByKLShampooState',
     'ScaleByRotatedAdamKLState',
@@ -46,7 +51,9 @@ __all__ = (
     'diagnostics',
     'dimension_numbers_from_axis_names',
     'factorized_soap',
+    'hyperball',
     'kl_shampoo',
+    'kl_soap_h',
     'scale_by_adafactor_in_eigenbasis',
     'scale_by_adam_graft',
     'scale_by_grafting',
@@ -58,6 +65,7 @@ __all__ = (
     'reshard_state',
     'shampoo',
     'soap',
+    'soap_h',
     'stack_names',
     'state_nbytes',
     'state_nbytes_per_device',

@@ -13,6 +13,7 @@ import optax
 from soap_optax import _checks
 from soap_optax import _estimators
 from soap_optax import _grafting
+from soap_optax import _hyperball
 from soap_optax import _kl_shampoo
 from soap_optax import _rotated_adam
 from soap_optax import _shampoo
@@ -453,3 +454,128 @@ def kl_shampoo(
           rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes,
           refresh=refresh),
       learning_rate, weight_decay, weight_decay_mask)
+
+
+def _hyperball_chain(learning_rate: optax.ScalarOrSchedule, mask: Any,
+                     **transform_kwargs) -> optax.GradientTransformation:
+  """``scale_by_rotated_adam`` and the learning rate, in Hyperball."""
+  inner = optax.chain(_rotated_adam.scale_by_rotated_adam(**transform_kwargs),
+                      optax.scale_by_learning_rate(learning_rate))
+  return _hyperball.hyperball(inner, learning_rate, mask)
+
+
+def soap_h(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.9,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    precondition_frequency: Any = 1,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    bucket_padding: float | None = 0.1,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+  """SOAP-H: SOAP's direction, each matrix kept on its initial-norm sphere.
+
+  :func:`soap_optax.hyperball` around SOAP (:func:`scale_by_rotated_adam`
+  and the learning rate): every matrix ``W`` the mask selects moves by
+  ``η_t ||W_0||_F`` along SOAP's update and is retracted onto the sphere of
+  radius ``||W_0||_F``; no weight decay (the sphere takes its place). The
+  defaults are the settings reported for SOAP-H on the modded-nanogpt
+  optimizer track: a refresh every call by one power-iteration step and QR,
+  ``b1 = 0.95``, ``b2 = 0.9``, no bias correction. The other parameters
+  (vectors, stacked or scanned leaves, matrices the mask leaves out) get
+  SOAP's update times the learning rate; route them to AdamW with
+  ``optax.partition`` as the leaders do. The first call only initializes:
+  its update is zero.
+
+  Args:
+    learning_rate: ``η_t`` (a float or an ``optax`` schedule): the length
+      of each wrapped matrix's step relative to its radius, and the other
+      parameters' learning rate.
+    b1, b2, shampoo_beta, eps: SOAP's (see :func:`soap`).
+    precondition_frequency: refresh the bases every this many calls.
+    max_precond_dim, merge_dims, precondition_1d, one_sided, mu_dtype,
+      dimension_numbers, block_size, bucket_padding, staggered_refresh,
+      rounding_floor, mesh, shard_axes: as in :func:`soap`.
+    mask: which matrices Hyperball wraps (see :func:`hyperball`).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024; Wen et
+    al., Hyperball optimization (arXiv 2606.16899).
+  """
+  return _hyperball_chain(
+      learning_rate, mask, b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, one_sided=one_sided,
+      mu_dtype=mu_dtype, dimension_numbers=dimension_numbers,
+      block_size=block_size, bucket_padding=bucket_padding,
+      staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
+      mesh=mesh, shard_axes=shard_axes, bias_correction=False)
+
+
+def kl_soap_h(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.9,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_eigenvalue: jax.typing.ArrayLike | None = None,
+    precondition_frequency: Any = 1,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+  """KL-SOAP-H: :func:`soap_h` with the factors estimated by the KL rule.
+
+  KL-SOAP (``scale_by_rotated_adam(factor_estimator="kl")``, as its authors
+  run it: unsorted QR refreshes, no bias correction) in
+  :func:`soap_optax.hyperball`, with SOAP-H's defaults (a refresh every
+  call, ``b1 = 0.95``, ``b2 = 0.9``).
+
+  Args:
+    learning_rate, b1, b2, shampoo_beta, eps, precondition_frequency,
+      max_precond_dim, merge_dims, precondition_1d, one_sided, mu_dtype,
+      dimension_numbers, block_size, staggered_refresh, rounding_floor,
+      mesh, shard_axes, mask: as in :func:`soap_h`.
+    initial_eigenvalue: the KL estimates' prior (``None``: 0.1).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Lin et al., `KL-SOAP <https://arxiv.org/abs/2509.03378>`_, 2025; Wen et
+    al., Hyperball optimization (arXiv 2606.16899).
+  """
+  return _hyperball_chain(
+      learning_rate, mask, b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+      precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+      precondition_1d=precondition_1d, one_sided=one_sided,
+      mu_dtype=mu_dtype, dimension_numbers=dimension_numbers,
+      block_size=block_size, staggered_refresh=staggered_refresh,
+      rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes,
+      factor_estimator='kl', initial_eigenvalue=initial_eigenvalue)

@@ -48,11 +48,14 @@ class SoapReference:
 
   def __init__(self, shape, *, b1, b2, shampoo_beta, eps, frequency,
                max_dim, merge_dims, precondition_1d, normalize_grads=False,
-               initial_bases=None, one_sided=False, factored=False, phase=0):
+               initial_bases=None, one_sided=False, factored=False, phase=0,
+               bias_correction=True):
     """``factored``: ``v`` is rebuilt from per-axis sums (Adafactor);
     ``one_sided``: only the shortest factored axis keeps its factor;
-    ``phase``: refresh on Adam steps ``t % frequency == phase``."""
+    ``phase``: refresh on Adam steps ``t % frequency == phase``;
+    ``bias_correction``: Adam's ``sqrt(1 - b2^t) / (1 - b1^t)``, or 1."""
     self.phase = phase
+    self.bias_correction = bias_correction
     self.shape = tuple(shape)
     self.b1, self.b2, self.eps = b1, b2, eps
     self.sb = b2 if shampoo_beta is None else shampoo_beta
@@ -126,7 +129,8 @@ class SoapReference:
     u = self.unrotate(self.m / (np.sqrt(v) + self.eps))
     if self.normalize_grads:  # the authors' order: normalize, then correct.
       u = u / (1e-30 + np.sqrt(np.mean(u**2)))
-    u = u * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+    if self.bias_correction:
+      u = u * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
     self._update_statistics(g)
     if self.t % self.frequency == self.phase:
       m_param_space = self.unrotate(self.m)
