@@ -201,6 +201,18 @@ MUTANTS = (
            'return [flag and jnp.ndim(leaf) == 2',
            'return [flag and jnp.ndim(leaf) >= 2',
            ('tests/test_hyperball.py',)),
+    Mutant('soap-muon without the Nesterov term', 'soap_optax/_soap_muon.py',
+           'nesterov = (1 - self.b1) * rotated + self.b1 * mu',
+           'nesterov = mu', ('tests/test_soap_muon.py',)),
+    Mutant('soap-muon second moment of the raw gradient',
+           'soap_optax/_soap_muon.py', 'jnp.square(nesterov)',
+           'jnp.square(rotated)', ('tests/test_soap_muon.py',)),
+    Mutant('soap-muon scaled by cols / rows', 'soap_optax/_soap_muon.py',
+           'max(1.0, rows / cols)', 'max(1.0, cols / rows)',
+           ('tests/test_soap_muon.py',)),
+    Mutant('soap-muon second moment not permuted at a refresh',
+           'soap_optax/_soap_muon.py', 'change.permuted(state.nu)',
+           'state.nu', ('tests/test_soap_muon.py',)),
 )
 
 

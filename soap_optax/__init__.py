@@ -8,6 +8,7 @@ from soap_optax._aliases import kl_soap_h
 from soap_optax._aliases import shampoo
 from soap_optax._aliases import soap
 from soap_optax._aliases import soap_h
+from soap_optax._aliases import soap_muon
 from soap_optax._diagnostics import diagnostics
 from soap_optax._diagnostics import stack_names
 from soap_optax._diagnostics import state_nbytes
@@ -30,6 +31,8 @@ from soap_optax._rotated_adam import ScaleByRotatedAdamKLState
 from soap_optax._rotated_adam import ScaleByRotatedAdamState
 from soap_optax._shampoo import scale_by_shampoo_eigenbasis
 from soap_optax._shampoo import ScaleByShampooEigenbasisState
+from soap_optax._soap_muon import scale_by_soap_muon
+from soap_optax._soap_muon import ScaleBySoapMuonState
 from soap_optax._sharding import parameter_shardings
 from soap_optax._sharding import portable_state
 from soap_optax._sharding import reshard_state
@@ -48,6 +51,7 @@ __all__ = (
     'ScaleByRotatedAdamKLState',
     'ScaleByRotatedAdamState',
     'ScaleByShampooEigenbasisState',
+    'ScaleBySoapMuonState',
     'diagnostics',
     'dimension_numbers_from_axis_names',
     'factorized_soap',
@@ -60,12 +64,14 @@ __all__ = (
     'scale_by_kl_shampoo',
     'scale_by_rotated_adam',
     'scale_by_shampoo_eigenbasis',
+    'scale_by_soap_muon',
     'parameter_shardings',
     'portable_state',
     'reshard_state',
     'shampoo',
     'soap',
     'soap_h',
+    'soap_muon',
     'stack_names',
     'state_nbytes',
     'state_nbytes_per_device',

@@ -17,6 +17,7 @@ from soap_optax import _hyperball
 from soap_optax import _kl_shampoo
 from soap_optax import _rotated_adam
 from soap_optax import _shampoo
+from soap_optax import _soap_muon
 
 
 class DecayAfterFirstCallState(NamedTuple):
@@ -504,10 +505,12 @@ def soap_h(
       of each wrapped matrix's step relative to its radius, and the other
       parameters' learning rate.
     b1, b2, shampoo_beta, eps: SOAP's (see :func:`soap`).
-    precondition_frequency: refresh the bases every this many calls.
-    max_precond_dim, merge_dims, precondition_1d, one_sided, mu_dtype,
-      dimension_numbers, block_size, bucket_padding, staggered_refresh,
-      rounding_floor, mesh, shard_axes: as in :func:`soap`.
+    precondition_frequency: refresh the bases every this many calls; as in
+      :func:`soap` are ``max_precond_dim``, ``merge_dims``,
+      ``precondition_1d``, ``one_sided``, ``mu_dtype``,
+      ``dimension_numbers``, ``block_size``, ``bucket_padding``,
+      ``staggered_refresh``, ``rounding_floor``, ``mesh`` and
+      ``shard_axes``.
     mask: which matrices Hyperball wraps (see :func:`hyperball`).
 
   Returns:
@@ -557,10 +560,8 @@ def kl_soap_h(
   call, ``b1 = 0.95``, ``b2 = 0.9``).
 
   Args:
-    learning_rate, b1, b2, shampoo_beta, eps, precondition_frequency,
-      max_precond_dim, merge_dims, precondition_1d, one_sided, mu_dtype,
-      dimension_numbers, block_size, staggered_refresh, rounding_floor,
-      mesh, shard_axes, mask: as in :func:`soap_h`.
+    learning_rate: as in :func:`soap_h`, and so are every other argument
+      but ``initial_eigenvalue``.
     initial_eigenvalue: the KL estimates' prior (``None``: 0.1).
 
   Returns:
@@ -579,3 +580,66 @@ def kl_soap_h(
       block_size=block_size, staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor, mesh=mesh, shard_axes=shard_axes,
       factor_estimator='kl', initial_eigenvalue=initial_eigenvalue)
+
+
+def soap_muon(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.01,
+    ns_coeffs: tuple[float, float, float] = _soap_muon.MUON_NS_COEFFS,
+    ns_steps: int = _soap_muon.MUON_NS_STEPS,
+    precondition_frequency: Any = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    one_sided: bool = False,
+    mu_dtype: Any | None = None,
+    dimension_numbers: Any = None,
+    block_size: int | None = None,
+    staggered_refresh: bool = False,
+    rounding_floor: bool = True,
+    mesh: Any = None,
+    shard_axes: Any = None,
+) -> optax.GradientTransformation:
+  """SOAP-Muon with decoupled weight decay.
+
+  .. math::
+
+    p \\leftarrow p - \\eta_k \\big(O_k + w\\,p\\big)
+
+  where ``O_k`` is :func:`soap_optax.scale_by_soap_muon`'s update (Muon's
+  Nesterov momentum whitened by the second moment in SOAP's eigenbasis,
+  then orthogonalized by Newton-Schulz) and ``w`` is ``weight_decay``. As
+  with :func:`soap`, the first call only initializes: its update is zero,
+  weight decay included. Meant for the hidden matrices (the record runs a
+  refresh every step, ``precondition_frequency=1``); route vectors,
+  embeddings and heads to AdamW (``optax.partition``).
+
+  Args:
+    learning_rate: a float or an ``optax`` schedule.
+    b1, b2, shampoo_beta, eps, ns_coeffs, ns_steps: see
+      :func:`soap_optax.scale_by_soap_muon`.
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    weight_decay_mask: which leaves to decay.
+    precondition_frequency: as in :func:`soap`; so are ``max_precond_dim``,
+      ``merge_dims``, ``one_sided``, ``mu_dtype``, ``dimension_numbers``,
+      ``block_size``, ``staggered_refresh``, ``rounding_floor``, ``mesh``
+      and ``shard_axes``.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  return _initializing_chain(
+      _soap_muon.scale_by_soap_muon(
+          b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+          ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+          precondition_frequency=precondition_frequency,
+          max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+          one_sided=one_sided, mu_dtype=mu_dtype,
+          dimension_numbers=dimension_numbers, block_size=block_size,
+          staggered_refresh=staggered_refresh, rounding_floor=rounding_floor,
+          mesh=mesh, shard_axes=shard_axes),
+      learning_rate, weight_decay, weight_decay_mask)

@@ -196,6 +196,10 @@ class View(NamedTuple):
     layout: the unit's :class:`soap_optax._kronecker.FactorLayout` (static).
     extent: the unit's own lengths in a size bucket, or None (see
       :class:`soap_optax._kronecker.KroneckerFactors`).
+    factors: the unit's factors and bases (before a refresh after the
+      step), for rules that act on the direction in the parameters' space:
+      such a step returns ``rotate(D)``, which the skeleton rotates back to
+      ``D``.
   """
 
   quotients: tuple[jax.Array, ...]
@@ -205,6 +209,7 @@ class View(NamedTuple):
   estimates: Any
   layout: _kronecker.FactorLayout
   extent: jax.Array | None
+  factors: _kronecker.KroneckerFactors
 
 
 class Rule:
@@ -462,7 +467,7 @@ def eigenbasis_transform(
       tracked = tuple(jnp.where(due, v, q) for v, q in zip(values, tracked))
     direction, scale, state = rule.step(rotated, state, View(
         tracked, values, due, count, estimates, factors.layout,
-        factors.extent))
+        factors.extent, factors))
     return (scale * _kronecker.unrotate(direction, factors), state,
             estimator.advance(estimates, increments, factors.layout), tracked)
 

@@ -8,7 +8,8 @@ import pathlib
 import tokenize
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'soap_optax'
-RULES = ('_rotated_adam', '_shampoo', '_adafactor', '_kl_shampoo')
+RULES = ('_rotated_adam', '_shampoo', '_adafactor', '_kl_shampoo',
+         '_soap_muon')
 
 
 def _modules():

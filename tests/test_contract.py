@@ -42,6 +42,8 @@ TRANSFORMS = {
         soap_optax.scale_by_kl_shampoo, **ENGINE),
     'rotated_adam_kl': functools.partial(
         soap_optax.scale_by_rotated_adam, factor_estimator='kl', **ENGINE),
+    'soap_muon_transform': functools.partial(soap_optax.scale_by_soap_muon,
+                                             **ENGINE),
 }
 ALIASES = {
     'soap': functools.partial(soap_optax.soap, 1e-2, **ENGINE),
@@ -53,12 +55,18 @@ ALIASES = {
                                  **ENGINE),
     'soap_h': functools.partial(soap_optax.soap_h, 1e-2, **ENGINE),
     'kl_soap_h': functools.partial(soap_optax.kl_soap_h, 1e-2, **ENGINE),
+    'soap_muon': functools.partial(soap_optax.soap_muon, 1e-2, **ENGINE),
 }
 EVERY = {**TRANSFORMS, **ALIASES}
 # Aliases whose update is a difference of parameters, ``W_new - W``
 # (Hyperball's retraction): its float32 rounding is that of ``W``, not of
 # the update.
 PARAMETER_DIFFERENCES = ('soap_h', 'kl_soap_h')
+# Rules whose update is a Newton-Schulz polynomial of the whitened momentum:
+# its gain at zero, 3.4445^5 = 484, multiplies float32's rounding of small
+# singular directions (jit against eager: 3e-5 of an update where float32's
+# rounding alone gives 1e-6), so they are compared in float64.
+ORTHOGONALIZED = ('soap_muon', 'soap_muon_transform')
 
 
 def _params(dtype=jnp.float32):
@@ -204,9 +212,18 @@ def test_jit_equals_eager_and_traces_once(name):
   call), jitted and eager: the same updates up to float32 rounding (XLA
   fuses the jitted program differently), measured against each update's
   largest entry (plus float32's rounding of the parameter where the update
-  is a difference of parameters); one trace for the three jitted calls."""
+  is a difference of parameters; the orthogonalized rules in float64, to
+  1e-10); one trace for the three jitted calls."""
+  if name in ORTHOGONALIZED:
+    with jax.enable_x64(True):
+      _jit_against_eager(name, jnp.float64, 1e-10)
+  else:
+    _jit_against_eager(name, jnp.float32, 1e-5)
+
+
+def _jit_against_eager(name, dtype, tolerance):
   opt = EVERY[name](precondition_frequency=2)
-  params = _params()
+  params = _params(dtype)
   grads = [_gradients(params, k) for k in range(3)]
   traces = []
 
@@ -221,7 +238,7 @@ def test_jit_equals_eager_and_traces_once(name):
     u_eager, state_eager = opt.update(g, state_eager, params)
     for a, b, p in zip(jax.tree.leaves(u_jit), jax.tree.leaves(u_eager),
                        jax.tree.leaves(params)):
-      atol = 1e-5 * float(np.max(np.abs(np.asarray(b))))
+      atol = tolerance * float(np.max(np.abs(np.asarray(b))))
       if name in PARAMETER_DIFFERENCES:  # A few roundings of W.
         atol += 8 * np.finfo(np.float32).eps * float(
             np.max(np.abs(np.asarray(p))))
