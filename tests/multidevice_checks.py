@@ -107,14 +107,15 @@ def optimizers(adaptive=False, combined=False, **kwargs):
   if combined:
     # What the other entries leave out, in one tree: Adafactor in the
     # eigenbasis with blocks, Shampoo with FOAM's damping and refresh rule
-    # (both with a rejected unit, see train), KL-Shampoo. (Not staggering: a sharded
-    # plan gives units other phases than an unsharded one, balanced per
-    # device, so the two runs are different schedules.)
+    # (both with a rejected unit, see train), KL-Shampoo, SOAP-Muon. (Not
+    # staggering: a sharded plan gives units other phases than an unsharded
+    # one, balanced per device, so the two runs are different schedules.)
     blocked = dict(common, block_size=8, precondition_frequency=3)
     txs['adafactor_blocked'] = optax.chain(
         soap_optax.scale_by_adafactor_in_eigenbasis(**blocked),
         optax.scale(-1e-2))
     txs['kl_shampoo'] = soap_optax.kl_shampoo(learning_rate=1e-2, **common)
+    txs['soap_muon'] = soap_optax.soap_muon(learning_rate=1e-2, **common)
     txs['shampoo_foam'] = soap_optax.shampoo(
         learning_rate=1e-2, eps=1e-6, **dict(
             common, precondition_frequency=soap_optax.FoamRefresh(
@@ -208,6 +209,7 @@ def check_parity(dtype_name):
       'adafactor_blocked': [((8,), 'explicit', None)],
       'shampoo_foam': [((2, 4), 'auto', None)],
       'kl_shampoo': [((2, 4), 'explicit', None)],
+      'soap_muon': [((8,), 'explicit', None)],
   }
   if dtype == jnp.float32:
     meshes = {'soap': [((4, 2), 'explicit', None)],

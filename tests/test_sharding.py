@@ -289,9 +289,9 @@ def test_sharded_runs_match_the_unsharded_run(dtype, tolerance):
   12 steps with refreshes at 0, 5 and 10; in float64 also adaptive SOAP,
   and a combined tree of what the others leave out: Adafactor in the
   eigenbasis with blocks, Shampoo with FoamRefresh, each with a unit
-  rejected on step 4, and KL-Shampoo."""
+  rejected on step 4, KL-Shampoo and SOAP-Muon."""
   results = _run_check('parity', dtype)
-  assert len(results) == (10 if dtype == 'float64' else 3)
+  assert len(results) == (11 if dtype == 'float64' else 3)
   for key, r in results.items():
     # float32: 12 steps of this problem amplify rounding. The unsharded run
     # started from parameters one ulp away ends up to 2e-5 from itself for
