@@ -132,10 +132,11 @@ def test_the_scale_is_the_root_of_rows_over_cols(x64):
   del x64
   tx = soap_optax.scale_by_soap_muon(precondition_frequency=2)
   state = tx.init({'tall': jnp.zeros((8, 4)), 'wide': jnp.zeros((4, 8))})
+  update = jax.jit(tx.update)
   rng = np.random.default_rng(3)
   for _ in range(5):
     g = jnp.asarray(rng.normal(size=(8, 4)))
-    updates, state = tx.update({'tall': g, 'wide': g.T}, state)
+    updates, state = update({'tall': g, 'wide': g.T}, state)
     np.testing.assert_allclose(np.asarray(updates['tall']),
                                np.sqrt(2) * np.asarray(updates['wide']).T,
                                rtol=0, atol=1e-13)
