@@ -55,13 +55,6 @@ def factory(name, options):
   if name == optimizers.ADAMW:
     return lambda learning_rate: optax.adamw(
         learning_rate, b1=0.9, b2=0.95, weight_decay=0.0)
-  if name == 'kl_soap' and 'refresh' in options:
-    # soap() has no refresh keyword: the transform, chained as soap() does.
-    import soap_optax  # pylint: disable=g-import-not-at-top
-    return lambda learning_rate: optax.chain(
-        soap_optax.scale_by_rotated_adam(
-            factor_estimator='kl', precondition_frequency=10, **options),
-        optax.scale_by_learning_rate(learning_rate))
   return lambda learning_rate: optimizers.make_eigenbasis_optimizer(
       name, learning_rate, weight_decay=0.0, precondition_frequency=10,
       **options)

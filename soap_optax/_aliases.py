@@ -108,6 +108,7 @@ def soap(
     factor_estimator: str = 'frobenius',
     bias_correction: bool | None = None,
     initial_eigenvalue: jax.typing.ArrayLike | None = None,
+    refresh: str | None = None,
 ) -> optax.GradientTransformation:
   """SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with AdamW decay.
 
@@ -173,6 +174,9 @@ def soap(
       :func:`soap_optax.scale_by_rotated_adam`.
     initial_eigenvalue: KL-SOAP's starting eigenvalue estimate (``None``:
       0.1, the authors'); only with ``factor_estimator="kl"``.
+    refresh: the refresh solver: ``"qr"``, ``"qr_unsorted"`` or ``"eigh"``;
+      ``None``: the authors' choice (``"qr"`` for SOAP, ``"qr_unsorted"``
+      for KL-SOAP). See :func:`soap_optax.scale_by_rotated_adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -193,7 +197,8 @@ def soap(
       bucket_padding=bucket_padding, staggered_refresh=staggered_refresh,
       rounding_floor=rounding_floor,
       mesh=mesh, shard_axes=shard_axes, factor_estimator=factor_estimator,
-      bias_correction=bias_correction, initial_eigenvalue=initial_eigenvalue)
+      bias_correction=bias_correction, initial_eigenvalue=initial_eigenvalue,
+      refresh=refresh)
 
 
 def factorized_soap(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from soap_optax import _skeleton
 
 class HyperballState(NamedTuple):
   """State of :func:`hyperball`.
@@ -77,7 +78,8 @@ def hyperball(
   (the authors' ``R N(W - η R N(d))`` with ``d = -u`` the inner direction).
   The update returned is ``W_{t+1} - W_t``, so that ``optax.apply_updates``
   lands on the sphere (to float rounding); where ``u`` is exactly zero (the
-  first call of ``soap``, a rejected gradient) it is exactly zero. The size
+  first call of ``soap``, a rejected gradient) it is exactly zero, and where
+  ``u`` is not finite, so is the update. The size
   of ``u`` does not matter, only its direction: the inner optimizer's own
   learning rate acts only on the leaves that pass through.
 
@@ -92,8 +94,9 @@ def hyperball(
       ``optax.contrib.muon(1e-3)`` or ``soap_optax.soap(3e-3)``; a
       ``scale_by_*`` transform (whose output is a direction to subtract) is
       chained with a negative scale first (``optax.chain(
-      soap_optax.scale_by_rotated_adam(), optax.scale(-1.0))``, as
-      :func:`soap_optax.soap_h` does).
+      soap_optax.scale_by_rotated_adam(), optax.scale(-1.0))``;
+      :func:`soap_optax.soap_h` chains ``optax.scale_by_learning_rate``,
+      which also sets the rate of the leaves that pass through).
     learning_rate: ``η_t``, a float or an ``optax`` schedule of the call
       count (0 on the first call): each wrapped matrix moves by ``η_t R``
       before the retraction.
@@ -103,8 +106,12 @@ def hyperball(
 
   Returns:
     An ``optax.GradientTransformation``. ``init`` raises a ``ValueError``
-    naming the leaf if a wrapped matrix is zero (no sphere to keep it on);
-    ``update`` needs ``params``.
+    naming the leaf if a wrapped matrix is zero (no sphere to keep it on;
+    under ``jax.jit(init)`` the values are not known, and such a matrix gets
+    the inner update unchanged); ``update`` needs ``params``. The norms are
+    of whole matrices: under a ``jax.sharding`` layout XLA reduces across
+    devices, but inside a user's own ``shard_map`` each shard would keep a
+    sphere of its own.
 
   References:
     Wen, Dang, Lyu, Ma and Liang, Hyperball optimization (arXiv 2606.16899)
@@ -112,6 +119,10 @@ def hyperball(
   """
 
   def init_fn(params):
+    if _skeleton.is_optax_params_placeholder(params):
+      # optax.tree.map_params: no radius is shaped like the parameters.
+      return HyperballState(jnp.zeros([], jnp.int32),
+                            _skeleton.OUTSIDE_MAP_PARAMS, inner.init(params))
     wrapped = _wrapped(params, mask)
     radius = []
     paths = jax.tree_util.tree_leaves_with_path(params)
@@ -150,9 +161,12 @@ def hyperball(
       radius = next(radii).astype(dtype)
       w, u = w.astype(dtype), u.astype(dtype)
       size = _frobenius(u)
-      moved = w + eta * radius * u / jnp.where(size > 0, size, 1)
+      moved = w + eta * radius * u / jnp.where(size == 0, 1, size)
       retracted = radius * moved / _frobenius(moved)
-      out.append(jnp.where(size > 0, retracted - w, 0).astype(param_dtype))
+      # No step for a zero update; a zero matrix (R = 0: its init traced, so
+      # not refused) gets the inner update; a non-finite one stays so.
+      out.append(jnp.where(size == 0, 0, jnp.where(
+          radius == 0, u, retracted - w)).astype(param_dtype))
     return treedef.unflatten(out), HyperballState(
         optax.safe_increment(state.count), state.radius, inner_state)
 

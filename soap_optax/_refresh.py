@@ -552,16 +552,20 @@ def refresh(factors: Sequence[_kronecker.KroneckerFactors], due: Due,
         jax.ShapeDtypeStruct((plan.stacks[s].size,) + stat.shape[1:],
                              stat.dtype)
         for s in active for stat in factors[s].stats], plan.solver_padding)
-    def solve(name):
+    def solve(solver):
       return functools.partial(
-          _solve_due, _solvers.SOLVERS[name], stats, bases, masks,
+          _solve_due, solver, stats, bases, masks,
           plan.sharding, skip=skip, batched=batched, sizes=sizes)
     if method == 'eigh':
-      body = solve('eigh')
+      body = solve(_solvers.solve_eigh)
     else:
+      # The other due units' bases came from QR: matched to eigh's columns
+      # by rank (an unsorted QR's columns are not in eigenvalue order).
       initializing = functools.reduce(jnp.logical_or, [
           jnp.any(due.initializing[s]) for s in active])
-      body = lambda: jax.lax.cond(initializing, solve('eigh'), solve(method))
+      body = lambda: jax.lax.cond(
+          initializing, solve(_solvers.solve_eigh_by_rank),
+          solve(_solvers.SOLVERS[method]))
     solutions, failures = jax.lax.cond(any_due, body, keep)
   else:
     solutions, failures = [], jnp.zeros([], jnp.int32)

@@ -110,9 +110,10 @@ class EngineConfig:
       that coordinates holding only rounding noise, e.g. outside the span of
       a rank-deficient gradient, are not normalized up to full-size updates.
     refresh: the solver of later refreshes: ``"qr"`` (one step of power
-      iteration warm-started from the current basis, then QR; about
-      ``14/3 d^3`` flops) or ``"eigh"`` (about ``9 d^3``). A unit's first
-      refresh is always ``"eigh"``.
+      iteration warm-started from the current basis, its columns sorted by
+      ``diag(Q^T GG Q)``, then QR; about ``14/3 d^3`` flops),
+      ``"qr_unsorted"`` (the same without the sort) or ``"eigh"`` (about
+      ``9 d^3``). A unit's first refresh is always ``"eigh"``.
     mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
       (single device). With a mesh, every unit has one owner device along
       ``shard_axes``, which keeps its state and does its per-unit work and
@@ -272,7 +273,7 @@ class _OutsideMapParams:
 OUTSIDE_MAP_PARAMS = _OutsideMapParams()
 
 
-def _is_optax_params_placeholder(params: Any) -> bool:
+def is_optax_params_placeholder(params: Any) -> bool:
   """Whether ``params`` is the leafless stand-in with which
   ``optax.tree.map_params`` calls ``init`` to find parameter-shaped trees."""
   kind = type(params)
@@ -435,7 +436,7 @@ def eigenbasis_transform(
     return state, estimates
 
   def init_fn(params):
-    if _is_optax_params_placeholder(params):
+    if is_optax_params_placeholder(params):
       return OUTSIDE_MAP_PARAMS
     eigenbasis = config.init_eigenbasis(params)
     layout = eigenbasis.plan.sharding

@@ -164,7 +164,8 @@ def scale_by_soap_muon(
     b1: ``μ``, the momentum's decay, in [0, 1).
     b2: the second moment's decay, in [0, 1).
     shampoo_beta: the factors' decay (``None``: ``b2``).
-    eps: ``ε``, the floor of ``sqrt(V)``, >= 0.
+    eps: ``ε``, the floor of ``sqrt(V)``, > 0 (a zero ``V`` would give
+      ``0/0``).
     ns_coeffs: the Newton-Schulz quintic's ``(a, b, c)``.
     ns_steps: its number of steps, >= 0.
     precondition_frequency: refresh the bases every this many calls (the
@@ -183,10 +184,10 @@ def scale_by_soap_muon(
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_arguments(
-      locals(), betas=('b1', 'b2', 'shampoo_beta'), nonnegative=('eps',),
+      locals(), betas=('b1', 'b2', 'shampoo_beta'), positive=('eps',),
       optional=('shampoo_beta',))
   _checks.check_int('ns_steps', ns_steps, 0)
-  if len(tuple(ns_coeffs)) != 3:
+  if len(ns_coeffs) != 3 or any(jnp.ndim(k) for k in ns_coeffs):
     raise ValueError('ns_coeffs must be three numbers (a, b, c) of the '
                      f'quintic a X + b A X + c A^2 X; got {ns_coeffs!r}.')
   rule = _SoapMuonRule(

@@ -15,8 +15,9 @@ size and dtype in one batched call (:func:`soap_optax._batching.map_by_size`):
   the sort, ``Q <- qr(GG Q).Q``, as in the KL-Shampoo/KL-SOAP reference
   implementation (Lin et al.).
 
-Both give a rank-deficient factor's null space a canonical basis
-(:func:`canonical_null_space`).
+All three give a rank-deficient factor's null space a canonical basis
+(:func:`canonical_null_space`; after an unsorted QR, on the trailing run of
+null columns only).
 
 A refresh never replaces a finite basis by a non-finite one: when the new basis
 of a factor is not finite the old one is kept.
@@ -252,6 +253,22 @@ def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
       old_values, dtype=jnp.arange(1).dtype)
   return Solution(jnp.where(ok, basis, old_basis),
                   jnp.where(ok, eigenvalues, old_values), order, ok)
+
+
+def solve_eigh_by_rank(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """:func:`solve_eigh` replacing a basis that another solver made (a QR
+  refresh's, on a call where another unit initializes and every due unit is
+  solved by ``eigh``): the old columns, ranked by their Rayleigh quotients
+  ``diag(Q^T GG Q)`` (descending, stable), are matched to the new columns in
+  that order, so that per-column state (SOAP's ``v``, KL's estimates)
+  follows its direction even where the old basis was not sorted (unsorted
+  QR)."""
+  solution = solve_eigh(stat, old_basis)
+  ranked = jnp.argsort(rayleigh_quotients(stat, old_basis), descending=True,
+                       stable=True)
+  ranked = ranked + jnp.zeros_like(solution.order)
+  return solution._replace(order=jnp.where(solution.ok, ranked,
+                                           solution.order))
 
 
 def _power_qr(stat: jax.Array, old_basis: jax.Array, sort: bool) -> Solution:

@@ -218,9 +218,8 @@ def test_soap_rejects_an_unknown_factor_estimator():
 def test_kl_soap_options_are_checked_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
     soap_optax.scale_by_rotated_adam(**kwargs)
-  if 'refresh' not in kwargs:  # soap() has no refresh keyword.
-    with pytest.raises(ValueError, match=match):
-      soap_optax.soap(**kwargs)
+  with pytest.raises(ValueError, match=match):
+    soap_optax.soap(**kwargs)
 
 
 def test_an_empty_parameter_keeps_a_finite_state():

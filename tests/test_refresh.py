@@ -467,3 +467,26 @@ def test_policy_arguments_are_checked():
       precondition_frequency='adaptive'), optax.scale(-1e-2))
   state = tx.init({'w': jnp.zeros((3, 4))})
   assert 'count' in soap_optax.diagnostics(state)
+
+
+def test_a_forced_eigh_matches_an_unsorted_basis_column_by_column(x64):
+  """On a call where another unit initializes, every due unit is solved by
+  ``eigh``; a basis an unsorted QR made is not in eigenvalue order, so the
+  old columns are matched by the rank of their Rayleigh quotients. With an
+  old basis that is the eigenvectors in a scrambled order, each new column
+  must be (up to sign) the old column its ``order`` names; the identity
+  order of a plain ``eigh`` refresh names the wrong ones."""
+  del x64
+  rng = np.random.default_rng(4)
+  vectors = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+  stat = vectors @ np.diag([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]) @ vectors.T
+  scrambled = vectors[:, [2, 0, 5, 1, 4, 3]]
+  solution = _solvers.solve_eigh_by_rank(jnp.asarray(stat),
+                                         jnp.asarray(scrambled))
+  new, order = np.asarray(solution.basis), np.asarray(solution.order)
+  overlaps = np.abs(np.sum(new * scrambled[:, order], axis=0))
+  np.testing.assert_allclose(overlaps, 1.0, atol=1e-12)
+  plain = _solvers.solve_eigh(jnp.asarray(stat), jnp.asarray(scrambled))
+  assert not np.allclose(np.abs(np.sum(
+      np.asarray(plain.basis) * scrambled[:, np.asarray(plain.order)],
+      axis=0)), 1.0)
