@@ -60,27 +60,6 @@ def factory(name, options):
       **options)
 
 
-def loss_curves(factory, steps):
-  """``(problem, grid, noise_keys) -> curves`` of shape ``(len(grid), steps +
-  1)``, each the mean over the noise seeds: the runs under ``lax.map``, not
-  ``vmap`` (a vmapped refresh calls batched LAPACK, which can deadlock XLA's
-  CPU thread pool: docs/numerics.md)."""
-
-  @jax.jit
-  def curves(problem, grid, noise_keys):
-    def one(pair):
-      learning_rate, key = pair
-      optimizer = optax.inject_hyperparams(factory)(
-          learning_rate=learning_rate)
-      return problems.run_optimizer(problem, optimizer, steps, key)
-    rates = jax.numpy.repeat(grid, len(noise_keys))
-    keys = jax.numpy.tile(noise_keys, (len(grid), 1))
-    runs = jax.lax.map(one, (rates, keys))
-    return runs.reshape(len(grid), len(noise_keys), -1).mean(axis=1)
-
-  return curves
-
-
 def three_d_against_the_authors(calls=(2, 3, 10, 30, 100, 300)):
   """KL-Shampoo and KL-SOAP on a 4 x 5 x 6 tensor, the library (joint
   updates) against the authors' step (partly sequential), float64: per
@@ -176,7 +155,9 @@ def main():
   curves = {}
   for label, (name, options) in VARIANTS.items():
     start = time.perf_counter()
-    curves_of = loss_curves(factory(name, options), steps)
+    # Mapped, not vmapped: a vmapped refresh can deadlock on CPU.
+    curves_of = kronecker.loss_curve_fn(factory(name, options), steps,
+                                        mapped=True)
     per_seed = []
     for seed in seeds:
       problem = problems.kronecker_quadratic(

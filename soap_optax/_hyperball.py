@@ -9,9 +9,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from soap_optax import _checks
+from soap_optax import _kronecker
 from soap_optax import _skeleton
 
 class HyperballState(NamedTuple):
@@ -41,20 +42,12 @@ def _wrapped(params: Any, mask: Any) -> list[bool]:
     tree = mask(params) if callable(mask) else mask
     selected = jax.tree.structure(params).flatten_up_to(tree)
     for flag in selected:
-      if not isinstance(flag, (bool, np.bool_)):
-        raise ValueError(
-            'hyperball: mask must be a tree of Python booleans (or a '
-            'function of the parameters returning one), one per parameter; '
-            f'got {flag!r}.')
+      _checks.check_bool('mask (each of its leaves)', flag)
   return [flag and jnp.ndim(leaf) == 2 for flag, leaf in zip(selected, leaves)]
 
 
 def _frobenius(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(x)))
-
-
-def _compute_dtype(x: jax.Array) -> Any:
-  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def hyperball(
@@ -129,7 +122,8 @@ def hyperball(
     for (path, leaf), wraps in zip(paths, wrapped):
       if not wraps:
         continue
-      norm = _frobenius(jnp.asarray(leaf).astype(_compute_dtype(leaf)))
+      leaf = jnp.asarray(leaf)
+      norm = _frobenius(leaf.astype(_kronecker.state_dtype(leaf.dtype)))
       if not isinstance(norm, jax.core.Tracer) and not float(norm) > 0:
         raise ValueError(
             'hyperball cannot wrap a zero matrix: the parameter at '
@@ -157,7 +151,7 @@ def hyperball(
       if not wraps:
         out.append(u)
         continue
-      param_dtype, dtype = w.dtype, _compute_dtype(w)
+      param_dtype, dtype = w.dtype, _kronecker.state_dtype(w.dtype)
       radius = next(radii).astype(dtype)
       w, u = w.astype(dtype), u.astype(dtype)
       size = _frobenius(u)

@@ -238,21 +238,34 @@ def _with_reference_columns(stat: jax.Array, columns: jax.Array,
       in_reference, canonical, columns))
 
 
-def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
-  """A full symmetric eigendecomposition of one factor (about ``9 d^3``
-  flops); eigenvalues descending. When it is not finite, the old basis and
-  its Rayleigh quotients ``diag(Q^T GG Q)`` are returned."""
+def _eigh(stat: jax.Array, old_basis: jax.Array, by_rank: bool) -> Solution:
+  """A full symmetric eigendecomposition of one factor; see the two
+  solvers. ``by_rank``: the old columns follow the new ones in the order of
+  their Rayleigh quotients, not index for index."""
   eigenvalues, basis = jnp.linalg.eigh(stat)
   eigenvalues, basis = eigenvalues[::-1], basis[:, ::-1]
   ok = _all_finite(basis) & _all_finite(eigenvalues)
   basis, eigenvalues = canonical_null_space(stat, basis, eigenvalues)
   old_values = rayleigh_quotients(stat, old_basis)
-  # Column i of the new basis follows column i of the old one: both are
-  # sorted by decreasing eigenvalue (estimate) when they come from eigh.
-  order = jnp.arange(eigenvalues.shape[0]) + jnp.zeros_like(
+  identity_order = jnp.arange(eigenvalues.shape[0]) + jnp.zeros_like(
       old_values, dtype=jnp.arange(1).dtype)
+  if by_rank:
+    order = jnp.argsort(old_values, descending=True, stable=True)
+    order = jnp.where(ok, order + jnp.zeros_like(identity_order),
+                      identity_order)
+  else:
+    # Column i of the new basis follows column i of the old one: both are
+    # sorted by decreasing eigenvalue (estimate) when they come from eigh.
+    order = identity_order
   return Solution(jnp.where(ok, basis, old_basis),
                   jnp.where(ok, eigenvalues, old_values), order, ok)
+
+
+def solve_eigh(stat: jax.Array, old_basis: jax.Array) -> Solution:
+  """A full symmetric eigendecomposition of one factor (about ``9 d^3``
+  flops); eigenvalues descending. When it is not finite, the old basis and
+  its Rayleigh quotients ``diag(Q^T GG Q)`` are returned."""
+  return _eigh(stat, old_basis, by_rank=False)
 
 
 def solve_eigh_by_rank(stat: jax.Array, old_basis: jax.Array) -> Solution:
@@ -263,12 +276,7 @@ def solve_eigh_by_rank(stat: jax.Array, old_basis: jax.Array) -> Solution:
   that order, so that per-column state (SOAP's ``v``, KL's estimates)
   follows its direction even where the old basis was not sorted (unsorted
   QR)."""
-  solution = solve_eigh(stat, old_basis)
-  ranked = jnp.argsort(rayleigh_quotients(stat, old_basis), descending=True,
-                       stable=True)
-  ranked = ranked + jnp.zeros_like(solution.order)
-  return solution._replace(order=jnp.where(solution.ok, ranked,
-                                           solution.order))
+  return _eigh(stat, old_basis, by_rank=True)
 
 
 def _power_qr(stat: jax.Array, old_basis: jax.Array, sort: bool) -> Solution:

@@ -85,23 +85,31 @@ def test_hyperball_of_adam_matches_the_oracle(x64):
                         np.linalg.norm(params['masked']), rtol=1e-3)
 
 
-def test_soap_h_is_hyperball_around_unbiased_soap(x64):
-  """SOAP-H's defaults: a refresh every call, b1 = 0.95, b2 = 0.9, no bias
-  correction; the vector gets SOAP's (Adam's) update times the rate."""
-  del x64
-  shapes = {'matrix': (6, 6), 'square': (4, 4), 'vector': (5,)}
+def _around_direction_oracles(alias, shapes, make_reference, rate=0.02):
+  """``alias(rate)`` against Hyperball's oracle around one direction oracle
+  per parameter (``make_reference(shape).step(g)``, the direction that the
+  rate's step subtracts): the largest relative difference."""
   params = _params(shapes)
-  rate = 0.02
-  references = {name: soap_numpy.SoapReference(
-      shape, b1=0.95, b2=0.9, shampoo_beta=None, eps=1e-8, frequency=1,
-      max_dim=10000, merge_dims=False, precondition_1d=False,
-      bias_correction=False) for name, shape in shapes.items()}
+  references = {name: make_reference(shape) for name, shape in shapes.items()}
   def inner(call, grads, current):
     del call, current
     return {name: -rate * references[name].step(g)
             for name, g in grads.items()}
-  worst, _ = _compare(soap_optax.soap_h(rate), params, inner,
+  worst, _ = _compare(alias(rate), params, inner,
                       hyperball_numpy.HyperballReference(params, rate))
+  return worst
+
+
+def test_soap_h_is_hyperball_around_unbiased_soap(x64):
+  """SOAP-H's defaults: a refresh every call, b1 = 0.95, b2 = 0.9, no bias
+  correction; the vector gets SOAP's (Adam's) update times the rate."""
+  del x64
+  worst = _around_direction_oracles(
+      soap_optax.soap_h, {'matrix': (6, 6), 'square': (4, 4), 'vector': (5,)},
+      lambda shape: soap_numpy.SoapReference(
+          shape, b1=0.95, b2=0.9, shampoo_beta=None, eps=1e-8, frequency=1,
+          max_dim=10000, merge_dims=False, precondition_1d=False,
+          bias_correction=False))
   assert worst <= TOLERANCE, worst
 
 
@@ -110,18 +118,11 @@ def test_kl_soap_h_is_hyperball_around_the_kl_authors_soap(x64):
   0.9, a refresh every call) in Hyperball; square matrices, full rank from
   the first gradient on."""
   del x64
-  shapes = {'matrix': (6, 6), 'square': (4, 4)}
-  params = _params(shapes)
-  rate = 0.02
-  references = {name: kl_authors_numpy.AuthorsKLOpt(
-      shape, klsoap=True, b1=0.95, b2=0.9, shampoo_beta=0.9, eps=1e-8,
-      frequency=1) for name, shape in shapes.items()}
-  def inner(call, grads, current):
-    del call, current
-    return {name: -rate * references[name].step(g)
-            for name, g in grads.items()}
-  worst, _ = _compare(soap_optax.kl_soap_h(rate), params, inner,
-                      hyperball_numpy.HyperballReference(params, rate))
+  worst = _around_direction_oracles(
+      soap_optax.kl_soap_h, {'matrix': (6, 6), 'square': (4, 4)},
+      lambda shape: kl_authors_numpy.AuthorsKLOpt(
+          shape, klsoap=True, b1=0.95, b2=0.9, shampoo_beta=0.9, eps=1e-8,
+          frequency=1))
   assert worst <= TOLERANCE, worst
 
 

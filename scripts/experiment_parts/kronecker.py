@@ -48,11 +48,13 @@ def kronecker_factories(frequency: int):
   return factories
 
 
-def loss_curve_fn(factory, steps):
+def loss_curve_fn(factory, steps, mapped=False):
   """``(problem, grid, noise_keys) -> curves`` of shape ``(len(grid), steps +
   1)``, each the mean over the noise seeds. The learning rate is injected and
   vmapped, and the whole thing jitted: one compile per optimizer for every
-  rate, noise seed and (same-shaped) problem."""
+  rate, noise seed and (same-shaped) problem. ``mapped``: the runs one after
+  another under ``lax.map`` instead (a vmapped refresh calls batched LAPACK,
+  which can deadlock XLA's CPU thread pool: docs/numerics.md)."""
 
   @jax.jit
   def curves(problem, grid, noise_keys):
@@ -60,6 +62,11 @@ def loss_curve_fn(factory, steps):
       optimizer = optax.inject_hyperparams(factory)(
           learning_rate=learning_rate)
       return problems.run_optimizer(problem, optimizer, steps, key)
+    if mapped:
+      runs = jax.lax.map(lambda pair: curve(*pair), (
+          jax.numpy.repeat(grid, len(noise_keys)),
+          jax.numpy.tile(noise_keys, (len(grid), 1))))
+      return runs.reshape(len(grid), len(noise_keys), -1).mean(axis=1)
     return jax.vmap(jax.vmap(curve, in_axes=(None, 0)), in_axes=(0, None))(
         grid, noise_keys).mean(axis=1)
 
