@@ -17,7 +17,11 @@ says what it runs):
   (docs/choosing_and_tuning.md);
 * ``kl_vs_muon``: KL-Shampoo and KL-SOAP against tuned SOAP, the strong Muon
   and AdamW, and GPT-2 small's optimizer state;
-* ``chinchilla``: the ranking against tokens per parameter (1x, 4x, 8x).
+* ``chinchilla``: the ranking against tokens per parameter (1x, 4x, 8x);
+* ``ahead_of_muon``: the library's rules (SOAP, KL-SOAP, SOAP-H, KL-SOAP-H,
+  SOAP-Muon; a refresh every call and every 2) against Muon and Muon in
+  Hyperball, each at its best rate, judged over four seeds (the README's
+  main table).
 
 Every optimizer runs with weight decay 0 on the Kronecker problem (a quadratic
 with a known optimum) and with the main job's settings on the language model.
@@ -31,12 +35,13 @@ Examples::
   python scripts/experiments.py --parts soap_vs_muon   # ~75 min
   python scripts/experiments.py --quick      # tiny sizes (CI)
   python scripts/experiments.py --parts kronecker
+  python scripts/experiments.py --parts ahead_of_muon --workers 2  # ~1 h
 
 Outputs under ``--out``: ``results.json``, ``tables.md``, ``kronecker.png``,
 ``frequency.png``, ``lm.png``, ``muon.png``, ``refresh.png``,
 ``soap_vs_muon.png`` and ``chinchilla.png``; the 'soap_vs_muon',
-'kl_vs_muon' and 'chinchilla' parts keep each run as JSON under a folder of
-their name there and read it back when run again.
+'kl_vs_muon', 'chinchilla' and 'ahead_of_muon' parts keep each run as JSON
+under a folder of their name there and read it back when run again.
 """
 
 import argparse
@@ -49,7 +54,7 @@ import time
 import common
 
 PARTS = ('kronecker', 'lm', 'muon', 'refresh', 'soap_vs_muon', 'kl_vs_muon',
-         'chinchilla')
+         'chinchilla', 'ahead_of_muon')
 # The order the plots are drawn in (and their paths printed).
 PLOT_ORDER = ('kronecker', 'chinchilla', 'lm', 'muon', 'soap_vs_muon',
               'refresh')
@@ -64,7 +69,12 @@ def parse_args(argv):
                       help=f'comma-separated subset of {",".join(PARTS)}')
   parser.add_argument('--out', default=None,
                       help='output folder (default runs/experiments-<time>)')
+  parser.add_argument('--workers', type=int, default=1,
+                      help='language-model runs at a time (ahead_of_muon), '
+                      'each in a process of its own')
   args = parser.parse_args(argv)
+  if args.workers < 1:
+    raise common.UsageError(f'--workers must be >= 1, got {args.workers}')
   args.parts = common.comma_list('--parts', args.parts, PARTS)
   return args
 
@@ -73,11 +83,13 @@ def main(argv) -> int:
   args = parse_args(argv)
   # The parts import JAX: after the arguments are checked.
   from experiment_parts import (  # pylint: disable=g-import-not-at-top
-      chinchilla, kl_vs_muon, kronecker, language_model, muon, refresh,
-      soap_vs_muon)
+      ahead_of_muon, chinchilla, kl_vs_muon, kronecker, language_model, muon,
+      refresh, soap_vs_muon, sweep)
   modules = dict(kronecker=kronecker, lm=language_model, muon=muon,
                  refresh=refresh, soap_vs_muon=soap_vs_muon,
-                 kl_vs_muon=kl_vs_muon, chinchilla=chinchilla)
+                 kl_vs_muon=kl_vs_muon, chinchilla=chinchilla,
+                 ahead_of_muon=ahead_of_muon)
+  sweep.LmSweep.workers = args.workers
   out_dir = pathlib.Path(args.out or os.path.join(
       'runs', 'experiments-' + datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
   out_dir.mkdir(parents=True, exist_ok=True)

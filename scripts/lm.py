@@ -136,6 +136,35 @@ def muon_dimension_numbers(params):
       spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def muon_matrices(params):
+  """True for the leaves muon_dimension_numbers gives to Muon (the blocks'
+  kernels), False for the rest: what Hyperball wraps in 'muon_hyperball'."""
+  def is_matrix(path, leaf):
+    del leaf
+    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    return names[0] == 'blocks' and 'kernel' in names
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def matrix_dimension_numbers(params):
+  """muon_dimension_numbers as soap_optax.EigenbasisDimensionNumbers: the
+  attention kernels read as the matrices Muon sees (one Kronecker factor per
+  side, one Hyperball sphere each), None for the rest."""
+  def convert(spec):
+    return None if spec is None else soap_optax.EigenbasisDimensionNumbers(
+        reduction_axes=spec.reduction_axis, output_axes=spec.output_axis)
+  return jax.tree.map(
+      convert, muon_dimension_numbers(params),
+      is_leaf=lambda x: x is None or isinstance(
+          x, optax.contrib.MuonDimensionNumbers))
+
+
+# The eigenbasis optimizers that read the attention kernels as matrices
+# (matrix_dimension_numbers), as the leaders route them: Hyperball needs a
+# matrix to keep on a sphere, and SOAP-Muon one to orthogonalize.
+MATRIX_VIEW = ('soap_h', 'kl_soap_h', 'soap_muon')
+
+
 def make_optimizer(config: Config, name: str, learning_rate: float):
   """The optimizer ``name`` (one of optimizers.OPTIMIZERS) at peak rate
   ``learning_rate``, with ``config``'s schedule and settings.
@@ -149,7 +178,10 @@ def make_optimizer(config: Config, name: str, learning_rate: float):
   and one rate for both. The eigenbasis optimizers (optimizers.EIGENBASIS)
   take config.soap_b2 as their second-moment decay and config.one_sided,
   and get AdamW at config.adam_lr on the parameters config.soap_params
-  leaves out.
+  leaves out; those of MATRIX_VIEW read the attention kernels as matrices.
+  'muon_hyperball' is 'muon' in soap_optax.hyperball (its matrices on their
+  initial-norm spheres, moved by learning_rate times the radius each step;
+  no weight decay on them), its Adam part as in 'muon'.
   """
   if name not in optimizers.OPTIMIZERS:
     raise ValueError(f'unknown optimizer {name!r}; choose from '
@@ -164,15 +196,26 @@ def make_optimizer(config: Config, name: str, learning_rate: float):
         lr, weight_decay=wd, adam_weight_decay=wd,
         adam_learning_rate=adam_part,
         muon_weight_dimension_numbers=muon_dimension_numbers)
+  if name == 'muon_hyperball':
+    inner = optax.contrib.muon(
+        lr, weight_decay=0.0, adam_weight_decay=wd,
+        adam_learning_rate=adam_part,
+        muon_weight_dimension_numbers=muon_dimension_numbers)
+    return soap_optax.hyperball(inner, lr, mask=muon_matrices,
+                                dimension_numbers=matrix_dimension_numbers)
   if name == 'muon_all_matrices':
     return optax.contrib.muon(lr, weight_decay=wd, adam_weight_decay=wd,
                               adam_learning_rate=adam_part)
   if name == 'muon_shared_lr':
     return optax.contrib.muon(lr, weight_decay=wd, adam_weight_decay=wd)
+  options = dict(precondition_frequency=config.precondition_frequency)
+  if optimizers.takes_option(name, 'weight_decay'):  # Not the Hyperball's.
+    options['weight_decay'] = wd
+  if name in MATRIX_VIEW:
+    options['dimension_numbers'] = matrix_dimension_numbers
   tx = optimizers.make_eigenbasis_optimizer(
       name, lr, second_moment_decay=config.soap_b2,
-      one_sided=config.one_sided, weight_decay=wd,
-      precondition_frequency=config.precondition_frequency)
+      one_sided=config.one_sided, **options)
   if config.soap_params != 'all':
     tx = optax.partition(
         {'eigenbasis': tx, 'adamw': adamw(config, config.adam_lr)},

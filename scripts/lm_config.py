@@ -23,7 +23,8 @@ from common import UsageError
 # job's --one-sided makes its eigenbasis optimizers one-sided).
 OPTIMIZERS = optimizers.check_names(
     ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
-     'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
+     'muon_hyperball', 'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
+     'soap_h', 'kl_soap_h', 'soap_muon',
      # For the numerics comparisons (BENCHMARKS.md section 7):
      'soap_no_floor', 'shampoo_ungrafted'))
 
@@ -44,6 +45,12 @@ DEFAULT_LEARNING_RATES = {
     'factorized_soap': 3e-3,
     'soap_no_floor': 3e-3,
     'shampoo_ungrafted': 3e-3,
+    # Provisional until the 'ahead_of_muon' part's grids (Hyperball's rate
+    # is a step's length relative to the matrix's norm).
+    'muon_hyperball': 3e-2,
+    'soap_h': 3e-2,
+    'kl_soap_h': 3e-2,
+    'soap_muon': 1e-2,
 }
 
 

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 ADAMW = 'adamw'
 # optax's Muon as the main job routes it (see lm.make_optimizer).
-MUON_ROUTINGS = ('muon', 'muon_all_matrices', 'muon_shared_lr')
+MUON_ROUTINGS = ('muon', 'muon_all_matrices', 'muon_shared_lr',
+                 'muon_hyperball')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ EIGENBASIS = {
     'kl_shampoo': EigenbasisVariant('kl_shampoo'),
     'kl_soap': EigenbasisVariant('soap', dict(factor_estimator='kl')),
     'soap_one_sided': EigenbasisVariant('soap', dict(one_sided=True)),
+    # The leaders' compositions (issue 'ahead of Muon'):
+    'soap_h': EigenbasisVariant('soap_h'),
+    'kl_soap_h': EigenbasisVariant('kl_soap_h'),
+    'soap_muon': EigenbasisVariant('soap_muon'),
     # For the numerics comparisons (BENCHMARKS.md section 7):
     'soap_no_floor': EigenbasisVariant('soap', dict(rounding_floor=False)),
     'shampoo_ungrafted': EigenbasisVariant('shampoo', dict(grafting='none')),

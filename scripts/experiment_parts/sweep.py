@@ -8,8 +8,11 @@ the tiny --quick size (``LM_QUICK``), with the main job's settings unless
 an option says otherwise.
 """
 
+import concurrent.futures
 import functools
 import json
+import multiprocessing
+import os
 import pathlib
 
 import lm_config
@@ -91,29 +94,59 @@ class LmSweep:
     self.records = {}  # (name, lr, seed, options tuple) -> record
     directory.mkdir(parents=True, exist_ok=True)
 
-  def run(self, name, lr, seed=0, **options):
+  # Runs at a time in prefetch (experiments.py --workers).
+  workers = 1
+
+  def _normalized(self, name, lr, seed, options):
+    """The run's options with SOAP_BASE's defaults, its key and its file."""
     options = {**SOAP_BASE, **options}
     options['warmup_steps'] = lm_config.default_warmup_steps(
         options['schedule'], self.sizes['steps'])
     key = (name, lr, seed, tuple(sorted(options.items())))
-    if key in self.records:
-      return self.records[key]
     label = options_label(name, options)
     path = self.directory / (
         f'{label.replace(" ", "_").replace("=", "")}_lr{lr:g}_seed{seed}'
         f'_b{self.sizes["batch_size"]}.json')
+    return options, key, label, path
+
+  def run(self, name, lr, seed=0, **options):
+    options, key, label, path = self._normalized(name, lr, seed, options)
+    if key in self.records:
+      return self.records[key]
     if path.exists():
       record = json.loads(path.read_text())
     else:
-      print(f'  soap_vs_muon: {label} lr={lr:g} seed={seed} batch '
+      print(f'  {self.directory.name}: {label} lr={lr:g} seed={seed} batch '
             f'{self.sizes["batch_size"]}', flush=True)
       record = self.train(name, lr, seed, self.sizes,
-                          self.directory / 'scratch', **options)
+                          self.directory / f'scratch-{os.getpid()}',
+                          **options)
       record = {k: v for k, v in record.items() if k != 'diagnostics'}
       record.update(label=label, options=options, seed=seed)
       path.write_text(json.dumps(record))
     self.records[key] = record
     return record
+
+  def prefetch(self, requests):
+    """Makes the runs of ``requests`` ((name, lr, seed, options) each) that
+    are not kept yet, ``workers`` at a time in fresh processes (in this one
+    when ``workers`` is 1 or the training function is not the main job's);
+    ``run`` then reads them back."""
+    missing = {}
+    for name, lr, seed, options in requests:
+      path = self._normalized(name, lr, seed, options)[3]
+      if not path.exists():
+        missing[path] = (name, lr, seed, options)
+    if self.workers <= 1 or self.train is not train_lm_run:
+      for name, lr, seed, options in missing.values():
+        self.run(name, lr, seed, **options)
+      return
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(
+        self.workers, mp_context=context) as pool:
+      for future in [pool.submit(_run_in_worker, self.sizes, self.directory,
+                                 *request) for request in missing.values()]:
+        future.result()
 
   def grid(self, name, rates, extend=2, **options):
     """Runs ``rates``; while the best is at an edge, adds the next rung of
@@ -131,6 +164,11 @@ class LmSweep:
       lr = LR_LADDER[rung + step]
       runs[lr] = self.run(name, lr, **options)
     return dict(sorted(runs.items()))
+
+
+def _run_in_worker(sizes, directory, name, lr, seed, options):
+  """One run of LmSweep.prefetch in a worker process (kept as its JSON)."""
+  LmSweep(sizes, directory).run(name, lr, seed, **options)
 
 
 def best_rate(runs):
