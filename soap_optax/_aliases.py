@@ -152,7 +152,7 @@ def soap(
       this fraction of a unit's work (``None`` or 0: one stack per shape);
       it also bounds the refresh work added by solving factors of several
       sizes at one padded solver size (one solver program each); no number
-      changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      changes (see :ref:`engine-options`).
     staggered_refresh: spread the eigenbasis refreshes evenly over the
       ``precondition_frequency`` steps (each unit still refreshes every
       ``precondition_frequency`` steps) to flatten the refresh spike.
@@ -180,6 +180,29 @@ def soap(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> def loss(params):
+    ...   return jnp.sum((params['w'] - 0.5)**2) + jnp.sum(params['b']**2)
+    >>> params = {'w': jnp.ones((3, 4)), 'b': jnp.ones(4)}
+    >>> tx = soap_optax.soap(learning_rate=3e-3)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> new_params, state = step(params, state)  # only initializes
+    >>> print(jax.tree.all(jax.tree.map(jnp.array_equal, new_params, params)))
+    True
+    >>> for _ in range(5):
+    ...   new_params, state = step(new_params, state)
+    >>> print(bool(loss(new_params) < loss(params)))
+    True
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -242,6 +265,23 @@ def factorized_soap(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> tx = soap_optax.factorized_soap(learning_rate=3e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
+    >>> params = optax.apply_updates(params, updates)
+    >>> # Row and column statistics (3 + 4 numbers) in place of SOAP's v (12):
+    >>> full = soap_optax.soap().init(params)
+    >>> print(soap_optax.state_size(full) - soap_optax.state_size(state))
+    5
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 7,
@@ -336,7 +376,7 @@ def shampoo(
       this fraction of a unit's work (``None`` or 0: one stack per shape);
       it also bounds the refresh work added by solving factors of several
       sizes at one padded solver size (one solver program each); no number
-      changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      changes (see :ref:`engine-options`).
     staggered_refresh: spread the refreshes over the
       ``precondition_frequency`` steps (see :func:`soap`).
     rounding_floor: the rounding-noise floor on the eigenvalues (see
@@ -353,6 +393,24 @@ def shampoo(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> def loss(params):
+    ...   return jnp.sum((params['w'] - jnp.eye(3, 4))**2)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> tx = soap_optax.shampoo(learning_rate=3e-3, exponent=0.25)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> print(new_params['w'].shape, new_params['w'].dtype)
+    (3, 4) float32
+    >>> print(bool(loss(new_params) < loss(params)))
+    True
 
   References:
     Gupta et al., `Shampoo <https://arxiv.org/abs/1802.09568>`_, 2018;
@@ -444,6 +502,19 @@ def kl_shampoo(
   Returns:
     An ``optax.GradientTransformation``.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> tx = soap_optax.kl_shampoo(learning_rate=3e-3)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
+    >>> params = optax.apply_updates(params, updates)
+
   References:
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
@@ -467,7 +538,9 @@ def _hyperball_chain(learning_rate: optax.ScalarOrSchedule, mask: Any,
   """``scale_by_rotated_adam`` and the learning rate, in Hyperball."""
   inner = optax.chain(_rotated_adam.scale_by_rotated_adam(**transform_kwargs),
                       optax.scale_by_learning_rate(learning_rate))
-  return _hyperball.hyperball(inner, learning_rate, mask)
+  return _hyperball.hyperball(
+      inner, learning_rate, mask,
+      dimension_numbers=transform_kwargs['dimension_numbers'])
 
 
 def soap_h(
@@ -513,13 +586,42 @@ def soap_h(
     precondition_frequency: refresh the bases every this many calls; as in
       :func:`soap` are ``max_precond_dim``, ``merge_dims``,
       ``precondition_1d``, ``one_sided``, ``mu_dtype``,
-      ``dimension_numbers``, ``block_size``, ``bucket_padding``,
-      ``staggered_refresh``, ``rounding_floor``, ``mesh`` and
-      ``shard_axes``.
+      ``block_size``, ``bucket_padding``, ``staggered_refresh``,
+      ``rounding_floor``, ``mesh`` and ``shard_axes``.
+    dimension_numbers: as in :func:`soap`, and they say Hyperball's matrices
+      too (an attention kernel ``(d, heads, head_dim)`` read as a
+      ``d × heads·head_dim`` matrix keeps one sphere; a stack keeps one per
+      slice; see :func:`hyperball`).
     mask: which matrices Hyperball wraps (see :func:`hyperball`).
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> def loss(params):
+    ...   return jnp.sum((params['w'] - 1.0)**2)
+    >>> params = {'w': jnp.arange(12.0).reshape(3, 4) / 10}
+    >>> tx = soap_optax.soap_h(learning_rate=0.05)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> new_params = params
+    >>> for _ in range(3):
+    ...   new_params, state = step(new_params, state)
+    >>> print(bool(loss(new_params) < loss(params)))
+    True
+    >>> # The matrix has moved on the sphere of its initial norm:
+    >>> print(f"{jnp.linalg.norm(params['w']):.4f}")
+    2.2494
+    >>> print(f"{jnp.linalg.norm(new_params['w']):.4f}")
+    2.2494
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024; Wen et
@@ -571,6 +673,21 @@ def kl_soap_h(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.arange(12.0).reshape(3, 4) / 10}
+    >>> tx = soap_optax.kl_soap_h(learning_rate=0.05)
+    >>> state = tx.init(params)
+    >>> print(f'{float(state.radius[0]):.4f}')  # the radius: ||w||_F at init
+    2.2494
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
+    >>> params = optax.apply_updates(params, updates)
 
   References:
     Lin et al., `KL-SOAP <https://arxiv.org/abs/2509.03378>`_, 2025; Wen et
@@ -636,6 +753,19 @@ def soap_muon(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> tx = soap_optax.soap_muon(learning_rate=0.02, precondition_frequency=1)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
+    >>> params = optax.apply_updates(params, updates)
   """
   return _initializing_chain(
       _soap_muon.scale_by_soap_muon(

@@ -85,6 +85,52 @@ def test_hyperball_of_adam_matches_the_oracle(x64):
                         np.linalg.norm(params['masked']), rtol=1e-3)
 
 
+def test_dimension_numbers_make_matrices_of_stacks_and_kernels(x64):
+  """A stack with a batch axis keeps one sphere per slice, and a 3-D kernel
+  read as a matrix keeps one sphere: against the oracle run on the slices
+  and on the reshaped kernel, as 2-D parameters of their own."""
+  del x64
+  shapes = {'stacked': (3, 4, 5), 'kernel': (4, 2, 3), 'vector': (4,)}
+  params = _params(shapes)
+  numbers = {'stacked': soap_optax.EigenbasisDimensionNumbers(batch_axes=0),
+             'kernel': soap_optax.EigenbasisDimensionNumbers(
+                 reduction_axes=0, output_axes=(1, 2)),
+             'vector': None}
+  tx = soap_optax.hyperball(optax.adam(1e-2), 0.05, dimension_numbers=numbers)
+  def as_matrices(tree):
+    flat = {f'stacked{i}': tree['stacked'][i] for i in range(3)}
+    return dict(flat, kernel=tree['kernel'].reshape(4, 6),
+                vector=tree['vector'])
+  reference = hyperball_numpy.HyperballReference(as_matrices(params), 0.05)
+  adam = optax.adam(1e-2)
+  adam_state = adam.init(jax.tree.map(jnp.asarray, params))
+  rng = np.random.default_rng(1)
+  current = {k: v.copy() for k, v in params.items()}
+  state = tx.init(jax.tree.map(jnp.asarray, current))
+  worst = 0.0
+  for _ in range(CALLS):
+    grads = jax.tree.map(jnp.asarray, {k: rng.normal(size=v.shape)
+                                       for k, v in current.items()})
+    got, state = jax.jit(tx.update)(grads, state,
+                                    jax.tree.map(jnp.asarray, current))
+    inner, adam_state = adam.update(grads, adam_state)
+    expected = reference.step(as_matrices(current), as_matrices(
+        jax.tree.map(np.asarray, inner)))
+    expected = dict(stacked=np.stack([expected[f'stacked{i}']
+                                      for i in range(3)]),
+                    kernel=expected['kernel'].reshape(4, 2, 3),
+                    vector=expected['vector'])
+    for name in current:
+      worst = max(worst, np.max(np.abs(np.asarray(got[name]) - expected[name]))
+                  / np.max(np.abs(expected[name])))
+      current[name] = current[name] + expected[name]
+  assert worst <= TOLERANCE, worst
+  for i in range(3):  # Each slice on its own sphere.
+    np.testing.assert_allclose(np.linalg.norm(current['stacked'][i]),
+                               np.linalg.norm(params['stacked'][i]),
+                               rtol=1e-14)
+
+
 def _around_direction_oracles(alias, shapes, make_reference, rate=0.02):
   """``alias(rate)`` against Hyperball's oracle around one direction oracle
   per parameter (``make_reference(shape).step(g)``, the direction that the
@@ -168,6 +214,13 @@ def test_a_zero_matrix_is_refused_at_init_by_name():
   tx = soap_optax.hyperball(optax.adam(1e-3), 0.1)
   with pytest.raises(ValueError, match=r"zero matrix.*\['layer'\]\['kernel'\]"):
     tx.init({'layer': {'kernel': jnp.zeros((4, 3)), 'bias': jnp.zeros(3)}})
+  # One zero slice of a stack is refused too.
+  with pytest.raises(ValueError, match=r"zero matrix.*\['stack'\]"):
+    soap_optax.hyperball(
+        optax.adam(1e-3), 0.1,
+        dimension_numbers=soap_optax.EigenbasisDimensionNumbers(
+            batch_axes=0)).init(
+                {'stack': jnp.ones((2, 3, 3)).at[1].set(0.0)})
   # The bias is not a matrix, and a masked-out zero matrix is fine.
   tx = soap_optax.hyperball(optax.adam(1e-3), 0.1, mask={'k': False})
   tx.init({'k': jnp.zeros((4, 3))})
