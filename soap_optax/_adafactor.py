@@ -26,6 +26,16 @@ class ScaleByAdafactorInEigenbasisState(NamedTuple):
       without a Kronecker factor of every stack, ``(U, d_k)``, flat (a
       factored axis's ``s_k`` is the engine's tracked
       ``eigenbasis.quotients``, the same numbers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_adafactor_in_eigenbasis()
+    >>> state = tx.init({'w': jnp.ones((3, 4)), 'b': jnp.ones(4)})
+    >>> type(state).__name__
+    'ScaleByAdafactorInEigenbasisState'
+    >>> [x.shape for x in state.axis_stats]  # b's axis has no factor
+    [(1, 4)]
   """
 
   eigenbasis: _state.EigenbasisState
@@ -96,8 +106,7 @@ def scale_by_adafactor_in_eigenbasis(
 
   (for a matrix ``V = r c^T / sum(r)``; with ``rounding_floor`` each ``s_k``
   enters ``V`` as ``s_k + (κ ε)^2 sum(s_k)``, the separable rounding-noise
-  floor of :func:`soap_optax._floors.with_separable_rounding_floor`, the same
-  as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
+  floor, the same as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
   same ``b2``. On a refresh (same schedule and order as
   :func:`scale_by_shampoo_eigenbasis`: statistics absorb the gradient, then
   the refresh, then the preconditioning) the statistic of each rotated axis is
@@ -130,7 +139,7 @@ def scale_by_adafactor_in_eigenbasis(
       this fraction of a unit's work (``None`` or 0: one stack per shape);
       it also bounds the refresh work added by solving factors of several
       sizes at one padded solver size (one solver program each); no number
-      changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      changes (see :ref:`engine-options`).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: floor each statistic at the rotation's rounding level
@@ -139,11 +148,28 @@ def scale_by_adafactor_in_eigenbasis(
     mesh: divide the state and the work over this ``jax.sharding.Mesh``.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
-  The engine options are described in full at
-  :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options are described in full in
+  :ref:`engine-options`.
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> def loss(params):
+    ...   return jnp.sum((params['w'] - jnp.eye(3, 4))**2)
+    >>> tx = optax.chain(
+    ...     soap_optax.scale_by_adafactor_in_eigenbasis(b2=0.95),
+    ...     optax.scale_by_learning_rate(1e-3))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> print(bool(loss(new_params) < loss(params)))
+    True
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024 (Section 3,

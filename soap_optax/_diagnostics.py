@@ -12,13 +12,36 @@ from soap_optax import _state
 
 def state_size(state: Any) -> int:
   """Number of array elements in an optimizer state, scalars (counters,
-  injected hyperparameters) excluded."""
+  injected hyperparameters) excluded.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> soap_optax.state_size(optax.adamw(1e-3).init(params))  # m and v
+    24
+    >>> # m and v (24), factors and bases (50), their diagonals (7), counters:
+    >>> soap_optax.state_size(soap_optax.soap().init(params))
+    83
+  """
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)
              if np.ndim(x) > 0)
 
 
 def state_nbytes(state: Any) -> int:
-  """Bytes held by an optimizer state's arrays, scalars included."""
+  """Bytes held by an optimizer state's arrays, scalars included.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> soap_optax.state_nbytes(optax.adamw(1e-3).init(params))  # with count
+    100
+    >>> soap_optax.state_nbytes(soap_optax.soap().init(params))
+    348
+  """
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(state))
 
@@ -26,7 +49,16 @@ def state_nbytes(state: Any) -> int:
 def state_nbytes_per_device(state: Any) -> dict[Any, int]:
   """Bytes of an optimizer state's arrays held by each device (the
   addressable shards of each array, replicas counted on every device that
-  holds one)."""
+  holds one).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> state = soap_optax.soap().init({'w': jnp.ones((3, 4))})
+    >>> per_device = soap_optax.state_nbytes_per_device(state)
+    >>> print(sum(per_device.values()) == soap_optax.state_nbytes(state))
+    True
+  """
   per_device: dict[Any, int] = {}
   for leaf in jax.tree.leaves(state):
     for shard in leaf.addressable_shards:
@@ -47,7 +79,17 @@ def _eigenbasis_states(state: Any) -> list[tuple[Any, Any]]:
 
 def stack_names(state: Any) -> dict[str, tuple[str, ...]]:
   """The names :func:`diagnostics` gives the stacks, each with the key paths
-  of the parameters whose units it holds."""
+  of the parameters whose units it holds.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((3, 4)),
+    ...           'c': jnp.ones((8, 2))}
+    >>> state = soap_optax.soap().init(params)
+    >>> soap_optax.stack_names(state)
+    {'stack0_3x4': ("['a']", "['b']"), 'stack1_8x2': ("['c']",)}
+  """
   names = {}
   found = _eigenbasis_states(state)
   for k, (_, eigenbasis) in enumerate(found):
@@ -81,7 +123,7 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
 
   * ``staleness/{stack}/axis{i}``: ``‖B - diag B‖_F / ‖B‖_F`` of the factor of
     merged axis ``i``, ``B = Q^T GG Q`` (0: the basis diagonalizes the
-    factor; see :func:`soap_optax._staleness.staleness`);
+    factor; see :term:`staleness`);
   * ``condition/{stack}/axis{i}``: ``max(λ) / min(λ)`` of that factor's
     eigenvalue estimates ``diag(Q^T GG Q)`` (the eigenvalues right after a
     refresh), capped at ``1 / (dtype epsilon)`` where ``min(λ)`` is not
@@ -99,6 +141,29 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
 
   Returns:
     A flat ``dict[str, jax.Array]`` of scalars, ready for a logger.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> tx = soap_optax.soap()
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.full((3, 4), 0.1)}, state, params)
+    >>> stats = soap_optax.diagnostics(state)
+    >>> for name in sorted(stats):
+    ...   print(name)
+    condition/stack0_3x4/axis0
+    condition/stack0_3x4/axis1
+    count
+    decompositions
+    failed_refreshes
+    refreshes/stack0_3x4
+    skipped_units
+    staleness/stack0_3x4/axis0
+    staleness/stack0_3x4/axis1
+    steps_since_refresh/stack0_3x4
+    >>> print(int(stats['count']), int(stats['refreshes/stack0_3x4']))
+    1 1
   """
   out: dict[str, jax.Array] = {}
   found = _eigenbasis_states(state)

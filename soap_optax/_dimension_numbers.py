@@ -33,6 +33,23 @@ class EigenbasisDimensionNumbers:
       factoring (instead of ``merge_dims``). When only one of the two is
       given, the other is every remaining non-batch axis.
     output_axes: optional; see ``reduction_axes``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> # Two scanned layers: each slice along axis 0 is a 3 x 4 unit.
+    >>> params = {'layers': jnp.ones((2, 3, 4)), 'head': jnp.ones((4, 5))}
+    >>> layers = soap_optax.EigenbasisDimensionNumbers(batch_axes=(0,))
+    >>> dims = {'layers': layers, 'head': None}
+    >>> state = soap_optax.soap(dimension_numbers=dims).init(params)
+    >>> soap_optax.stack_names(state)
+    {'stack0_4x5': ("['head']",), 'stack1_3x4': ("['layers']",)}
+    >>> # An attention kernel (d, heads, head_dim) read as one d x 6 matrix:
+    >>> kernel = {'qkv': jnp.ones((4, 2, 3))}
+    >>> dims = soap_optax.EigenbasisDimensionNumbers(reduction_axes=(0,))
+    >>> state = soap_optax.soap(dimension_numbers=dims).init(kernel)
+    >>> soap_optax.stack_names(state)
+    {'stack0_4x6': ("['qkv']",)}
   """
 
   batch_axes: tuple[int, ...] = ()

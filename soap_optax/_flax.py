@@ -76,6 +76,23 @@ def dimension_numbers_from_axis_names(
         nnx.state(model, nnx.Param))
     optimizer = nnx.Optimizer(
         model, soap_optax.soap(3e-3, dimension_numbers=dims), wrt=nnx.Param)
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> params = {
+    ...     'layers': nn.Partitioned(jnp.ones((2, 3, 4)),
+    ...                              names=('layers', None, None)),
+    ...     'head': jnp.ones((4, 5)),
+    ... }
+    >>> dims = soap_optax.dimension_numbers_from_axis_names(params)
+    >>> dims['layers'].batch_axes
+    (0,)
+    >>> print(dims['head'])
+    None
+    >>> tx = soap_optax.soap(3e-3, dimension_numbers=dims)
+    >>> state = tx.init(nn.unbox(params))
   """
   if isinstance(batch_axis_names, str):
     batch_axis_names = (batch_axis_names,)

@@ -37,7 +37,18 @@ def in_state_dtype(
 
 
 class GraftingState(NamedTuple):
-  """State of :func:`scale_by_grafting`: the two transforms' states."""
+  """State of :func:`scale_by_grafting`: the two transforms' states.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_grafting(optax.identity(),
+    ...                                   soap_optax.scale_by_adam_graft())
+    >>> state = tx.init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__, type(state.magnitude).__name__
+    ('GraftingState', 'AdamGraftState')
+  """
 
   direction: optax.OptState
   magnitude: optax.OptState
@@ -60,6 +71,22 @@ def scale_by_grafting(
   of ``dimension_numbers`` and per block of ``block_size``, the units of the
   eigenbasis transforms; where ``||U_dir|| <= eps`` the update is zero). Both
   transforms see the same incoming updates.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_grafting(
+    ...     direction=soap_optax.scale_by_shampoo_eigenbasis(),
+    ...     magnitude=soap_optax.scale_by_adam_graft())
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> type(state).__name__
+    'GraftingState'
+    >>> grads = {'w': jnp.arange(1.0, 13.0).reshape(3, 4)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> # Shampoo's direction with the norm of Adam's first step, ~sqrt(12):
+    >>> print(f"{jnp.linalg.norm(updates['w']):.4f}")
+    3.4641
 
   References:
     Agarwal et al., `Disentangling Adaptive Gradient Methods from Learning
@@ -98,7 +125,17 @@ def scale_by_grafting(
 
 
 class AdamGraftState(NamedTuple):
-  """State of :func:`scale_by_adam_graft`."""
+  """State of :func:`scale_by_adam_graft`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> state = soap_optax.scale_by_adam_graft().init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'AdamGraftState'
+    >>> print(int(state.count), state.nu['w'].shape)
+    0 (3, 4)
+  """
 
   count: jax.Array
   nu: optax.Updates
@@ -116,6 +153,20 @@ def scale_by_adam_graft(
   non-finite gradient, or a spike whose square overflows) leaves its ``v``
   unchanged and gets a zero update, so one bad step never poisons the
   statistics.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_adam_graft(b2=0.999)
+    >>> params = {'w': jnp.zeros((2, 2))}
+    >>> state = tx.init(params)
+    >>> type(state).__name__
+    'AdamGraftState'
+    >>> grads = {'w': jnp.array([[2.0, -0.5], [0.0, 4.0]])}
+    >>> updates, state = tx.update(grads, state)
+    >>> print(jnp.round(updates['w'], 3))  # Adam's first step: about sign(g)
+    [[ 1. -1.]
+     [ 0.  1.]]
   """
   def init_fn(params):
     return AdamGraftState(

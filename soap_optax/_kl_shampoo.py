@@ -28,6 +28,15 @@ class ScaleByKLShampooState(NamedTuple):
       flat (stacks in plan order, axes in order).
     eigenbasis: the engine's factors ``S_k`` and bases ``Q_k``;
       ``eigenbasis.count`` is the number of calls so far.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> state = soap_optax.scale_by_kl_shampoo().init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'ScaleByKLShampooState'
+    >>> [x.shape for x in state.eigenvalues]
+    [(1, 3), (1, 4)]
   """
 
   mu: tuple[jax.Array, ...]
@@ -182,8 +191,8 @@ def scale_by_kl_shampoo(
     block_size: cut longer axes into blocks with their own factors.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
-    rounding_floor: ``λ_k + (κ ε)^2 sum(λ_k)`` in the update (see
-      :func:`soap_optax._floors.with_separable_rounding_floor`).
+    rounding_floor: ``λ_k + (κ ε)^2 sum(λ_k)`` in the update (the
+      separable rounding-noise floor; see :doc:`/numerics`).
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: ``"qr_unsorted"`` (the authors': ``qr(S_k Q_k)``, columns and
@@ -191,11 +200,26 @@ def scale_by_kl_shampoo(
       ``diag(Q_k^T S_k Q_k)`` and the estimates permuted with them) or
       ``"eigh"``.
 
-  The engine options are described in full at
-  :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options are described in full in
+  :ref:`engine-options`.
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(soap_optax.scale_by_kl_shampoo(b1=0.95),
+    ...                  optax.scale_by_learning_rate(3e-3))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> type(state[0]).__name__
+    'ScaleByKLShampooState'
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
 
   References:
     Lin, Lowe, Dangel, Eschenhagen, Xu and Grosse, `Understanding and

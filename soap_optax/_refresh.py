@@ -131,6 +131,19 @@ class AdaptiveRefresh:
     max_interval: most steps between two refreshes of a stack
       (>= ``min_interval``).
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> policy = soap_optax.AdaptiveRefresh(tolerance=0.3, min_interval=5,
+    ...                                     max_interval=50)
+    >>> tx = soap_optax.soap(learning_rate=3e-3, precondition_frequency=policy)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.full((3, 4), 0.1)}, state, params)
+    >>> stats = soap_optax.diagnostics(state)
+    >>> print(int(stats['refreshes/stack0_3x4']))  # the first call decomposes
+    1
+
   References:
     Eschenhagen et al., "Purifying Shampoo: Investigating Shampoo's
     Heuristics by Decomposing its Preconditioner", NeurIPS 2025 (the
@@ -181,6 +194,20 @@ class FoamRefresh:
   ViT-S on ImageNet and ``(50, 0.4, 1e-7, 1e-9)`` for a Conformer on
   LibriSpeech. ``ε`` is in the units of the factors' eigenvalues (squared
   gradients), so these values depend on the scale of the gradients.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> policy = soap_optax.FoamRefresh(check_interval=20, tau=0.75,
+    ...                                 max_damping=3e-7)
+    >>> tx = soap_optax.shampoo(learning_rate=3e-3, eps=1e-9,
+    ...                         precondition_frequency=policy)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.full((3, 4), 0.1)}, state, params)
+    >>> stats = soap_optax.diagnostics(state)
+    >>> print(f"{stats['damping/stack0_3x4/axis0']:.1e}")  # eps after a refresh
+    1.0e-09
 
   References:
     Nam and Ahn, FOAM (ICML 2026, arXiv 2606.02365).

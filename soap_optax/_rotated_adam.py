@@ -20,8 +20,8 @@ from soap_optax import _state
 class ScaleByRotatedAdamState(NamedTuple):
   """State of :func:`scale_by_rotated_adam`.
 
-  Every array is stacked (see :mod:`soap_optax._stacks`): one entry per stack
-  of same-shape units, with a leading unit axis ``U``.
+  Every array is stacked: one entry per :term:`stack` of same-shape
+  :term:`units <unit>`, with a leading unit axis ``U``.
 
   Attributes:
     mu: first moment in the rotated basis, one ``(U, *merged_shape)`` array
@@ -31,6 +31,15 @@ class ScaleByRotatedAdamState(NamedTuple):
       each stack (Adafactor's row and column statistics).
     eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
       Adam step ``t`` once the first call has initialized the preconditioner.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> state = soap_optax.scale_by_rotated_adam().init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'ScaleByRotatedAdamState'
+    >>> state.mu[0].shape  # one stack, holding one 3 x 4 unit
+    (1, 3, 4)
   """
 
   mu: tuple[jax.Array, ...]
@@ -40,13 +49,24 @@ class ScaleByRotatedAdamState(NamedTuple):
 
 class ScaleByRotatedAdamKLState(NamedTuple):
   """State of :func:`scale_by_rotated_adam` with ``factor_estimator="kl"``
-  (KL-SOAP): :class:`ScaleByRotatedAdamState`'s fields and
+  (KL-SOAP): the fields of :class:`ScaleByRotatedAdamState` (``mu``, ``nu``,
+  ``eigenbasis``), then the KL estimator's own.
 
   Attributes:
-    eigenvalues: the KL estimator's eigenvalue estimates ``λ_k``
-      (:class:`soap_optax._estimators.KL`, shared with KL-Shampoo),
+    eigenvalues: the KL estimator's eigenvalue estimates ``λ_k`` (the same
+      estimator as KL-Shampoo's),
       ``(U, d_k)`` per stack and (merged) axis, flat (see
       :func:`soap_optax.scale_by_kl_shampoo`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_rotated_adam(factor_estimator='kl')
+    >>> state = tx.init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'ScaleByRotatedAdamKLState'
+    >>> [x.shape for x in state.eigenvalues]
+    [(1, 3), (1, 4)]
   """
 
   mu: tuple[jax.Array, ...]
@@ -142,7 +162,7 @@ def scale_by_rotated_adam(
   Per unit (a parameter, or one slice along its batch axes or one block of it:
   see ``dimension_numbers`` and ``block_size``), with
   ``sb = shampoo_beta if shampoo_beta is not None else b2`` and the Kronecker
-  factors ``GG_i`` and bases ``Q_i`` of :mod:`soap_optax._kronecker`:
+  factors ``GG_i`` and bases ``Q_i`` (see :term:`factor`, :term:`basis`):
 
   * first accepted call (initialization): ``GG_i = (1 - sb) C_i(G)``,
     ``Q_i = eigh(GG_i)``; the update is zero;
@@ -159,7 +179,7 @@ def scale_by_rotated_adam(
     (``U = D`` without ``bias_correction``, KL-SOAP's default) where, if
     ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
     authors' order: normalized, then bias-corrected), and ``f^2`` is the
-    rounding-noise floor of :func:`soap_optax._floors.rounding_floor_squared`
+    rounding-noise floor (:doc:`/numerics`)
     (``rounding_floor=True``; 0 otherwise); then
     ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
     the basis it is preconditioned in); and when ``t % precondition_frequency
@@ -211,7 +231,7 @@ def scale_by_rotated_adam(
       this fraction of a unit's work (``None`` or 0: one stack per shape);
       it also bounds the refresh work added by solving factors of several
       sizes at one padded solver size (one solver program each); no number
-      changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      changes (see :ref:`engine-options`).
     staggered_refresh: spread the refreshes over ``precondition_frequency``
       calls.
     rounding_floor: divide by ``sqrt(v + f^2)`` (above); ``False``
@@ -241,11 +261,27 @@ def scale_by_rotated_adam(
       an error with ``"frobenius"``, which keeps no estimates.
 
   The engine options (``precondition_frequency`` to ``shard_axes``, and
-  ``refresh``) are described in full at
-  :class:`soap_optax._skeleton.EngineConfig`.
+  ``refresh``) are described in full in
+  :ref:`engine-options`.
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(
+    ...     soap_optax.scale_by_rotated_adam(b1=0.95, b2=0.95),
+    ...     optax.scale_by_learning_rate(3e-3))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> type(state[0]).__name__
+    'ScaleByRotatedAdamState'
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam

@@ -32,6 +32,16 @@ class ScaleByShampooEigenbasisState(NamedTuple):
       damping ``ε`` of every factor, ``(U,)`` per stack and factored axis,
       flat like the engine's factors (``eps`` after a refresh); otherwise
       empty.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.scale_by_shampoo_eigenbasis()
+    >>> state = tx.init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'ScaleByShampooEigenbasisState'
+    >>> [x.shape for x in state.eigenvalues]
+    [(1, 3), (1, 4)]
   """
 
   eigenbasis: _state.EigenbasisState
@@ -153,7 +163,7 @@ def scale_by_shampoo_eigenbasis(
     reach, and the update explodes until the next refresh.
   * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
     :func:`scale_by_rotated_adam`'s rounding-noise floor (see
-    :func:`soap_optax._floors.with_separable_rounding_floor`).
+    :doc:`/numerics`).
 
   Order within a call (the rule shared with
   :func:`scale_by_adafactor_in_eigenbasis`): the statistics absorb the current
@@ -186,7 +196,7 @@ def scale_by_shampoo_eigenbasis(
       this fraction of a unit's work (``None`` or 0: one stack per shape);
       it also bounds the refresh work added by solving factors of several
       sizes at one padded solver size (one solver program each); no number
-      changes (see :class:`soap_optax._skeleton.EngineConfig`).
+      changes (see :ref:`engine-options`).
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
     rounding_floor: add the rounding-noise floor to the eigenvalues (above).
@@ -195,11 +205,28 @@ def scale_by_shampoo_eigenbasis(
     mesh: divide the state and the work over this ``jax.sharding.Mesh``.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
-  The engine options are described in full at
-  :class:`soap_optax._skeleton.EngineConfig`.
+  The engine options are described in full in
+  :ref:`engine-options`.
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> def loss(params):
+    ...   return jnp.sum((params['w'] - jnp.eye(3, 4))**2)
+    >>> tx = optax.chain(
+    ...     soap_optax.scale_by_shampoo_eigenbasis(exponent=0.25),
+    ...     optax.scale_by_learning_rate(1e-3))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> print(bool(loss(new_params) < loss(params)))
+    True
 
   References:
     Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization

@@ -66,6 +66,18 @@ def state_shardings(tx: Any, params: Any) -> Any:
   Raises:
     ValueError: if no mesh can be found: the parameters carry no
       ``NamedSharding`` and no transform was given a ``mesh``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    >>> tx = soap_optax.soap(3e-3, mesh=mesh)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> shardings = soap_optax.state_shardings(tx, params)
+    >>> print({type(s).__name__ for s in jax.tree.leaves(shardings)})
+    {'NamedSharding'}
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
   state = jax.eval_shape(tx.init, params)
   param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -148,6 +160,18 @@ def parameter_shardings(tx: Any, params: Any) -> Any:
   Raises:
     ValueError: if ``tx`` holds no eigenbasis transform with a mesh for
       every leaf of ``params``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    >>> tx = soap_optax.soap(3e-3, mesh=mesh)
+    >>> params = {'w': jnp.ones((8, 4))}
+    >>> shardings = soap_optax.parameter_shardings(tx, params)
+    >>> print(type(shardings['w']).__name__, shardings['w'].mesh.axis_names)
+    NamedSharding ('data',)
+    >>> params = jax.device_put(params, shardings)
   """
   state = jax.eval_shape(tx.init, params)
   leaves, treedef = jax.tree.flatten(params)
@@ -213,7 +237,7 @@ def portable_state(state: Any) -> Any:
 
   A transform built with ``mesh=`` keeps every unit in its owner's slot and
   pads every stack to the same number of slots per shard (see
-  :mod:`soap_optax._exchange`). This returns the same state with the units
+  :doc:`/sharding`). This returns the same state with the units
   back in unit order and the padding cut off: every stacked array has one
   entry per unit, exactly as the transform would hold it without a mesh.
   Save this form, and a checkpoint restores on any number of devices (see
@@ -228,6 +252,20 @@ def portable_state(state: Any) -> Any:
     target = soap_optax.portable_state(jax.eval_shape(tx.init, params))
     restored = checkpointer.restore(path, target)
     opt_state = soap_optax.reshard_state(restored, tx, params)
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = soap_optax.soap(3e-3, mesh=mesh).init(params)
+    >>> portable = soap_optax.portable_state(state)
+    >>> # Laid out as without a mesh, whatever the number of devices:
+    >>> unsharded = soap_optax.soap(3e-3).init(params)
+    >>> shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+    >>> print(shapes(portable) == shapes(unsharded))
+    True
   """
   def cut(node):
     if not _is_stacked_state(node) or node.eigenbasis.plan.sharding is None:
@@ -304,6 +342,18 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
     ValueError: if ``state`` does not belong to ``tx`` and ``params``: the
       message names the first difference (tree structure, a stack's units,
       an array's shape).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = soap_optax.soap(3e-3).init(params)  # made without a mesh
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    >>> tx = soap_optax.soap(3e-3, mesh=mesh)
+    >>> moved = soap_optax.reshard_state(state, tx, params)
+    >>> print(jax.tree.structure(moved) == jax.tree.structure(tx.init(params)))
+    True
   """
   target = jax.eval_shape(tx.init, params)
   # Units in unit order, whatever layout the state was made on.

@@ -59,6 +59,10 @@ REFRESH_METHODS = tuple(_solvers.SOLVERS)
 class EngineConfig:
   """The options every eigenbasis transform shares, validated once.
 
+  Users read these options in the API reference's "Engine options"
+  (``docs/api.md``, written for users; keep the two in step: the docs test
+  checks that every field but ``foam_allowed`` is there).
+
   Attributes:
     precondition_frequency: refresh the bases every this many calls (an
       integer >= 1); or ``"adaptive"`` / an :class:`soap_optax.AdaptiveRefresh`:

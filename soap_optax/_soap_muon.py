@@ -49,6 +49,15 @@ class ScaleBySoapMuonState(NamedTuple):
     nu: the second moment ``V`` of the rotated Nesterov momentum, shaped like
       ``mu`` (permuted with the columns at a refresh).
     eigenbasis: the engine's factors and bases.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> state = soap_optax.scale_by_soap_muon().init({'w': jnp.ones((3, 4))})
+    >>> type(state).__name__
+    'ScaleBySoapMuonState'
+    >>> state.mu[0].shape
+    (1, 3, 4)
   """
 
   mu: tuple[jax.Array, ...]
@@ -150,8 +159,7 @@ def scale_by_soap_muon(
     ``optax.contrib.muon``'s default Newton-Schulz iteration: the matrix
     divided by its Frobenius norm (plus 1e-8), then ``ns_steps = 5``
     quintic steps ``X <- a X + (b A + c A^2) X``, ``A = X X^T``, with
-    ``(a, b, c) = (3.4445, -4.7750, 2.0315)`` (:func:`newton_schulz`);
-    ``rows x cols`` is the unit's shape as stored. No bias correction. A
+    ``(a, b, c) = (3.4445, -4.7750, 2.0315)``; ``rows x cols`` is the unit's shape as stored. No bias correction. A
     unit that is not a matrix (a vector, a 3-D unit) gets ``P``
     unorthogonalized: route those parameters to AdamW.
 
@@ -177,6 +185,22 @@ def scale_by_soap_muon(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import soap_optax
+    >>> tx = optax.chain(
+    ...     soap_optax.scale_by_soap_muon(precondition_frequency=1),
+    ...     optax.scale_by_learning_rate(0.02))
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> state = tx.init(params)
+    >>> type(state[0]).__name__
+    'ScaleBySoapMuonState'
+    >>> grads = {'w': jnp.full((3, 4), 0.1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(bool(jnp.all(updates['w'] == 0)))  # the first call initializes
+    True
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024; Jordan

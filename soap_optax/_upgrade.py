@@ -131,5 +131,16 @@ def upgrade_state(saved: Any, like: Any) -> Any:
     with orbax.checkpoint.StandardCheckpointer() as checkpointer:
       saved = checkpointer.restore(path)  # no target: the saved tree
     opt_state = soap_optax.upgrade_state(saved, jax.eval_shape(tx.init, params))
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import soap_optax
+    >>> tx = soap_optax.soap(3e-3)
+    >>> params = {'w': jnp.ones((3, 4))}
+    >>> saved = tx.init(params)  # e.g. restored from a checkpoint
+    >>> state = soap_optax.upgrade_state(saved, jax.eval_shape(tx.init, params))
+    >>> print(jax.tree.structure(state) == jax.tree.structure(saved))
+    True
   """
   return _convert(saved, like, 'state')

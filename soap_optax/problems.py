@@ -3,11 +3,11 @@
 :func:`kronecker_quadratic` is the problem SOAP is built for: a quadratic whose
 Hessian is a Kronecker product with random (not axis-aligned) eigenbases, and
 stochastic gradients whose noise covariance has the same Kronecker structure.
-:func:`dead_feature_regression` is a float32 hazard: weights whose gradient is
-exactly zero, which rotation noise must not move.
+:func:`~soap_optax.problems.dead_feature_regression` is a float32 hazard:
+weights whose gradient is exactly zero, which rotation noise must not move.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,16 @@ class KroneckerQuadratic(NamedTuple):
     optimum: ``P*``.
     init: the starting point.
     noise_scale: ``sigma`` in the stochastic gradient below.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from soap_optax import problems
+    >>> problem = problems.kronecker_quadratic(jax.random.key(0), m=4, n=3)
+    >>> print(float(problem.loss(problem.optimum)))
+    0.0
+    >>> print(bool(jnp.all(problem.gradient(problem.optimum) == 0)))
+    True
   """
 
   left: jax.Array
@@ -81,6 +91,13 @@ def kronecker_quadratic(
 
   Returns:
     A :class:`KroneckerQuadratic`.
+
+  Examples:
+    >>> import jax
+    >>> from soap_optax import problems
+    >>> problem = problems.kronecker_quadratic(jax.random.key(0), m=4, n=3)
+    >>> print(problem.init.shape, problem.left.shape, problem.right.shape)
+    (4, 3) (4, 4) (3, 3)
   """
   k_left, k_right, k_opt, k_init = jax.random.split(key, 4)
   return KroneckerQuadratic(
@@ -104,6 +121,18 @@ def run_optimizer(
   The whole run is one ``lax.scan`` under ``jit``. Entry ``k`` of the result is
   the (noise-free) loss after ``k`` updates; entry 0 is the initial loss.
   With ``return_state``, returns ``(curve, final optimizer state)``.
+
+  Examples:
+    >>> import jax
+    >>> import soap_optax
+    >>> from soap_optax import problems
+    >>> problem = problems.kronecker_quadratic(jax.random.key(0), m=4, n=3)
+    >>> curve = problems.run_optimizer(problem, soap_optax.soap(1e-2),
+    ...                                num_steps=20, key=jax.random.key(1))
+    >>> curve.shape
+    (21,)
+    >>> print(bool(curve[-1] < curve[0]))
+    True
   """
 
   def step(carry, step_key):
@@ -125,18 +154,34 @@ def run_optimizer(
 
 
 def steps_to_reach(losses: jax.Array, target: float) -> int | None:
-  """First index at which ``losses <= target``; None if never reached."""
+  """First index at which ``losses <= target``; None if never reached.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from soap_optax import problems
+    >>> losses = jnp.array([4.0, 2.0, 1.0, 0.5])
+    >>> problems.steps_to_reach(losses, target=1.0)
+    2
+    >>> print(problems.steps_to_reach(losses, target=0.1))
+    None
+  """
   below = jnp.nonzero(losses <= target, size=1, fill_value=-1)[0][0]
   below = int(below)
   return None if below < 0 else below
 
 
-# Input features of :func:`dead_feature_regression` that are always zero.
+# Input features of dead_feature_regression that are always zero.
 DEAD_FEATURES = (3, 7, 11, 19, 22, 28)
 
 
 class DeadFeatureRun(NamedTuple):
-  """What :func:`dead_feature_regression` returns."""
+  """What :func:`~soap_optax.problems.dead_feature_regression` returns.
+
+  Examples:
+    >>> from soap_optax import problems
+    >>> problems.DeadFeatureRun._fields
+    ('init', 'final', 'state', 'losses')
+  """
 
   init: jax.Array
   final: jax.Array
@@ -150,13 +195,22 @@ def dead_feature_regression(
   """Linear regression whose dead input features give exactly zero gradient.
 
   A 64 x 32 weight, batches of 16 inputs (fixed, seed 0) whose features
-  :data:`DEAD_FEATURES` are always zero, so those weight columns get exactly
-  zero gradient; ``steps`` steps of default ``soap`` (refresh every 10, no
+  ``DEAD_FEATURES`` (the module's constant) are always zero, so those weight
+  columns get exactly zero gradient; ``steps`` steps of default ``soap`` (refresh every 10, no
   weight decay), in one ``lax.scan``.
 
   Returns:
     The weight at the start and at the end, the final optimizer state and the
     loss before each step.
+
+  Examples:
+    >>> from soap_optax import problems
+    >>> run = problems.dead_feature_regression(steps=12)
+    >>> print(run.init.shape, run.final.shape, run.losses.shape)
+    (64, 32) (64, 32) (12,)
+    >>> # The dead columns stay put (rounding_floor=False lets them drift):
+    >>> print(problems.dead_weight_movement(run) < 1e-3)
+    True
   """
   rng = np.random.default_rng(0)
   inputs = rng.normal(size=(16, 32))
@@ -180,7 +234,17 @@ def dead_feature_regression(
 
 
 def dead_weight_movement(run: DeadFeatureRun) -> float:
-  """How far the dead columns moved, relative to their initial norm."""
+  """How far the dead columns moved, relative to their initial norm.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from soap_optax import problems
+    >>> init = jnp.ones((64, 32))
+    >>> final = init.at[:, 3].add(1.0)  # one of the six dead columns moved
+    >>> run = problems.DeadFeatureRun(init, final, None, jnp.zeros(1))
+    >>> print(f'{problems.dead_weight_movement(run):.4f}')  # 1 / sqrt(6)
+    0.4082
+  """
   dead = list(DEAD_FEATURES)
   return float(jnp.linalg.norm(run.final[:, dead] - run.init[:, dead])
                / jnp.linalg.norm(run.init[:, dead]))
