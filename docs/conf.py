@@ -23,7 +23,15 @@ extensions = [
     'sphinx.ext.napoleon',
     'sphinx.ext.mathjax',
     'sphinx.ext.viewcode',
+    'sphinx_copybutton',  # A copy button on every code block.
+    # MathJax 3 copied into the site's _static (no CDN): formulas render
+    # offline.
+    'sphinx-mathjax-offline',
 ]
+
+# The copy button leaves out the prompts of doctest examples and shells.
+copybutton_prompt_text = r'>>> |\.\.\. |\$ '
+copybutton_prompt_is_regexp = True
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb',
                  '.ipynb': 'myst-nb'}
@@ -37,6 +45,13 @@ autodoc_member_order = 'bysource'
 autodoc_default_options = {'members': False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# The states' Attributes sections say what each field holds; the field
+# annotations (``jax.Array``, the engine's private state class) would be
+# links to nowhere on this site.
+napoleon_attr_annotations = False
+
+# A dead cross-reference fails the build (tests/test_docs.py builds with -n).
+nitpicky = True
 
 # MyST: $...$ and $$...$$ math, ::: fences, heading anchors for links.
 myst_enable_extensions = ['dollarmath', 'colon_fence', 'deflist']

@@ -58,7 +58,7 @@ def site(tmp_path_factory):
   """The site, built once with warnings as errors."""
   out = tmp_path_factory.mktemp('site')
   result = subprocess.run(
-      [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q', '-b',
+      [sys.executable, '-m', 'sphinx', '-W', '-n', '--keep-going', '-q', '-b',
        'html', '-d', str(out / 'doctrees'), str(DOCS), str(out / 'html')],
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -87,6 +87,54 @@ def test_every_guide_and_the_notebook_are_in_the_site(site):
   assert notebook.exists()
   # Rendered with its saved outputs: the two figures are in the page.
   assert notebook.read_text().count('<img') >= 2
+
+
+def test_math_renders_offline_and_code_has_a_copy_button(site):
+  """MathJax is served with the site (no CDN) and code blocks get a copy
+  button."""
+  page = (site / '_autosummary' / 'soap_optax.soap.html').read_text()
+  scripts = re.findall(r'<script[^>]*src="([^"]+)"', page)
+  mathjax = [src for src in scripts if 'mathjax' in src.lower()]
+  assert mathjax and all(not src.startswith(('http:', 'https:', '//'))
+                         for src in mathjax), mathjax
+  assert (site / '_autosummary' / mathjax[0].split('?')[0]).resolve().exists()
+  assert any('clipboard' in src or 'copybutton' in src for src in scripts)
+
+
+def test_no_user_page_names_a_private_module(site):
+  """The guides and the API pages (not the highlighted sources under
+  ``_modules``, nor the benchmark log) name no private ``soap_optax._*``."""
+  pages = [p for p in site.rglob('*.html')
+           if '_modules' not in p.parts and '<article' in p.read_text()
+           and p.name not in ('benchmarks.html', 'architecture.html')]
+  offending = [p.name for p in pages
+               if re.search(r'soap_optax\._[a-z]', _article(p).replace(
+                   ' ', '.'))
+               or re.search(r'href="[^"]*soap_optax\._[a-z]', p.read_text())]
+  assert not offending, offending
+
+
+def test_the_engine_options_are_documented_under_a_public_page(site):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from soap_optax import _skeleton  # pylint: disable=g-import-not-at-top
+  api = (site / 'api.html').read_text()
+  section = api[api.index('id="engine-options"'):]
+  for field in dataclasses.fields(_skeleton.EngineConfig):
+    if field.name != 'foam_allowed':  # Set by each transform.
+      term = ('<code class="docutils literal notranslate"><span class="pre">'
+              f'{field.name}</span></code>')
+      assert term in section, field.name
+
+
+def test_the_glossary_defines_the_terms_the_guides_use(site):
+  page = (site / 'glossary.html').read_text()
+  for term in ('unit', 'stack', 'block', 'factor', 'basis', 'refresh',
+               'staleness', 'grafting', 'rejected unit', 'null-space basis',
+               'owner', 'bucket'):
+    assert f'id="term-{term.replace(" ", "-")}"' in page, term
+  # Linked from their first use on the getting-started page.
+  assert 'glossary.html#term-unit' in (
+      site / 'getting_started.html').read_text()
 
 
 def test_every_guide_has_code_that_runs():
