@@ -17,14 +17,14 @@ from soap_optax import _state
 
 
 class ScaleByAdafactorInEigenbasisState(NamedTuple):
-  """State of :func:`scale_by_adafactor_in_eigenbasis`.
+  r"""State of :func:`scale_by_adafactor_in_eigenbasis`.
 
   Attributes:
-    eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
+    eigenbasis: the engine's factors :math:`GG_k` and bases :math:`Q_k`;
       ``eigenbasis.count`` is the number of calls so far.
-    axis_stats: Adafactor's statistic ``s_k`` for every (merged) axis
+    axis_stats: Adafactor's statistic :math:`s_k` for every (merged) axis
       without a Kronecker factor of every stack, ``(U, d_k)``, flat (a
-      factored axis's ``s_k`` is the engine's tracked
+      factored axis's :math:`s_k` is the engine's tracked
       ``eigenbasis.quotients``, the same numbers).
 
   Examples:
@@ -95,37 +95,45 @@ def scale_by_adafactor_in_eigenbasis(
   r"""Adafactor (no first moment) run in the eigenbasis of Shampoo's factors.
 
   Per unit (a parameter, a slice along its batch axes or a block; see
-  :func:`scale_by_rotated_adam`), with ``G' = rotate(G)`` in the current
-  bases, per (merged) axis ``k``:
+  :func:`scale_by_rotated_adam`), with :math:`G' = \operatorname{rotate}(G)`
+  in the current bases, per (merged) axis :math:`k`:
 
   .. math::
 
     s_k \leftarrow b_2 s_k + (1 - b_2) \sum_{\text{other axes}} G'^2, \qquad
     V = \frac{s_0 \otimes \cdots \otimes s_{N-1}}{(\sum s_0)^{N-1}}, \qquad
-    U = unrotate\big(G' \,(V + \epsilon)^{-1/2}\big)
+    U = \operatorname{unrotate}\big(G' \,(V + \epsilon)^{-1/2}\big)
 
-  (for a matrix ``V = r c^T / sum(r)``; with ``rounding_floor`` each ``s_k``
-  enters ``V`` as ``s_k + (κ ε)^2 sum(s_k)``, the separable rounding-noise
-  floor, the same as :func:`scale_by_shampoo_eigenbasis`'s). The factors ``GG_k`` use the
+  (for a matrix :math:`V = r c^\top / \sum r`; with ``rounding_floor`` each
+  :math:`s_k` enters :math:`V` as :math:`s_k + (\kappa \varepsilon)^2 \sum
+  s_k`, the separable rounding-noise floor, the same as
+  :func:`scale_by_shampoo_eigenbasis`'s). The factors :math:`GG_k` use the
   same ``b2``. On a refresh (same schedule and order as
   :func:`scale_by_shampoo_eigenbasis`: statistics absorb the gradient, then
-  the refresh, then the preconditioning) the statistic of each rotated axis is
-  re-estimated in the new basis, ``s_k = diag(Q_k^T GG_k Q_k)``: after an
-  ``eigh`` refresh that is ``Λ_k``. Between refreshes the basis is fixed and
-  the running average keeps ``s_k = diag(Q_k^T GG_k Q_k)`` exactly, now with
-  the *current* ``GG_k``, while Shampoo's ``Λ_k`` stay frozen.
+  the refresh, then the preconditioning) the statistic of each rotated axis
+  is re-estimated in the new basis,
+  :math:`s_k = \operatorname{diag}(Q_k^\top GG_k\, Q_k)`: after an ``eigh``
+  refresh that is :math:`\Lambda_k`. Between refreshes the basis is fixed
+  and the running average keeps
+  :math:`s_k = \operatorname{diag}(Q_k^\top GG_k\, Q_k)` exactly, now with
+  the *current* :math:`GG_k`, while Shampoo's :math:`\Lambda_k` stay frozen.
 
   Hence the identity: with ``precondition_frequency=1``, ``refresh="eigh"``,
   ``b2`` equal to Shampoo's ``shampoo_beta`` and ``eps=0``, the update equals
   ``scale_by_shampoo_eigenbasis(exponent=0.5, trace_normalize=True, eps=0)``:
-  ``G'_{ij} / sqrt(Λ_{L,i} Λ_{R,j} / tr GG_L)`` is Shampoo^(1/2) written in its
-  eigenbasis. Axes without a Kronecker factor keep the identity basis (their
-  ``s_k`` is Shampoo's diagonal ``Λ_k``). ``V + eps <= 0`` gives a zero update
-  for that entry.
+
+  .. math::
+
+    G'_{ij} \Big/ \sqrt{\Lambda_{L,i} \Lambda_{R,j} / \operatorname{tr} GG_L}
+
+  is :math:`\text{Shampoo}^{1/2}` written in its eigenbasis. Axes without a
+  Kronecker factor keep the identity basis (their :math:`s_k` is Shampoo's
+  diagonal :math:`\Lambda_k`). :math:`V + \epsilon \le 0` gives a zero
+  update for that entry.
 
   Args:
-    b2: decay of the statistics and of the factors, in [0, 1).
-    eps: added to ``V`` inside the square root, >= 0.
+    b2: decay of the statistics and of the factors, in :math:`[0, 1)`.
+    eps: added to :math:`V` inside the square root, :math:`\ge 0`.
     precondition_frequency: an integer, ``"adaptive"`` or an
       :class:`soap_optax.AdaptiveRefresh`.
     max_precond_dim: axes longer than this keep the identity basis.

@@ -116,8 +116,8 @@ def soap(
 
     p \\leftarrow p - \\eta_k \\big(U_k + \\lambda\\,p\\big)
 
-  where ``U_k`` is :func:`soap_optax.scale_by_rotated_adam`'s update and
-  ``lambda`` is ``weight_decay`` (applied to the leaves selected by
+  where :math:`U_k` is :func:`soap_optax.scale_by_rotated_adam`'s update and
+  :math:`\\lambda` is ``weight_decay`` (applied to the leaves selected by
   ``weight_decay_mask``). The first call only initializes the preconditioner:
   its update is exactly zero, weight decay included. The learning-rate
   schedule, like ``optax.adamw``'s, counts every call, the first included.
@@ -127,7 +127,7 @@ def soap(
     b1: decay of the first moment.
     b2: decay of the second moment.
     shampoo_beta: decay of the Kronecker factors (``None``: ``b2``).
-    eps: added to ``sqrt(v)`` (uncorrected), as in the authors' code.
+    eps: added to :math:`\\sqrt{v}` (uncorrected), as in the authors' code.
     weight_decay: decoupled weight decay, multiplied by the learning rate.
     precondition_frequency: refresh the eigenbases every this many steps;
       or ``"adaptive"`` / :class:`soap_optax.AdaptiveRefresh`: refresh a stack
@@ -247,17 +247,18 @@ def factorized_soap(
     mesh: Any = None,
     shard_axes: Any = None,
 ) -> optax.GradientTransformation:
-  """SOAP with Adafactor's factored second moment: the memory-saving variant.
+  r"""SOAP with Adafactor's factored second moment: the memory-saving variant.
 
   Exactly :func:`soap` (same first call, step counting, eps placement, refresh
-  and momentum carry-over), except that the per-element second moment ``v`` is
-  replaced by one running statistic per axis of the rotated squared gradient
-  (row and column averages for a matrix) and rebuilt as
-  ``v = r c^T / sum(r)``. For an ``m x n`` layer the optimizer state is
-  ``2m^2 + 2n^2 + mn + m + n`` numbers, or ``2 min(m, n)^2 + mn + m + n`` with
-  ``one_sided=True`` (less than AdamW's ``2mn`` for a ``d x 4d`` layer),
-  plus the engine's tracked ``diag(Q^T GG Q)`` (``m + n``; one-sided
-  ``min(m, n)``) and two counters per unit.
+  and momentum carry-over), except that the per-element second moment
+  :math:`v` is replaced by one running statistic per axis of the rotated
+  squared gradient (row and column averages for a matrix) and rebuilt as
+  :math:`v = r c^\top / \sum r`. For an :math:`m \times n` layer the
+  optimizer state is :math:`2m^2 + 2n^2 + mn + m + n` numbers, or
+  :math:`2 \min(m, n)^2 + mn + m + n` with ``one_sided=True`` (less than
+  AdamW's :math:`2mn` for a :math:`d \times 4d` layer), plus the engine's
+  tracked :math:`\operatorname{diag}(Q^\top GG\, Q)` (:math:`m + n`;
+  one-sided :math:`\min(m, n)`) and two counters per unit.
 
   Args: as :func:`soap` (``one_sided``, ``mu_dtype``, ``dimension_numbers``,
     ``block_size``, ``bucket_padding``, ``staggered_refresh``,
@@ -329,28 +330,30 @@ def shampoo(
     mesh: Any = None,
     shard_axes: Any = None,
 ) -> optax.GradientTransformation:
-  """Shampoo with momentum, optional Adam grafting and decoupled weight decay.
+  r"""Shampoo with momentum, optional Adam grafting and decoupled weight decay.
 
   .. math::
 
-    U_k = graft(P_k(g_k)), \\quad
-    M_k = b_1 M_{k-1} + (1 - b_1) U_k, \\quad
-    p \\leftarrow p - \\eta_k (M_k + \\lambda p)
+    U_k = \operatorname{graft}(P_k(g_k)), \quad
+    M_k = b_1 M_{k-1} + (1 - b_1) U_k, \quad
+    p \leftarrow p - \eta_k (M_k + \lambda p)
 
-  where ``P_k`` is :func:`soap_optax.scale_by_shampoo_eigenbasis` and, with
-  ``grafting="adam"``, ``graft`` rescales each parameter's Shampoo update to
-  the norm of the :func:`scale_by_adam_graft` update (Adam without momentum,
-  ``b2=graft_b2``, ``eps=graft_eps``) of the same gradient (the magnitude of Adam, the direction of
-  Shampoo, as in DistributedShampoo); ``grafting="none"`` leaves it as is.
-  The momentum ``M`` is an exponential moving average of the preconditioned
-  updates (no bias correction).
+  where :math:`P_k` is :func:`soap_optax.scale_by_shampoo_eigenbasis` and,
+  with ``grafting="adam"``, :math:`\operatorname{graft}` rescales each
+  parameter's Shampoo update to the norm of the :func:`scale_by_adam_graft`
+  update (Adam without momentum, ``b2=graft_b2``, ``eps=graft_eps``) of the
+  same gradient (the magnitude of Adam, the direction of Shampoo, as in
+  DistributedShampoo); ``grafting="none"`` leaves it as is. The momentum
+  :math:`M` is an exponential moving average of the preconditioned updates
+  (no bias correction).
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
-    b1: momentum decay, in [0, 1).
+    b1: momentum decay, in :math:`[0, 1)`.
     shampoo_beta: decay of the Kronecker factors.
-    exponent: inverse power of the preconditioner (0.5: Shampoo^(1/2), the
-      SOAP paper's baseline; 0.25: classic Shampoo).
+    exponent: inverse power of the preconditioner (0.5:
+      :math:`\text{Shampoo}^{1/2}`, the SOAP paper's baseline; 0.25: classic
+      Shampoo).
     eps: added to the eigenvalues.
     weight_decay: decoupled weight decay, multiplied by the learning rate.
     precondition_frequency: refresh the factors' eigenbases every this many
@@ -477,16 +480,17 @@ def kl_shampoo(
     shard_axes: Any = None,
     refresh: str = 'qr_unsorted',
 ) -> optax.GradientTransformation:
-  """KL-Shampoo with decoupled weight decay: no grafting, no Adam moments.
+  r"""KL-Shampoo with decoupled weight decay: no grafting, no Adam moments.
 
   .. math::
 
-    p \\leftarrow p - \\eta_k \\big(U_k + w\\,p\\big)
+    p \leftarrow p - \eta_k \big(U_k + w\,p\big)
 
-  where ``U_k`` is :func:`soap_optax.scale_by_kl_shampoo`'s update (the
-  momentum preconditioned by ``S^{-1/2}``, ``S`` the KL-estimated Kronecker
-  covariance) and ``w`` is ``weight_decay``. As with :func:`soap`, the
-  first call only initializes: its update is zero, weight decay included.
+  where :math:`U_k` is :func:`soap_optax.scale_by_kl_shampoo`'s update (the
+  momentum preconditioned by :math:`S^{-1/2}`, :math:`S` the KL-estimated
+  Kronecker covariance) and :math:`w` is ``weight_decay``. As with
+  :func:`soap`, the first call only initializes: its update is zero, weight
+  decay included.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -564,22 +568,22 @@ def soap_h(
     shard_axes: Any = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
-  """SOAP-H: SOAP's direction, each matrix kept on its initial-norm sphere.
+  r"""SOAP-H: SOAP's direction, each matrix kept on its initial-norm sphere.
 
   :func:`soap_optax.hyperball` around SOAP (:func:`scale_by_rotated_adam`
-  and the learning rate): every matrix ``W`` the mask selects moves by
-  ``η_t ||W_0||_F`` along SOAP's update and is retracted onto the sphere of
-  radius ``||W_0||_F``; no weight decay (the sphere takes its place). The
-  defaults are the settings reported for SOAP-H on the modded-nanogpt
-  optimizer track: a refresh every call by one power-iteration step and QR,
-  ``b1 = 0.95``, ``b2 = 0.9``, no bias correction. The other parameters
-  (vectors, stacked or scanned leaves, matrices the mask leaves out) get
-  SOAP's update times the learning rate; route them to AdamW with
-  ``optax.partition`` as the leaders do. The first call only initializes:
-  its update is zero.
+  and the learning rate): every matrix :math:`W` the mask selects moves by
+  :math:`\eta_t \lVert W_0 \rVert_F` along SOAP's update and is retracted
+  onto the sphere of radius :math:`\lVert W_0 \rVert_F`; no weight decay
+  (the sphere takes its place). The defaults are the settings reported for
+  SOAP-H on the modded-nanogpt optimizer track: a refresh every call by one
+  power-iteration step and QR, ``b1 = 0.95``, ``b2 = 0.9``, no bias
+  correction. The other parameters (vectors, stacked or scanned leaves,
+  matrices the mask leaves out) get SOAP's update times the learning rate;
+  route them to AdamW with ``optax.partition`` as the leaders do. The first
+  call only initializes: its update is zero.
 
   Args:
-    learning_rate: ``η_t`` (a float or an ``optax`` schedule): the length
+    learning_rate: :math:`\eta_t` (a float or an ``optax`` schedule): the length
       of each wrapped matrix's step relative to its radius, and the other
       parameters' learning rate.
     b1, b2, shampoo_beta, eps: SOAP's (see :func:`soap`).
@@ -590,8 +594,8 @@ def soap_h(
       ``rounding_floor``, ``mesh`` and ``shard_axes``.
     dimension_numbers: as in :func:`soap`, and they say Hyperball's matrices
       too (an attention kernel ``(d, heads, head_dim)`` read as a
-      ``d × heads·head_dim`` matrix keeps one sphere; a stack keeps one per
-      slice; see :func:`hyperball`).
+      :math:`d \times (\mathrm{heads} \cdot \mathrm{head\_dim})` matrix keeps
+      one sphere; a stack keeps one per slice; see :func:`hyperball`).
     mask: which matrices Hyperball wraps (see :func:`hyperball`).
 
   Returns:
@@ -726,15 +730,15 @@ def soap_muon(
     mesh: Any = None,
     shard_axes: Any = None,
 ) -> optax.GradientTransformation:
-  """SOAP-Muon with decoupled weight decay.
+  r"""SOAP-Muon with decoupled weight decay.
 
   .. math::
 
-    p \\leftarrow p - \\eta_k \\big(O_k + w\\,p\\big)
+    p \leftarrow p - \eta_k \big(O_k + w\,p\big)
 
-  where ``O_k`` is :func:`soap_optax.scale_by_soap_muon`'s update (Muon's
+  where :math:`O_k` is :func:`soap_optax.scale_by_soap_muon`'s update (Muon's
   Nesterov momentum whitened by the second moment in SOAP's eigenbasis,
-  then orthogonalized by Newton-Schulz) and ``w`` is ``weight_decay``. As
+  then orthogonalized by Newton-Schulz) and :math:`w` is ``weight_decay``. As
   with :func:`soap`, the first call only initializes: its update is zero,
   weight decay included. Meant for the hidden matrices (the record runs a
   refresh every step, ``precondition_frequency=1``); route vectors,

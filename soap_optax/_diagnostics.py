@@ -114,20 +114,24 @@ def _stack_name(plan, s: int, which: int, how_many: int) -> str:
 def diagnostics(state: Any) -> dict[str, jax.Array]:
   r"""Scalars that say what the eigenbasis optimizers in ``state`` are doing.
 
-  Works on any state that holds eigenbasis transforms' states (chained, injected, inside
-  ``flax.nnx.Optimizer``'s ``opt_state``, sharded or not), and under ``jit``.
+  Works on any state that holds eigenbasis transforms' states (chained,
+  injected, inside ``flax.nnx.Optimizer``'s ``opt_state``, sharded or not),
+  and under ``jit``.
   Per stack of same-shape units (named ``stack{s}_{shape}``, prefixed by
   ``tx{k}/`` when the state holds several such transforms; see
   :func:`stack_names` for the parameters in each), the maximum over the
   stack's units of:
 
-  * ``staleness/{stack}/axis{i}``: ``‖B - diag B‖_F / ‖B‖_F`` of the factor of
-    merged axis ``i``, ``B = Q^T GG Q`` (0: the basis diagonalizes the
-    factor; see :term:`staleness`);
-  * ``condition/{stack}/axis{i}``: ``max(λ) / min(λ)`` of that factor's
-    eigenvalue estimates ``diag(Q^T GG Q)`` (the eigenvalues right after a
-    refresh), capped at ``1 / (dtype epsilon)`` where ``min(λ)`` is not
-    positive or that small;
+  * ``staleness/{stack}/axis{i}``:
+    :math:`\lVert B - \operatorname{diag} B \rVert_F / \lVert B \rVert_F` of
+    the factor of merged axis :math:`i`, :math:`B = Q^\top GG\, Q` (0: the
+    basis diagonalizes the factor; see :term:`staleness`);
+  * ``condition/{stack}/axis{i}``: :math:`\max(\lambda) / \min(\lambda)` of
+    that factor's eigenvalue estimates
+    :math:`\operatorname{diag}(Q^\top GG\, Q)` (the eigenvalues right after a
+    refresh), capped at :math:`1 / \varepsilon_{\mathrm{dtype}}` (the
+    dtype's epsilon) where :math:`\min(\lambda)` is not positive or that
+    small;
   * ``damping/{stack}/axis{i}``: FOAM's current damping (Shampoo with
     :class:`FoamRefresh` only);
   * ``steps_since_refresh/{stack}``: calls since the last refresh (0: this

@@ -18,7 +18,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class EigenbasisDimensionNumbers:
-  """Which axes of a parameter are batch axes, and how to read it as a matrix.
+  r"""Which axes of a parameter are batch axes, and how to read it as a matrix.
 
   Like ``optax.contrib.MuonDimensionNumbers``: a batch axis gets no Kronecker
   factor, and each slice along the batch axes is optimized exactly as if it
@@ -29,9 +29,9 @@ class EigenbasisDimensionNumbers:
       the end), e.g. ``(0,)`` for the layer axis of a scanned ``[L, d, 4d]``
       weight.
     reduction_axes: optional; with ``output_axes``, the non-batch axes are
-      grouped into one ``(prod reduction, prod output)`` matrix before
-      factoring (instead of ``merge_dims``). When only one of the two is
-      given, the other is every remaining non-batch axis.
+      grouped into one :math:`(\prod \mathrm{reduction}, \prod \mathrm{output})`
+      matrix before factoring (instead of ``merge_dims``). When only one of
+      the two is given, the other is every remaining non-batch axis.
     output_axes: optional; see ``reduction_axes``.
 
   Examples:

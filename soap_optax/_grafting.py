@@ -61,15 +61,16 @@ def scale_by_grafting(
     dimension_numbers: Any = None,
     block_size: int | None = None,
 ) -> optax.GradientTransformation:
-  """Per unit, ``direction``'s update rescaled to ``magnitude``'s norm.
+  r"""Per unit, ``direction``'s update rescaled to ``magnitude``'s norm.
 
   .. math::
 
-    U = U_{dir} \\cdot \\frac{\\lVert U_{mag} \\rVert}{\\lVert U_{dir} \\rVert}
+    U = U_{dir} \cdot \frac{\lVert U_{mag} \rVert}{\lVert U_{dir} \rVert}
 
   (Frobenius norms per unit: per parameter, or per slice along the batch axes
   of ``dimension_numbers`` and per block of ``block_size``, the units of the
-  eigenbasis transforms; where ``||U_dir|| <= eps`` the update is zero). Both
+  eigenbasis transforms; where :math:`\lVert U_{dir} \rVert \le
+  \mathrm{eps}` the update is zero). Both
   transforms see the same incoming updates.
 
   Examples:
@@ -145,14 +146,18 @@ def scale_by_adam_graft(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformation:
-  """Adam without momentum, the magnitude of Shampoo's Adam grafting.
+  r"""Adam without momentum, the magnitude of Shampoo's Adam grafting.
 
-  ``v <- b2 v + (1 - b2) g^2``, ``U = g / (sqrt(v / (1 - b2^t)) + eps)``:
-  ``optax.scale_by_adam(b1=0, b2=b2, eps=eps)``, except that ``v`` is kept
-  in float32 or wider, and that an element whose ``g^2`` is not finite (a
-  non-finite gradient, or a spike whose square overflows) leaves its ``v``
-  unchanged and gets a zero update, so one bad step never poisons the
-  statistics.
+  .. math::
+
+    v \leftarrow b_2 v + (1 - b_2)\, g^2, \qquad
+    U = \frac{g}{\sqrt{v / (1 - b_2^t)} + \mathrm{eps}}
+
+  This is ``optax.scale_by_adam(b1=0, b2=b2, eps=eps)``, except that
+  :math:`v` is kept in float32 or wider, and that an element whose
+  :math:`g^2` is not finite (a non-finite gradient, or a spike whose square
+  overflows) leaves its :math:`v` unchanged and gets a zero update, so one
+  bad step never poisons the statistics.
 
   Examples:
     >>> import jax.numpy as jnp

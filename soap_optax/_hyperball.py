@@ -17,15 +17,15 @@ from soap_optax import _kronecker
 from soap_optax import _skeleton
 
 class HyperballState(NamedTuple):
-  """State of :func:`hyperball`.
+  r"""State of :func:`hyperball`.
 
   Attributes:
     count: the number of calls so far (int32): the step size's schedule is
       evaluated at it.
-    radius: ``R = ||W_0||_F`` of every wrapped leaf, in float32 (or the
-      leaf's wider dtype), in the order of the parameters' leaves: a scalar,
-      or one per slice along the leaf's batch axes (the matrix axes kept
-      with size 1).
+    radius: :math:`R = \lVert W_0 \rVert_F` of every wrapped leaf, in float32
+      (or the leaf's wider dtype), in the order of the parameters' leaves: a
+      scalar, or one per slice along the leaf's batch axes (the matrix axes
+      kept with size 1).
     inner_state: the wrapped optimizer's state.
 
   Examples:
@@ -96,23 +96,25 @@ def hyperball(
   r"""Keeps every wrapped matrix on the sphere of its initial Frobenius norm.
 
   Hyperball (Wen et al.) replaces weight decay by a constraint: each weight
-  matrix ``W`` stays on the sphere of radius ``R = ||W_0||_F`` (its norm at
-  ``init``), and each step moves it by a fixed length ``η_t R`` before it is
-  retracted onto the sphere. With ``u`` the ``inner`` optimizer's update of
-  ``W`` (optax's convention: what ``optax.apply_updates`` adds) and
-  ``N(x) = x / ||x||_F``:
+  matrix :math:`W` stays on the sphere of radius
+  :math:`R = \lVert W_0 \rVert_F` (its norm at ``init``), and each step
+  moves it by a fixed length :math:`\eta_t R` before it is retracted onto
+  the sphere. With :math:`u` the ``inner`` optimizer's update of :math:`W`
+  (optax's convention: what ``optax.apply_updates`` adds) and
+  :math:`N(x) = x / \lVert x \rVert_F`:
 
   .. math::
 
-    W_{t+1} = R\, N\big(W_t + η_t R\, N(u_t)\big)
+    W_{t+1} = R\, N\big(W_t + \eta_t R\, N(u_t)\big)
 
-  (the authors' ``R N(W - η R N(d))`` with ``d = -u`` the inner direction).
-  The update returned is ``W_{t+1} - W_t``, so that ``optax.apply_updates``
-  lands on the sphere (to float rounding); where ``u`` is exactly zero (the
-  first call of ``soap``, a rejected gradient) it is exactly zero, and where
-  ``u`` is not finite, so is the update. The size
-  of ``u`` does not matter, only its direction: the inner optimizer's own
-  learning rate acts only on the leaves that pass through.
+  (the authors' :math:`R\, N\big(W - \eta R\, N(d)\big)` with :math:`d = -u`
+  the inner direction). The update returned is :math:`W_{t+1} - W_t`, so
+  that ``optax.apply_updates`` lands on the sphere (to float rounding);
+  where :math:`u` is exactly zero (the first call of ``soap``, a rejected
+  gradient) it is exactly zero, and where :math:`u` is not finite, so is the
+  update. The size of :math:`u` does not matter, only its direction: the
+  inner optimizer's own learning rate acts only on the leaves that pass
+  through.
 
   Leaves that are not matrices (vectors, scalars, and leaves of more than two
   axes that ``dimension_numbers`` does not describe) and matrices that
@@ -133,9 +135,9 @@ def hyperball(
       soap_optax.scale_by_rotated_adam(), optax.scale(-1.0))``;
       :func:`soap_optax.soap_h` chains ``optax.scale_by_learning_rate``,
       which also sets the rate of the leaves that pass through).
-    learning_rate: ``η_t``, a float or an ``optax`` schedule of the call
-      count (0 on the first call): each wrapped matrix moves by ``η_t R``
-      before the retraction.
+    learning_rate: :math:`\eta_t`, a float or an ``optax`` schedule of the
+      call count (0 on the first call): each wrapped matrix moves by
+      :math:`\eta_t R` before the retraction.
     mask: which matrices to wrap: a tree of booleans matching the
       parameters (or a function of the parameters returning one); ``None``:
       every matrix.

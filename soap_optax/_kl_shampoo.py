@@ -19,14 +19,14 @@ EIGENVALUE_MODES = ('running', 'refresh')
 
 
 class ScaleByKLShampooState(NamedTuple):
-  """State of :func:`scale_by_kl_shampoo`.
+  r"""State of :func:`scale_by_kl_shampoo`.
 
   Attributes:
     mu: the momentum in the rotated basis, one ``(U, *merged_shape)`` array
       per stack, in ``mu_dtype``.
-    eigenvalues: ``λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
-      flat (stacks in plan order, axes in order).
-    eigenbasis: the engine's factors ``S_k`` and bases ``Q_k``;
+    eigenvalues: :math:`\lambda_k` for every (merged) axis of every stack,
+      ``(U, d_k)``, flat (stacks in plan order, axes in order).
+    eigenbasis: the engine's factors :math:`S_k` and bases :math:`Q_k`;
       ``eigenbasis.count`` is the number of calls so far.
 
   Examples:
@@ -103,48 +103,56 @@ def scale_by_kl_shampoo(
   r"""KL-Shampoo: Shampoo with its factors estimated by KL minimization.
 
   Lin et al. read Shampoo's factors as a Kronecker-structured covariance
-  ``S = S_0 ⊗ ... ⊗ S_{N-1}`` of the gradient and fit all of them jointly by
-  minimizing ``KL(E[g g^T], S)``. The fixed point couples the factors: each
-  accumulates the gradient whitened by the others. For a unit of size ``n``
-  (a parameter, a slice along its batch axes or a block: see
-  :func:`scale_by_rotated_adam`) with (merged) axes ``k`` of length ``d_k``:
+  :math:`S = S_0 \otimes \cdots \otimes S_{N-1}` of the gradient and fit all
+  of them jointly by minimizing
+  :math:`\operatorname{KL}(\mathbb{E}[g g^\top], S)`. The fixed point couples
+  the factors: each accumulates the gradient whitened by the others. For a
+  unit of size :math:`n` (a parameter, a slice along its batch axes or a
+  block: see :func:`scale_by_rotated_adam`) with (merged) axes :math:`k` of
+  length :math:`d_k`:
 
   .. math::
 
-    S_k \leftarrow β S_k + (1 - β)\, \frac{d_k}{n}\,
-        G_{(k)} \Big(\bigotimes_{j \neq k} S_j^{-1}\Big) G_{(k)}^T
+    S_k \leftarrow \beta S_k + (1 - \beta)\, \frac{d_k}{n}\,
+        G_{(k)} \Big(\bigotimes_{j \neq k} S_j^{-1}\Big) G_{(k)}^\top
 
-  (for a matrix, ``S_L <- β S_L + (1 - β) G S_R^{-1} G^T / d_R`` and the same
-  for ``S_R``), and the update preconditions the momentum by
-  ``S^{-1/2} = ⊗ S_k^{-1/2}``. No Adam moments and no grafting.
+  (for a matrix, :math:`S_L \leftarrow \beta S_L + (1 - \beta)\, G S_R^{-1}
+  G^\top / d_R` and the same for :math:`S_R`), and the update preconditions
+  the momentum by :math:`S^{-1/2} = \bigotimes_k S_k^{-1/2}`. No Adam
+  moments and no grafting.
 
   The practical algorithm (the authors', at SOAP's cost per step) keeps a
-  basis ``Q_k`` per factor, refreshed every ``precondition_frequency`` calls
-  by power iteration and QR warm-started from the current one, and
-  eigenvalue estimates ``λ_k`` in it, ``S_k^{-1} ≈ Q_k diag(λ_k)^{-1}
-  Q_k^T``. With ``G' = rotate(G)`` in the current bases:
+  basis :math:`Q_k` per factor, refreshed every ``precondition_frequency``
+  calls by power iteration and QR warm-started from the current one, and
+  eigenvalue estimates :math:`\lambda_k` in it,
+  :math:`S_k^{-1} \approx Q_k \operatorname{diag}(\lambda_k)^{-1} Q_k^\top`.
+  With :math:`G' = \operatorname{rotate}(G)` in the current bases:
 
-  * first accepted call (initialization): ``S_k = (1 - β) d_k/n C_k(G)``,
-    ``Q_k = eigh(S_k)``, ``λ_k = initial_eigenvalue``; the update is zero;
-  * every later call ``t`` (the number of calls before it), all right-hand
-    sides from before the call:
+  * first accepted call (initialization):
+    :math:`S_k = (1 - \beta) \frac{d_k}{n} C_k(G)`,
+    :math:`Q_k = \operatorname{eigh}(S_k)`, :math:`\lambda_k` =
+    ``initial_eigenvalue``; the update is zero;
+  * every later call :math:`t` (the number of calls before it), all
+    right-hand sides from before the call:
 
     .. math::
 
       m &\leftarrow b_1 m + (1 - b_1) G', \qquad
-      U = unrotate\Big(\frac{m}{\bigotimes_k \sqrt{λ_k} + \epsilon}\Big) \\
-      λ_k &\leftarrow \max\Big(β λ_k + (1 - β)\,
+      U = \operatorname{unrotate}\Big(\frac{m}{\bigotimes_k
+        \sqrt{\lambda_k} + \epsilon}\Big) \\
+      \lambda_k &\leftarrow \max\Big(\beta \lambda_k + (1 - \beta)\,
           \operatorname{mean}_{i_{j \neq k}} \frac{G'^2}{\prod_{j \neq k}
-          λ_j},\ c_k^{-2}\Big)
+          \lambda_j},\ c_k^{-2}\Big)
 
-    (the second term is ``diag(Q_k^T C_k Q_k)`` of the factor's increment
-    ``C_k``), ``S_k`` absorbs ``C_k`` as above, and when
-    ``t % precondition_frequency == 0`` the bases are refreshed by one
-    power-iteration step and QR, ``Q_k <- qr(S_k Q_k).Q``, without a sort
-    (``refresh="qr"`` sorts the columns by ``diag(Q_k^T S_k Q_k)`` first and
-    permutes the estimates with them); ``m`` is carried exactly into the new
-    bases. ``c_k = clip(d_k, 10, 4000)``: the authors' clamp of
-    ``λ^{-1/2}``.
+    (the second term is :math:`\operatorname{diag}(Q_k^\top C_k Q_k)` of the
+    factor's increment :math:`C_k`), :math:`S_k` absorbs :math:`C_k` as
+    above, and when ``t % precondition_frequency == 0`` the bases are
+    refreshed by one power-iteration step and QR, :math:`Q_k \leftarrow Q`
+    from :math:`Q R = S_k Q_k`, without a sort (``refresh="qr"`` sorts the
+    columns by :math:`\operatorname{diag}(Q_k^\top S_k Q_k)` first and
+    permutes the estimates with them); :math:`m` is carried exactly into the
+    new bases. :math:`c_k = \operatorname{clip}(d_k, 10, 4000)`: the
+    authors' clamp of :math:`\lambda^{-1/2}`.
 
   With the defaults this is the authors' ``KLOpt`` (``yorkerlin/KL-Methods``,
   ``optim/kl_opt.py``) on matrices, to float64 rounding
@@ -155,29 +163,33 @@ def scale_by_kl_shampoo(
 
   An axis without a factor (longer than ``max_precond_dim``, 1-D without
   ``precondition_1d``, the longer ones with ``one_sided``) keeps the identity
-  basis, and its ``λ_k`` is the exact diagonal factor. A 1-D parameter then
-  gets ``m / (sqrt(λ) + eps)`` with ``λ`` the running average of ``g^2``
-  (decay ``shampoo_beta``) from before the call, started at
+  basis, and its :math:`\lambda_k` is the exact diagonal factor. A 1-D
+  parameter then gets :math:`m / (\sqrt{\lambda} + \epsilon)` with
+  :math:`\lambda` the running average of :math:`g^2` (decay
+  ``shampoo_beta``) from before the call, started at
   ``initial_eigenvalue``: Adam without bias corrections, its second moment
   one call behind.
 
-  With ``eigenvalues="refresh"`` the factored axes' ``λ_k`` are instead the
-  refresh's eigenvalues (or Rayleigh quotients after QR), floored as above
-  and held between refreshes; with ``precondition_frequency=1, refresh="eigh"`` this is the
-  idealized KL-Shampoo (exact ``S_k`` every call, preconditioning with the
+  With ``eigenvalues="refresh"`` the factored axes' :math:`\lambda_k` are
+  instead the refresh's eigenvalues (or Rayleigh quotients after QR),
+  floored as above and held between refreshes; with
+  ``precondition_frequency=1, refresh="eigh"`` this is the idealized
+  KL-Shampoo (exact :math:`S_k` every call, preconditioning with the
   factors from before the call).
 
-  State for an ``m x n`` matrix: ``m`` (``mn``), ``S`` and ``Q`` per rotated
-  axis (``2m^2 + 2n^2``), ``λ`` (``m + n``) and the engine's tracked
-  ``diag(Q^T S Q)`` (``m + n``): SOAP's less its ``v`` (``mn``), plus
-  ``m + n``.
+  State for an :math:`m \times n` matrix: :math:`m` (:math:`mn`), :math:`S`
+  and :math:`Q` per rotated axis (:math:`2m^2 + 2n^2`), :math:`\lambda`
+  (:math:`m + n`) and the engine's tracked
+  :math:`\operatorname{diag}(Q^\top S Q)` (:math:`m + n`): SOAP's less its
+  :math:`v` (:math:`mn`), plus :math:`m + n`.
 
   Args:
-    b1: decay of the momentum, in [0, 1).
-    shampoo_beta: ``β``, the decay of the factors and of the estimates.
-    eps: added to ``⊗ sqrt(λ_k)``, >= 0.
-    initial_eigenvalue: the estimates' starting value, > 0 (the authors'
-      ``init_factor``).
+    b1: decay of the momentum, in :math:`[0, 1)`.
+    shampoo_beta: :math:`\beta`, the decay of the factors and of the
+      estimates.
+    eps: added to :math:`\bigotimes_k \sqrt{\lambda_k}`, :math:`\ge 0`.
+    initial_eigenvalue: the estimates' starting value, :math:`> 0` (the
+      authors' ``init_factor``).
     eigenvalues: ``"running"`` (the practical algorithm) or ``"refresh"``
       (above).
     precondition_frequency: refresh the bases every this many calls, or
@@ -191,13 +203,16 @@ def scale_by_kl_shampoo(
     block_size: cut longer axes into blocks with their own factors.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls.
-    rounding_floor: ``λ_k + (κ ε)^2 sum(λ_k)`` in the update (the
-      separable rounding-noise floor; see :doc:`/numerics`).
+    rounding_floor: :math:`\lambda_k + (\kappa \varepsilon)^2 \sum
+      \lambda_k` in the update (the separable rounding-noise floor; see
+      :doc:`/numerics`).
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
-    refresh: ``"qr_unsorted"`` (the authors': ``qr(S_k Q_k)``, columns and
-      estimates left in place), ``"qr"`` (SOAP's: the columns sorted by
-      ``diag(Q_k^T S_k Q_k)`` and the estimates permuted with them) or
+    refresh: ``"qr_unsorted"`` (the authors':
+      :math:`\operatorname{qr}(S_k Q_k)`, columns and estimates left in
+      place), ``"qr"`` (SOAP's: the columns sorted by
+      :math:`\operatorname{diag}(Q_k^\top S_k Q_k)` and the estimates
+      permuted with them) or
       ``"eigh"``.
 
   The engine options are described in full in

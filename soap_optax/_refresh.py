@@ -103,33 +103,35 @@ def foam_damping(
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveRefresh:
-  """Refresh a stack when its bases have gone stale (Purifying Shampoo's rule).
+  r"""Refresh a stack when its bases have gone stale (Purifying Shampoo's rule).
 
-  Before each step, every factor's staleness ``s`` (module docstring) is read
-  from the state; a stack of same-shape units is refreshed, all its units in
-  one batched decomposition, when
+  Before each step, every factor's staleness :math:`s` (:term:`staleness`) is
+  read from the state; a stack of same-shape units is refreshed, all its
+  units in one batched decomposition, when
 
-  * some factor of some unit has ``s > tolerance`` and the stack was last
-    refreshed at least ``min_interval`` steps ago, or
+  * some factor of some unit has :math:`s >` ``tolerance`` and the stack was
+    last refreshed at least ``min_interval`` steps ago, or
   * it was last refreshed ``max_interval`` steps ago.
 
-  The first step always decomposes every factor. With ``tolerance=1`` (``s``
-  never exceeds 1) this is the fixed interval ``max_interval``.
+  The first step always decomposes every factor. With ``tolerance=1``
+  (:math:`s` never exceeds 1) this is the fixed interval ``max_interval``.
 
   The defaults come from ``scripts/experiments.py --parts refresh``
   (``docs/adaptive_refresh.md``, "Fixed intervals against the adaptive
   schedule"): after SOAP's power-iteration + QR refresh a basis is not
-  exact (``s`` of 0.1 to 0.3 right after it), and minibatch noise alone
-  raises ``s`` to about 0.15 (Kronecker problem) or 0.4 (the main job's
+  exact (:math:`s` of 0.1 to 0.3 right after it), and minibatch noise alone
+  raises :math:`s` to about 0.15 (Kronecker problem) or 0.4 (the main job's
   model) within 10 steps, so a tolerance below about 0.3 refreshes at every
   ``min_interval``; ``min_interval=10`` keeps the stale stacks on the usual
   interval and lets the fresh ones wait up to ``max_interval``.
 
   Attributes:
-    tolerance: staleness above which a stack is refreshed, in (0, 1].
-    min_interval: fewest steps between two refreshes of a stack (>= 1).
+    tolerance: staleness above which a stack is refreshed, in
+      :math:`(0, 1]`.
+    min_interval: fewest steps between two refreshes of a stack
+      (:math:`\ge 1`).
     max_interval: most steps between two refreshes of a stack
-      (>= ``min_interval``).
+      (:math:`\ge` ``min_interval``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -164,35 +166,42 @@ class AdaptiveRefresh:
 
 @dataclasses.dataclass(frozen=True)
 class FoamRefresh:
-  """FOAM's damping and refresh rule, for :func:`scale_by_shampoo_eigenbasis`.
+  r"""FOAM's damping and refresh rule, for :func:`scale_by_shampoo_eigenbasis`.
 
-  Every ``check_interval`` steps, per factor ``A`` with basis ``Q`` and
-  eigenvalues ``D`` from its last decomposition, ``B = Q^T A Q``, Shampoo
-  exponent ``e = 1/p`` and current damping ``ε``:
+  Every ``check_interval`` steps, per factor :math:`A` with basis :math:`Q`
+  and eigenvalues :math:`D` from its last decomposition,
+  :math:`B = Q^\top A Q`, Shampoo exponent :math:`e = 1/p` and current
+  damping :math:`\varepsilon`:
 
   .. math::
 
-    RC &= \\lVert (D + ε)^{-1/2} (B - D) (D + ε)^{-1/2} \\rVert_F, \\qquad
-    α = \\frac{\\max \\tilde λ}{\\lVert \\tilde λ \\rVert_2}, \\quad
-    \\tilde λ = (D + ε)^{-1/p} \\\\
-    h &= RC \\cdot α / p, \\qquad ε \\leftarrow \\max(ε_0, ε\\, h / τ)
+    \mathrm{RC} &= \lVert (D + \varepsilon)^{-1/2} (B - D)
+      (D + \varepsilon)^{-1/2} \rVert_F, \qquad
+    \alpha = \frac{\max \tilde\lambda}{\lVert \tilde\lambda \rVert_2}, \quad
+    \tilde\lambda = (D + \varepsilon)^{-1/p} \\
+    h &= \mathrm{RC} \cdot \alpha / p, \qquad
+    \varepsilon \leftarrow \max(\varepsilon_0, \varepsilon\, h / \tau)
 
-  and the preconditioner uses ``(D + ε)^{-e}`` for that factor. A stack one
-  of whose factors has ``ε > max_damping`` is decomposed afresh, and its
-  factors' damping goes back to ``ε_0``, the transform's ``eps``. Entries of
-  ``D + ε`` that are not positive count as zero in the inverse powers.
+  and the preconditioner uses :math:`(D + \varepsilon)^{-e}` for that
+  factor. A stack one of whose factors has :math:`\varepsilon >`
+  ``max_damping`` is decomposed afresh, and its factors' damping goes back
+  to :math:`\varepsilon_0`, the transform's ``eps``. Entries of
+  :math:`D + \varepsilon` that are not positive count as zero in the
+  inverse powers.
 
   Attributes:
-    check_interval: ``f``, steps between two checks (>= 1).
-    tau: ``τ``, the target level of the proxy ``h`` (> 0).
-    max_damping: ``ε_max``, the damping beyond which the factor is
-      decomposed afresh (> 0).
+    check_interval: :math:`f`, steps between two checks (:math:`\ge 1`).
+    tau: :math:`\tau`, the target level of the proxy :math:`h`
+      (:math:`> 0`).
+    max_damping: :math:`\varepsilon_{\max}`, the damping beyond which the
+      factor is decomposed afresh (:math:`> 0`).
     max_interval: refresh a stack at the latest this many steps after its
       last refresh; ``None``: only when the damping says so.
 
-  Published settings ``(f, τ, ε_max, ε_0)``: ``(20, 0.75, 3e-7, 1e-9)`` for
-  ViT-S on ImageNet and ``(50, 0.4, 1e-7, 1e-9)`` for a Conformer on
-  LibriSpeech. ``ε`` is in the units of the factors' eigenvalues (squared
+  Published settings :math:`(f, \tau, \varepsilon_{\max}, \varepsilon_0)`:
+  ``(20, 0.75, 3e-7, 1e-9)`` for ViT-S on ImageNet and
+  ``(50, 0.4, 1e-7, 1e-9)`` for a Conformer on LibriSpeech.
+  :math:`\varepsilon` is in the units of the factors' eigenvalues (squared
   gradients), so these values depend on the scale of the gradients.
 
   Examples:

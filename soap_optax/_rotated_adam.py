@@ -30,7 +30,8 @@ class ScaleByRotatedAdamState(NamedTuple):
       ``factored=True`` instead one ``(U, d_k)`` array per (merged) axis of
       each stack (Adafactor's row and column statistics).
     eigenbasis: the engine's factors and bases. ``eigenbasis.count - 1`` is the
-      Adam step ``t`` once the first call has initialized the preconditioner.
+      Adam step :math:`t` once the first call has initialized the
+      preconditioner.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -48,15 +49,14 @@ class ScaleByRotatedAdamState(NamedTuple):
 
 
 class ScaleByRotatedAdamKLState(NamedTuple):
-  """State of :func:`scale_by_rotated_adam` with ``factor_estimator="kl"``
+  r"""State of :func:`scale_by_rotated_adam` with ``factor_estimator="kl"``
   (KL-SOAP): the fields of :class:`ScaleByRotatedAdamState` (``mu``, ``nu``,
   ``eigenbasis``), then the KL estimator's own.
 
   Attributes:
-    eigenvalues: the KL estimator's eigenvalue estimates ``λ_k`` (the same
-      estimator as KL-Shampoo's),
-      ``(U, d_k)`` per stack and (merged) axis, flat (see
-      :func:`soap_optax.scale_by_kl_shampoo`).
+    eigenvalues: the KL estimator's eigenvalue estimates :math:`\lambda_k`
+      (the same estimator as KL-Shampoo's), ``(U, d_k)`` per stack and
+      (merged) axis, flat (see :func:`soap_optax.scale_by_kl_shampoo`).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -160,59 +160,67 @@ def scale_by_rotated_adam(
   r"""Adam run in the eigenbasis of Shampoo's preconditioner (SOAP).
 
   Per unit (a parameter, or one slice along its batch axes or one block of it:
-  see ``dimension_numbers`` and ``block_size``), with
-  ``sb = shampoo_beta if shampoo_beta is not None else b2`` and the Kronecker
-  factors ``GG_i`` and bases ``Q_i`` (see :term:`factor`, :term:`basis`):
+  see ``dimension_numbers`` and ``block_size``), with :math:`\beta` the
+  factors' decay (``shampoo_beta``, or ``b2`` when it is ``None``) and the
+  Kronecker factors :math:`GG_i` and bases :math:`Q_i` (see :term:`factor`,
+  :term:`basis`):
 
-  * first accepted call (initialization): ``GG_i = (1 - sb) C_i(G)``,
-    ``Q_i = eigh(GG_i)``; the update is zero;
-  * every later call, with ``G' = rotate(G)`` in the current bases and ``t``
-    the number of calls before this one:
+  * first accepted call (initialization): :math:`GG_i = (1 - \beta)\,
+    C_i(G)`, :math:`Q_i = \operatorname{eigh}(GG_i)`; the update is zero;
+  * every later call, with :math:`G' = \operatorname{rotate}(G)` in the
+    current bases and :math:`t` the number of calls before this one:
 
     .. math::
 
       m &\leftarrow b_1 m + (1 - b_1) G', \qquad
       v \leftarrow b_2 v + (1 - b_2) G'^2 \\
-      D &= unrotate\Big(\frac{m}{\sqrt{v + f^2} + \epsilon}\Big), \qquad
+      D &= \operatorname{unrotate}\Big(\frac{m}{\sqrt{v + f^2} + \epsilon}
+        \Big), \qquad
       U = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\, D
 
-    (``U = D`` without ``bias_correction``, KL-SOAP's default) where, if
-    ``normalize_grads``, ``D <- D / (1e-30 + rms(D))`` first (the
-    authors' order: normalized, then bias-corrected), and ``f^2`` is the
-    rounding-noise floor (:doc:`/numerics`)
-    (``rounding_floor=True``; 0 otherwise); then
-    ``GG_i <- sb GG_i + (1 - sb) C_i(G)`` (a step's own gradient never shapes
-    the basis it is preconditioned in); and when ``t % precondition_frequency
-    == 0`` every basis is refreshed (``refresh="qr"``: power iteration + QR,
-    columns sorted by ``diag(Q_i^T GG_i Q_i)``; ``"qr_unsorted"``: without
-    the sort; ``"eigh"``: eigenvectors by decreasing eigenvalue); ``v`` is
-    permuted with the columns (unsorted: left in place), ``m`` is
-    carried exactly into the new basis: ``m <- rotate_new(unrotate_old(m))``.
+    (:math:`U = D` without ``bias_correction``, KL-SOAP's default) where, if
+    ``normalize_grads``, :math:`D \leftarrow D / (10^{-30} +
+    \operatorname{rms}(D))` first (the authors' order: normalized, then
+    bias-corrected), and :math:`f^2` is the rounding-noise floor
+    (:doc:`/numerics`) (``rounding_floor=True``; 0 otherwise); then
+    :math:`GG_i \leftarrow \beta\, GG_i + (1 - \beta)\, C_i(G)` (a step's
+    own gradient never shapes the basis it is preconditioned in); and when
+    ``t % precondition_frequency == 0`` every basis is refreshed
+    (``refresh="qr"``: power iteration + QR, columns sorted by
+    :math:`\operatorname{diag}(Q_i^\top GG_i\, Q_i)`; ``"qr_unsorted"``:
+    without the sort; ``"eigh"``: eigenvectors by decreasing eigenvalue);
+    :math:`v` is permuted with the columns (unsorted: left in place),
+    :math:`m` is carried exactly into the new basis:
+    :math:`m \leftarrow \operatorname{rotate}_{\text{new}}\big(
+    \operatorname{unrotate}_{\text{old}}(m)\big)`.
 
-  ``eps`` is added to the *uncorrected* ``sqrt(v)``, as in the authors'
+  ``eps`` is added to the *uncorrected* :math:`\sqrt{v}`, as in the authors'
   implementation (``optax.scale_by_adam`` adds it to the corrected one).
 
-  With ``factored=True`` (factorized SOAP) ``v`` is replaced by Adafactor's
-  estimate built from one running statistic per (merged) axis,
-  ``s_k <- b2 s_k + (1 - b2) sum_{other axes} G'^2`` (for a matrix the row and
-  column averages), ``v = (s_0 ⊗ ... ⊗ s_{N-1}) / sum(s_0)^{N-1}``; at a
-  refresh each ``s_k`` is permuted with its basis, as ``v`` would be.
+  With ``factored=True`` (factorized SOAP) :math:`v` is replaced by
+  Adafactor's estimate built from one running statistic per (merged) axis,
+  :math:`s_k \leftarrow b_2 s_k + (1 - b_2) \sum_{\text{other axes}} G'^2`
+  (for a matrix the row and column averages),
+  :math:`v = (s_0 \otimes \cdots \otimes s_{N-1}) / (\sum s_0)^{N-1}`; at a
+  refresh each :math:`s_k` is permuted with its basis, as :math:`v` would be.
 
-  State for an ``m x n`` matrix: ``m`` and ``v`` (``2mn``; ``mn + m + n`` when
-  factored) plus ``GG`` and ``Q`` for each rotated axis (``2m^2 + 2n^2``; only
-  ``2 min(m, n)^2`` one-sided), plus the engine's tracked ``diag(Q^T GG Q)``
-  (``m + n``) and two counters per unit. Cost per step: about
-  ``6 m n (m + n)`` flops (4 rotations, 2 factor products); a refresh adds
-  about ``14/3 (m^3 + n^3)`` every ``precondition_frequency`` steps.
+  State for an :math:`m \times n` matrix: :math:`m` and :math:`v`
+  (:math:`2mn`; :math:`mn + m + n` when factored) plus :math:`GG` and
+  :math:`Q` for each rotated axis (:math:`2m^2 + 2n^2`; only
+  :math:`2 \min(m, n)^2` one-sided), plus the engine's tracked
+  :math:`\operatorname{diag}(Q^\top GG\, Q)` (:math:`m + n`) and two
+  counters per unit. Cost per step: about :math:`6 m n (m + n)` flops
+  (4 rotations, 2 factor products); a refresh adds about
+  :math:`\tfrac{14}{3} (m^3 + n^3)` every ``precondition_frequency`` steps.
   Statistics, bases and moments are float32, or the parameter dtype where
   that is wider; updates come out in the gradient's dtype.
 
   Args:
-    b1: decay of the first moment, in [0, 1).
-    b2: decay of the second moment, in [0, 1).
-    shampoo_beta: decay of the Kronecker factors, in [0, 1); ``None`` uses
-      ``b2``.
-    eps: added to ``sqrt(v)``, >= 0.
+    b1: decay of the first moment, in :math:`[0, 1)`.
+    b2: decay of the second moment, in :math:`[0, 1)`.
+    shampoo_beta: decay of the Kronecker factors, in :math:`[0, 1)`;
+      ``None`` uses ``b2``.
+    eps: added to :math:`\sqrt{v}`, :math:`\ge 0`.
     precondition_frequency: the refresh schedule: an integer, ``"adaptive"``
       or an :class:`soap_optax.AdaptiveRefresh`.
     max_precond_dim: axes longer than this keep the identity basis.
@@ -234,7 +242,7 @@ def scale_by_rotated_adam(
       changes (see :ref:`engine-options`).
     staggered_refresh: spread the refreshes over ``precondition_frequency``
       calls.
-    rounding_floor: divide by ``sqrt(v + f^2)`` (above); ``False``
+    rounding_floor: divide by :math:`\sqrt{v + f^2}` (above); ``False``
       reproduces the reference's float32 behaviour.
     mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
@@ -246,18 +254,20 @@ def scale_by_rotated_adam(
     factor_estimator: ``"frobenius"``: the factors above (the paper's
       SOAP); ``"kl"``: KL-SOAP, the factors estimated by the KL rule of
       :func:`soap_optax.scale_by_kl_shampoo` (each absorbs
-      ``d_k/n C_k(G ×_{j≠k} Λ_j^{-1/2} Q_j^T)``, with the running eigenvalue
-      estimates ``λ_j``, started at ``initial_eigenvalue``, kept in
+      :math:`\frac{d_k}{n} C_k\big(G \times_{j \neq k} \Lambda_j^{-1/2}
+      Q_j^\top\big)`, with the running eigenvalue estimates
+      :math:`\lambda_j`, started at ``initial_eigenvalue``, kept in
       ``state.eigenvalues``), Adam's step unchanged. With the defaults this
       is the authors' KL-SOAP (Lin et al.'s ``KLOpt(using_klsoap=True)``):
       unsorted QR refreshes and no bias correction.
-    bias_correction: multiply by ``sqrt(1 - b2^t) / (1 - b1^t)`` (above);
-      ``None``: the authors' choice, ``True`` for SOAP, ``False`` for
-      KL-SOAP (whose authors' first update is then ``(1 - b1) /
-      sqrt(1 - b2)`` of the corrected one's size: 0.22 at ``b1 = b2 =
-      0.95``).
+    bias_correction: multiply by :math:`\sqrt{1 - b_2^t} / (1 - b_1^t)`
+      (above); ``None``: the authors' choice, ``True`` for SOAP, ``False``
+      for KL-SOAP (whose authors' first update is then
+      :math:`(1 - b_1) / \sqrt{1 - b_2}` of the corrected one's size: 0.22
+      at :math:`b_1 = b_2 = 0.95`).
     initial_eigenvalue: KL-SOAP's (``factor_estimator="kl"``) starting
-      eigenvalue estimate, > 0 (``None``: 0.1, the authors' ``init_factor``);
+      eigenvalue estimate, :math:`> 0` (``None``: 0.1, the authors'
+      ``init_factor``);
       an error with ``"frobenius"``, which keeps no estimates.
 
   The engine options (``precondition_frequency`` to ``shard_axes``, and

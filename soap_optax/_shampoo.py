@@ -18,20 +18,21 @@ from soap_optax import _state
 
 
 class ScaleByShampooEigenbasisState(NamedTuple):
-  """State of :func:`scale_by_shampoo_eigenbasis`.
+  r"""State of :func:`scale_by_shampoo_eigenbasis`.
 
   Attributes:
-    eigenbasis: the engine's factors ``GG_k`` and bases ``Q_k``;
+    eigenbasis: the engine's factors :math:`GG_k` and bases :math:`Q_k`;
       ``eigenbasis.count`` is the number of calls so far.
-    diagonals: running ``diag(GG_k)`` for every axis without a Kronecker
-      factor, ``(U, d_k)`` per stack and axis, flat (stacks in plan order,
-      axes in order).
-    eigenvalues: ``Λ_k`` for every (merged) axis of every stack, ``(U, d_k)``,
-      flat, from the last refresh (held fixed between refreshes).
+    diagonals: running :math:`\operatorname{diag}(GG_k)` for every axis
+      without a Kronecker factor, ``(U, d_k)`` per stack and axis, flat
+      (stacks in plan order, axes in order).
+    eigenvalues: :math:`\Lambda_k` for every (merged) axis of every stack,
+      ``(U, d_k)``, flat, from the last refresh (held fixed between
+      refreshes).
     damping: with ``precondition_frequency=FoamRefresh(...)``, FOAM's
-      damping ``ε`` of every factor, ``(U,)`` per stack and factored axis,
-      flat like the engine's factors (``eps`` after a refresh); otherwise
-      empty.
+      damping :math:`\varepsilon` of every factor, ``(U,)`` per stack and
+      factored axis, flat like the engine's factors (``eps`` after a
+      refresh); otherwise empty.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -127,68 +128,82 @@ def scale_by_shampoo_eigenbasis(
   r"""Shampoo, computed through the eigenbasis of its Kronecker factors.
 
   For each unit (a parameter, a slice along its batch axes or a block; see
-  :func:`scale_by_rotated_adam`) with (merged) axes ``k = 0..N-1``, factors
-  ``GG_k <- β GG_k + (1 - β) C_k(G)``, bases ``Q_k`` and eigenvalue estimates
-  ``Λ_k`` from the last refresh:
+  :func:`scale_by_rotated_adam`) with (merged) axes :math:`k = 0, \dots,
+  N-1`, factors :math:`GG_k \leftarrow \beta\, GG_k + (1 - \beta)\, C_k(G)`,
+  bases :math:`Q_k` and eigenvalue estimates :math:`\Lambda_k` from the last
+  refresh:
 
   .. math::
 
     U = G \times_0 P_0 \times_1 P_1 \cdots \times_{N-1} P_{N-1}
         \cdot T^{(N-1)\,e}, \qquad
-    P_k = Q_k\,(Λ_k + \epsilon)^{-e}\,Q_k^T
+    P_k = Q_k\,(\Lambda_k + \epsilon)^{-e}\,Q_k^\top
 
-  with ``e = exponent`` and, when ``trace_normalize``, ``T = sum(Λ_0)``
-  (``= tr GG_k`` at the refresh, the same for every ``k``); without it the
-  ``T`` factor is 1. For a matrix with ``exponent=0.5`` this is
-  ``U = Q_L (Λ_L + eps)^{-1/2} Q_L^T G Q_R (Λ_R + eps)^{-1/2} Q_R^T sqrt(tr GG_L)``,
-  i.e. ``H^{-1/2} g`` with ``H = (GG_L ⊗ GG_R) / tr(GG_L)``: the SOAP paper's
-  Shampoo^(1/2). ``exponent=0.25`` without normalization is classic Shampoo.
-  Non-positive ``Λ + eps`` is given a zero inverse power (a pseudo-inverse).
+  with :math:`e` = ``exponent`` and, when ``trace_normalize``,
+  :math:`T = \sum \Lambda_0` (:math:`= \operatorname{tr} GG_k` at the
+  refresh, the same for every :math:`k`); without it the :math:`T` factor
+  is 1. For a matrix with ``exponent=0.5`` this is
+
+  .. math::
+
+    U = Q_L (\Lambda_L + \epsilon)^{-1/2} Q_L^\top\, G\, Q_R
+        (\Lambda_R + \epsilon)^{-1/2} Q_R^\top \sqrt{\operatorname{tr} GG_L},
+
+  i.e. :math:`H^{-1/2} g` with
+  :math:`H = (GG_L \otimes GG_R) / \operatorname{tr}(GG_L)`: the SOAP
+  paper's :math:`\text{Shampoo}^{1/2}`. ``exponent=0.25`` without
+  normalization is classic Shampoo. Non-positive :math:`\Lambda + \epsilon`
+  is given a zero inverse power (a pseudo-inverse).
 
   An axis without a Kronecker factor (longer than ``max_precond_dim``, 1-D
   without ``precondition_1d``, a scalar seen as ``(1,)``) uses the identity
-  basis with ``Λ_k = diag(GG_k)``, the running sum of ``G**2`` over the other
-  axes, so every axis is preconditioned.
+  basis with :math:`\Lambda_k = \operatorname{diag}(GG_k)`, the running sum
+  of :math:`G^2` over the other axes, so every axis is preconditioned.
 
   Two safeguards, on by default and negligible where Shampoo is well posed:
 
-  * ``rayleigh_floor``: between refreshes each ``Λ_k`` is used as
-    ``max(Λ_k, R_k)`` with ``R_k = diag(Q_k^T GG_k Q_k)``, the Rayleigh
+  * ``rayleigh_floor``: between refreshes each :math:`\Lambda_k` is used as
+    :math:`\max(\Lambda_k, R_k)` with
+    :math:`R_k = \operatorname{diag}(Q_k^\top GG_k\, Q_k)`, the Rayleigh
     quotients of the *current* factor in the current basis (the engine's
     tracked ``eigenbasis.quotients``, kept exactly at no extra product as
-    ``R_k <- β R_k + (1 - β) sum_{other axes} G'^2``, ``R_k = Λ_k`` on a
-    refresh call; on an axis without a factor, its running diagonal).
-    Frozen eigenvalues of a factor that was rank-deficient at its last
-    refresh are otherwise near zero in directions the new gradients do
-    reach, and the update explodes until the next refresh.
-  * ``rounding_floor``: ``Λ_k + (κ ε)^2 sum(Λ_k)``, the separable form of
-    :func:`scale_by_rotated_adam`'s rounding-noise floor (see
-    :doc:`/numerics`).
+    :math:`R_k \leftarrow \beta R_k + (1 - \beta) \sum_{\text{other axes}}
+    G'^2`, :math:`R_k = \Lambda_k` on a refresh call; on an axis without a
+    factor, its running diagonal). Frozen eigenvalues of a factor that was
+    rank-deficient at its last refresh are otherwise near zero in directions
+    the new gradients do reach, and the update explodes until the next
+    refresh.
+  * ``rounding_floor``: :math:`\Lambda_k + (\kappa \varepsilon)^2 \sum
+    \Lambda_k`, the separable form of :func:`scale_by_rotated_adam`'s
+    rounding-noise floor (see :doc:`/numerics`).
 
   Order within a call (the rule shared with
   :func:`scale_by_adafactor_in_eigenbasis`): the statistics absorb the current
-  gradient first; then, on a refresh call (the call index ``c``, 0-based,
-  satisfies ``c % precondition_frequency == 0``; a unit's first accepted call
-  always, with ``eigh``), ``Q_k`` and ``Λ_k`` are recomputed from them; then
-  the gradient is preconditioned.
+  gradient first; then, on a refresh call (the call index :math:`c`,
+  0-based, satisfies ``c % precondition_frequency == 0``; a unit's first
+  accepted call always, with ``eigh``), :math:`Q_k` and :math:`\Lambda_k`
+  are recomputed from them; then the gradient is preconditioned.
 
   Args:
-    shampoo_beta: decay of the factors, in [0, 1).
-    exponent: the inverse power ``e`` (0.5: Shampoo^(1/2); 0.25: classic).
-    eps: added to the eigenvalues, >= 0.
+    shampoo_beta: decay of the factors, in :math:`[0, 1)`.
+    exponent: the inverse power :math:`e` (0.5: :math:`\text{Shampoo}^{1/2}`;
+      0.25: classic).
+    eps: added to the eigenvalues, :math:`\ge 0`.
     precondition_frequency: an integer, ``"adaptive"`` /
       :class:`soap_optax.AdaptiveRefresh`, or a
       :class:`soap_optax.FoamRefresh`: FOAM's rule, every ``check_interval``
-      calls a damping ``ε_k`` per factor, used instead of ``eps`` (which is
-      its base value ``ε_0``), is raised with the measured staleness, and a
-      stack is decomposed afresh when one of its ``ε_k`` passes
-      ``max_damping``; its ``ε_k`` then go back to ``eps``.
+      calls a damping :math:`\varepsilon_k` per factor, used instead of
+      ``eps`` (which is its base value :math:`\varepsilon_0`), is raised
+      with the measured staleness, and a stack is decomposed afresh when one
+      of its :math:`\varepsilon_k` passes ``max_damping``; its
+      :math:`\varepsilon_k` then go back to ``eps``.
     max_precond_dim: axes longer than this get a diagonal preconditioner.
     merge_dims: merge consecutive axes before factoring.
     precondition_1d: give 1-D parameters a full factor.
-    trace_normalize: multiply by ``T^{(N-1) e}`` (see above).
+    trace_normalize: multiply by :math:`T^{(N-1) e}` (see above).
     refresh: ``"eigh"`` or ``"qr"`` (power iteration + QR warm-started from
-      the current basis, with ``Λ = diag(Q^T GG Q)``).
+      the current basis, with
+      :math:`\Lambda = \operatorname{diag}(Q^\top GG\, Q)`).
     dimension_numbers: batch axes per parameter.
     block_size: cut longer axes into blocks.
     bucket_padding: let units of different shapes share one stack, and so

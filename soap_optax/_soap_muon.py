@@ -40,14 +40,14 @@ def newton_schulz(x: jax.Array, coeffs: Any = MUON_NS_COEFFS,
 
 
 class ScaleBySoapMuonState(NamedTuple):
-  """State of :func:`scale_by_soap_muon`.
+  r"""State of :func:`scale_by_soap_muon`.
 
   Attributes:
-    mu: the momentum ``M``, rotated into the unit's bases (carried exactly
-      into new ones at a refresh), one ``(U, *merged_shape)`` array per
-      stack, in ``mu_dtype``.
-    nu: the second moment ``V`` of the rotated Nesterov momentum, shaped like
-      ``mu`` (permuted with the columns at a refresh).
+    mu: the momentum :math:`M`, rotated into the unit's bases (carried
+      exactly into new ones at a refresh), one ``(U, *merged_shape)`` array
+      per stack, in ``mu_dtype``.
+    nu: the second moment :math:`V` of the rotated Nesterov momentum, shaped
+      like ``mu`` (permuted with the columns at a refresh).
     eigenbasis: the engine's factors and bases.
 
   Examples:
@@ -137,45 +137,54 @@ def scale_by_soap_muon(
   orthogonalized.
 
   Per unit (a parameter, a slice along its batch axes or a block) with
-  gradient ``G`` and SOAP's factors ``GG_i`` (EMAs of ``C_i(G)``, decay
-  ``shampoo_beta``) and bases ``Q_i``:
+  gradient :math:`G` and SOAP's factors :math:`GG_i` (EMAs of
+  :math:`C_i(G)`, decay :math:`\beta`: ``shampoo_beta``) and bases
+  :math:`Q_i`:
 
-  * first accepted call (initialization): ``GG_i = (1 - sb) C_i(G)``,
-    ``Q_i = eigh(GG_i)``; the update is zero;
+  * first accepted call (initialization):
+    :math:`GG_i = (1 - \beta)\, C_i(G)`,
+    :math:`Q_i = \operatorname{eigh}(GG_i)`; the update is zero;
   * every later call, in the bases from before it:
 
     .. math::
 
       M &\leftarrow b_1 M + (1 - b_1) G, \qquad U = (1 - b_1) G + b_1 M \\
-      \hat U &= rotate(U), \qquad
+      \hat U &= \operatorname{rotate}(U), \qquad
       V \leftarrow b_2 V + (1 - b_2) \hat U^2, \qquad
-      P = unrotate\big(\hat U / \sqrt{\max(V, \epsilon^2)}\big) \\
-      O &= NS(P) \cdot \sqrt{\max(1, rows / cols)}
+      P = \operatorname{unrotate}\big(\hat U / \sqrt{\max(V, \epsilon^2)}
+        \big) \\
+      O &= \operatorname{NS}(P) \cdot
+        \sqrt{\max(1, \mathrm{rows} / \mathrm{cols})}
 
-    (``V + f^2`` in place of ``V`` with ``rounding_floor``, the floor of
-    :func:`soap_optax.scale_by_rotated_adam`); then the factors absorb
-    ``C_i(G)`` and, every ``precondition_frequency`` calls, the bases are
-    refreshed as SOAP's (``V`` permuted with the columns). ``NS`` is
-    ``optax.contrib.muon``'s default Newton-Schulz iteration: the matrix
-    divided by its Frobenius norm (plus 1e-8), then ``ns_steps = 5``
-    quintic steps ``X <- a X + (b A + c A^2) X``, ``A = X X^T``, with
-    ``(a, b, c) = (3.4445, -4.7750, 2.0315)``; ``rows x cols`` is the unit's shape as stored. No bias correction. A
-    unit that is not a matrix (a vector, a 3-D unit) gets ``P``
-    unorthogonalized: route those parameters to AdamW.
+    (:math:`V + f^2` in place of :math:`V` with ``rounding_floor``, the
+    floor of :func:`soap_optax.scale_by_rotated_adam`); then the factors
+    absorb :math:`C_i(G)` and, every ``precondition_frequency`` calls, the
+    bases are refreshed as SOAP's (:math:`V` permuted with the columns).
+    :math:`\operatorname{NS}` is ``optax.contrib.muon``'s default
+    Newton-Schulz iteration: the matrix divided by its Frobenius norm (plus
+    :math:`10^{-8}`), then ``ns_steps = 5`` quintic steps
+    :math:`X \leftarrow a X + (b A + c A^2) X`, :math:`A = X X^\top`, with
+    :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`;
+    :math:`\mathrm{rows} \times \mathrm{cols}` is the unit's shape as
+    stored. No bias correction. A unit that is not a matrix (a vector, a
+    3-D unit) gets :math:`P` unorthogonalized: route those parameters to
+    AdamW.
 
-  The momentum is kept rotated (``rotate`` is linear: the same ``Û``),
-  carried exactly into new bases at a refresh. Units of different shapes
-  are not padded into shared stacks (``rows / cols`` is the unit's own).
-  State per ``m x n`` matrix: SOAP's (``m``, ``v``, factors and bases).
+  The momentum is kept rotated (:math:`\operatorname{rotate}` is linear: the
+  same :math:`\hat U`), carried exactly into new bases at a refresh. Units
+  of different shapes are not padded into shared stacks
+  (:math:`\mathrm{rows} / \mathrm{cols}` is the unit's own). State per
+  :math:`m \times n` matrix: SOAP's (:math:`m`, :math:`v`, factors and
+  bases).
 
   Args:
-    b1: ``μ``, the momentum's decay, in [0, 1).
-    b2: the second moment's decay, in [0, 1).
+    b1: :math:`\mu`, the momentum's decay, in :math:`[0, 1)`.
+    b2: the second moment's decay, in :math:`[0, 1)`.
     shampoo_beta: the factors' decay (``None``: ``b2``).
-    eps: ``ε``, the floor of ``sqrt(V)``, > 0 (a zero ``V`` would give
-      ``0/0``).
-    ns_coeffs: the Newton-Schulz quintic's ``(a, b, c)``.
-    ns_steps: its number of steps, >= 0.
+    eps: :math:`\epsilon`, the floor of :math:`\sqrt{V}`, :math:`> 0` (a
+      zero :math:`V` would give :math:`0/0`).
+    ns_coeffs: the Newton-Schulz quintic's :math:`(a, b, c)`.
+    ns_steps: its number of steps, :math:`\ge 0`.
     precondition_frequency: refresh the bases every this many calls (the
       record runs 1), or ``"adaptive"`` / :class:`soap_optax.AdaptiveRefresh`;
       ``max_precond_dim``, ``merge_dims``, ``one_sided``, ``mu_dtype``,

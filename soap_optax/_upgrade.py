@@ -113,8 +113,9 @@ def upgrade_state(saved: Any, like: Any) -> Any:
 
   Returns:
     The state, with ``like``'s tree structure and dtypes: the fields this
-    version dropped (module docstring) left out, every other array as
-    saved.
+    version no longer has (0.1.0's Shampoo ``rayleigh_quotients``, and
+    Adafactor's ``axis_stats`` on its factored axes) left out, every other
+    array as saved.
 
   Raises:
     ValueError: naming the field, where the saved state does not fit

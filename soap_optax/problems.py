@@ -17,14 +17,16 @@ from soap_optax import _aliases
 
 
 class KroneckerQuadratic(NamedTuple):
-  """``L(P) = 1/2 tr((P - P*)^T A (P - P*) B)``, Hessian ``B ⊗ A``.
+  r""":math:`L(P) = \frac{1}{2} \mathrm{tr}((P - P^*)^\top A (P - P^*) B)`.
+
+  Its Hessian is :math:`B \otimes A`.
 
   Attributes:
-    left: ``A`` (m x m, symmetric positive definite).
-    right: ``B`` (n x n, symmetric positive definite).
-    optimum: ``P*``.
+    left: :math:`A` (:math:`m \times m`, symmetric positive definite).
+    right: :math:`B` (:math:`n \times n`, symmetric positive definite).
+    optimum: :math:`P^*`.
     init: the starting point.
-    noise_scale: ``sigma`` in the stochastic gradient below.
+    noise_scale: :math:`\sigma` in the stochastic gradient below.
 
   Examples:
     >>> import jax
@@ -51,10 +53,11 @@ class KroneckerQuadratic(NamedTuple):
     return self.left @ (p - self.optimum) @ self.right
 
   def stochastic_gradient(self, p: jax.Array, key: jax.Array) -> jax.Array:
-    """``A (P - P*) B + sigma A^{1/2} Z B^{1/2}``, ``Z`` standard normal.
+    r""":math:`A (P - P^*) B + \sigma A^{1/2} Z B^{1/2}`, with :math:`Z`
+    standard normal.
 
-    The noise has covariance ``sigma^2 (B ⊗ A)``: the same Kronecker structure
-    as the Hessian.
+    The noise has covariance :math:`\sigma^2 (B \otimes A)`: the same
+    Kronecker structure as the Hessian.
     """
     z = jax.random.normal(key, p.shape, p.dtype)
     return self.gradient(p) + self.noise_scale * (
@@ -118,8 +121,9 @@ def run_optimizer(
 ) -> Any:
   """Runs ``optimizer`` on stochastic gradients; returns the exact loss curve.
 
-  The whole run is one ``lax.scan`` under ``jit``. Entry ``k`` of the result is
-  the (noise-free) loss after ``k`` updates; entry 0 is the initial loss.
+  The whole run is one ``lax.scan`` under ``jit``. Entry :math:`k` of the
+  result is the (noise-free) loss after :math:`k` updates; entry 0 is the
+  initial loss.
   With ``return_state``, returns ``(curve, final optimizer state)``.
 
   Examples:
@@ -192,12 +196,12 @@ class DeadFeatureRun(NamedTuple):
 def dead_feature_regression(
     steps: int, *, rounding_floor: bool = True, dtype: Any = jnp.float32
 ) -> DeadFeatureRun:
-  """Linear regression whose dead input features give exactly zero gradient.
+  r"""Linear regression whose dead input features give exactly zero gradient.
 
-  A 64 x 32 weight, batches of 16 inputs (fixed, seed 0) whose features
-  ``DEAD_FEATURES`` (the module's constant) are always zero, so those weight
-  columns get exactly zero gradient; ``steps`` steps of default ``soap`` (refresh every 10, no
-  weight decay), in one ``lax.scan``.
+  A :math:`64 \times 32` weight, batches of 16 inputs (fixed, seed 0) whose
+  features ``DEAD_FEATURES`` (the module's constant) are always zero, so
+  those weight columns get exactly zero gradient; ``steps`` steps of default
+  ``soap`` (refresh every 10, no weight decay), in one ``lax.scan``.
 
   Returns:
     The weight at the start and at the end, the final optimizer state and the
