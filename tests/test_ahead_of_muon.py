@@ -33,7 +33,7 @@ BEST_LR = {'adamw': 3e-3, 'muon': 1e-2, 'muon_hyperball': 3e-1,
            'soap': 3e-3, 'kl_soap': 3e-3, 'soap_h': 3e-2, 'kl_soap_h': 3e-2,
            'soap_muon': 1e-2}
 REFRESH_BONUS = {('soap', 2): 0.02, ('soap_h', 1): 0.03,
-                 ('kl_soap_h', 2): 0.01}
+                 ('kl_soap_h', 2): 0.02}
 SEED_OFFSET = {'adamw': (0.0, 0.01, -0.01, 0.005),
                'muon': (0.0, 0.02, 0.0, 0.01),
                'muon_hyperball': (0.0, -0.01, 0.02, 0.0),
@@ -49,9 +49,12 @@ def final_loss(name, lr, seed, refresh, adam_lr):
   return final
 
 
-def curve(final):
+def curve(final, fast=False):
+  """Decreases to exactly ``final`` at the last step; ``fast``: much
+  sooner (a rate above the best: early progress, a higher final loss)."""
   steps = list(range(0, STEPS + 1, 10))
-  values = [final + (5.5 - final) * (1 - t / STEPS) ** 2 for t in steps]
+  power = 6 if fast else 2
+  values = [final + (5.5 - final) * (1 - t / STEPS) ** power for t in steps]
   values[-1] = final
   return steps, values
 
@@ -61,7 +64,8 @@ def synthetic_run(name, learning_rate, seed, sizes, out_dir,
   del sizes, out_dir
   steps, values = curve(final_loss(name, learning_rate, seed,
                                    precondition_frequency,
-                                   options.get('adam_lr', 3e-3)))
+                                   options.get('adam_lr', 3e-3)),
+                        fast=learning_rate > BEST_LR[name])
   return dict(optimizer=name, learning_rate=learning_rate, steps=steps,
               valid_loss=values, train_loss=values, batch_loss=[],
               wall_clock=[0.2 * t for t in steps], decompositions=[],
@@ -112,6 +116,18 @@ def test_each_optimizer_is_judged_at_its_best_configuration(comparison):
       assert best['options']['precondition_frequency'] == setting, name
     assert best['steps'] == expected_steps(name, setting, rate), name
     assert len(best['finals']) == 4
+
+
+def test_a_rate_that_is_early_but_ends_higher_is_not_chosen(comparison):
+  """SOAP-H at 0.1 reaches AdamW's final loss first but ends 0.027 above
+  its best rate's run: not within FINAL_LOSS_SLACK, so 0.03 is chosen."""
+  section, _, _ = comparison
+  rows = {r['lr']: r for r in section['grid_rows']
+          if r['configuration'] == 'soap_h f=1'}
+  assert rows[0.1]['steps_to_target'] < rows[0.03]['steps_to_target']
+  assert rows[0.1]['final_valid_loss'] > (
+      rows[0.03]['final_valid_loss'] + ahead_of_muon.FINAL_LOSS_SLACK)
+  assert section['best']['soap_h']['lr'] == pytest.approx(0.03)
 
 
 def test_an_edge_grid_is_extended_once(comparison):

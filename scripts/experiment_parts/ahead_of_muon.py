@@ -17,7 +17,10 @@ On the main job's model at its default size (``LM_MAIN``):
 Stage 1, seed 0: every configuration over three rungs of ``LR_LADDER`` (one
 shared ladder; each optimizer's rungs start around its known scale), the
 grid extended once while its best is at an edge; a configuration's score is
-its steps to AdamW's final loss, then its final loss. Stage 2: each
+its steps to AdamW's final loss, then its final loss, among the
+configurations of its optimizer that end within 0.01 nats of the best final
+loss of the optimizer's grid (at a constant rate, a rate above the best can
+reach the target early and then stall well above it). Stage 2: each
 optimizer's best configuration (its refresh interval and rate) on seeds 1-3,
 so that each is judged on four seeds. The significance rule (of the kind of
 modded-nanogpt's optimizer track): a one-sided Welch t-test of the steps to
@@ -38,8 +41,9 @@ import numpy as np
 import lm_config
 import optimizers
 
-from experiment_parts.sweep import (LM_MAIN, LM_QUICK, LmSweep, result_row,
-                                    score, train_lm_run, tuned_options)
+from experiment_parts.sweep import (LM_MAIN, LM_QUICK, LR_LADDER, LmSweep,
+                                    best_rate, result_row, score,
+                                    train_lm_run, tuned_options)
 
 TITLE = 'Ahead of Muon: the library\'s rules against the best Muon, over seeds'
 
@@ -48,6 +52,9 @@ ADAMW_RATE = 3e-3
 # The Adam/AdamW part's rate: Muon's best of {3e-3, 1e-2} ('kl_vs_muon').
 ADAM_PART = 1e-2
 SIGNIFICANCE = 0.05
+# A configuration is chosen by its steps to the target among those whose
+# final loss is within this of the best of its optimizer's grid (nats).
+FINAL_LOSS_SLACK = 0.01
 
 # Seed-0 grids: three rungs of the shared ladder each, around the scale of
 # each rule's step (Hyperball's rate is a step's length relative to the
@@ -102,6 +109,12 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run, cost=None):
   adamw = {seed: sweep.run('adamw', ADAMW_RATE, seed) for seed in seeds}
   targets = {seed: r['valid_loss'][-1] for seed, r in adamw.items()}
 
+  if extend:  # The grids' extensions, two at a time too.
+    sweep.prefetch([
+        (name, rate, 0, options) for name, rates in GRIDS.items()
+        for _, options in configurations(name, quick)
+        for rate in [next_rung({lr: sweep.run(name, lr, **options)
+                                for lr in rates})] if rate is not None])
   grid_rows, chosen = [], {}
   for name, rates in GRIDS.items():
     candidates = []
@@ -113,7 +126,7 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run, cost=None):
         row['configuration'] = label
         grid_rows.append(row)
         candidates.append((record, label, options))
-    chosen[name] = min(candidates, key=lambda c: score(c[0], targets[0]))
+    chosen[name] = best_configuration(candidates, targets[0])
 
   judged = list(chosen)
   if quick:  # Only the best Muon and the best candidate on seed 1.
@@ -138,6 +151,28 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run, cost=None):
               targets=[targets[s] for s in seeds], grid_rows=grid_rows,
               best=best, best_muon=best_muon, leader=leader,
               step_cost=(cost or step_cost)(sizes, quick))
+
+
+def next_rung(runs):
+  """The rate LmSweep.grid adds to ``runs`` (lr -> record) next: the rung
+  of LR_LADDER beyond the best rate when it is at an edge, else None."""
+  best = best_rate(runs)
+  if best not in (min(runs), max(runs)):
+    return None
+  rung = LR_LADDER.index(best) + (-1 if best == min(runs) else 1)
+  return LR_LADDER[rung] if 0 <= rung < len(LR_LADDER) else None
+
+
+def best_configuration(candidates, target):
+  """The fewest steps to ``target`` (then the lower final loss) among the
+  ``(record, label, options)`` candidates whose final loss is within
+  FINAL_LOSS_SLACK of the best final loss among them: at a constant rate,
+  a rate above the best can reach AdamW's final loss early and then stall
+  well above the others (Hyperball's steps keep one length)."""
+  best_final = min(c[0]['valid_loss'][-1] for c in candidates)
+  eligible = [c for c in candidates
+              if c[0]['valid_loss'][-1] <= best_final + FINAL_LOSS_SLACK]
+  return min(eligible, key=lambda c: score(c[0], target))
 
 
 def seed_summary(records, targets, label):
