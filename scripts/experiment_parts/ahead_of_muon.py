@@ -187,7 +187,8 @@ def seed_summary(records, targets, label):
       options=records[0]['options'], steps=steps, finals=finals,
       steps_mean=mean_or_inf(steps), steps_se=standard_error(steps),
       final_mean=float(np.mean(finals)), final_se=standard_error(finals),
-      optimizer_step_share=float(np.mean(shares)) if shares else None)
+      optimizer_step_share=float(np.mean(shares)) if shares else None,
+      state_bytes=records[0].get('state_bytes'))
 
 
 def mean_or_inf(values):
@@ -265,6 +266,10 @@ def _steps_cell(summary):
           ('' if math.isnan(se) else f' ± {se:.1f}') + f' ({per_seed})')
 
 
+def mebibytes_cell(nbytes):
+  return '–' if nbytes is None else f'{nbytes / 2**20:.1f}'
+
+
 def tables(section) -> str:
   sizes = section['sizes']
   seeds = section['seeds']
@@ -280,8 +285,8 @@ def tables(section) -> str:
       f'({section["best_muon"]}), significant below {SIGNIFICANCE:g}.', '',
       '| optimizer | configuration | lr | steps to AdamW\'s final loss | '
       'final valid loss | × best Muon\'s steps | p (steps) | p (final loss) '
-      '| opt-step share |', '| --- | --- | --- | --- | --- | --- | --- | --- '
-      '| --- |']
+      '| opt-step share | state MiB |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   order = sorted(section['best'], key=lambda n: (
       section['best'][n]['steps_mean'], section['best'][n]['final_mean']))
   for name in order:
@@ -295,7 +300,8 @@ def tables(section) -> str:
         f'{s["final_mean"]:.4f} ± {s["final_se"]:.4f} | '
         f'{against["steps_ratio"]:.2f} | {p_cell(against["p_steps"])} | '
         f'{p_cell(against["p_final"])} | '
-        f'{"–" if share is None else f"{100 * share:.0f}%"} |')
+        f'{"–" if share is None else f"{100 * share:.0f}%"} | '
+        f'{mebibytes_cell(s.get("state_bytes"))} |')
   lines += ['', 'Seed 0\'s grids (each configuration\'s rates; grids '
             'extended once while the best was at an edge):', '',
             '| configuration | lr | final valid loss | steps to AdamW\'s |',
