@@ -19,12 +19,13 @@ import optimizers
 from common import UsageError
 
 # The main job's optimizers (names of optimizers.OPTIMIZERS, in the order its
-# help lists them): every one but the benchmark's 'soap_one_sided' (the main
-# job's --one-sided makes its eigenbasis optimizers one-sided).
+# help lists them, the library's best rule on the main job first): every one
+# but the benchmark's 'soap_one_sided' (the main job's --one-sided makes its
+# eigenbasis optimizers one-sided).
 OPTIMIZERS = optimizers.check_names(
-    ('soap', 'adamw', 'muon', 'muon_all_matrices', 'muon_shared_lr',
-     'muon_hyperball', 'shampoo', 'factorized_soap', 'kl_shampoo', 'kl_soap',
-     'soap_h', 'kl_soap_h', 'soap_muon',
+    ('soap_muon', 'adamw', 'muon', 'soap', 'soap_h', 'kl_soap_h', 'kl_soap',
+     'muon_hyperball', 'muon_all_matrices', 'muon_shared_lr', 'shampoo',
+     'factorized_soap', 'kl_shampoo',
      # For the numerics comparisons (BENCHMARKS.md section 7):
      'soap_no_floor', 'shampoo_ungrafted'))
 
@@ -45,12 +46,12 @@ DEFAULT_LEARNING_RATES = {
     'factorized_soap': 3e-3,
     'soap_no_floor': 3e-3,
     'shampoo_ungrafted': 3e-3,
-    # Provisional until the 'ahead_of_muon' part's grids (Hyperball's rate
-    # is a step's length relative to the matrix's norm).
-    'muon_hyperball': 3e-2,
-    'soap_h': 3e-2,
-    'kl_soap_h': 3e-2,
-    'soap_muon': 1e-2,
+    # The best of seed 0's grid in `experiments.py --parts ahead_of_muon`
+    # (Hyperball's rate is a step's length relative to the matrix's norm).
+    'muon_hyperball': 1e-2,
+    'soap_h': 1e-2,
+    'kl_soap_h': 1e-2,
+    'soap_muon': 3e-2,
 }
 
 

@@ -20,7 +20,8 @@ and JSON ``lm_report.py``.
 
 Examples::
 
-  python scripts/train_lm.py                       # soap, adamw, muon
+  python scripts/train_lm.py                       # soap_muon, adamw, muon
+  python scripts/train_lm.py --optimizers soap_h,kl_soap_h,muon_hyperball
   python scripts/train_lm.py --precondition-frequency adaptive
   python scripts/train_lm.py --soap-params matrices --schedule cosine
   python scripts/train_lm.py --optimizers soap,adamw,shampoo,factorized_soap
@@ -52,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--optimizers', default='soap,adamw,muon',
+  parser.add_argument('--optimizers', default='soap_muon,adamw,muon',
                       help=f'comma-separated, from {", ".join(OPTIMIZERS)}')
   parser.add_argument('--lr', default='',
                       help='learning rates, e.g. "soap=3e-3,adamw=1e-3"; '

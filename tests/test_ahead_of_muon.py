@@ -187,5 +187,5 @@ def test_quick_part_runs_end_to_end(tmp_path):
   judged = {n for n, s in section['best'].items() if len(s['finals']) == 2}
   assert judged == {'adamw', section['best_muon'], section['leader']}
   assert [(r['optimizer'], r['refresh']) for r in section['step_cost']] == [
-      ('soap', 1), ('soap', 10)]
+      ('soap', refresh) for refresh in ahead_of_muon.COST_REFRESHES]
   assert 'Ahead of Muon' in (tmp_path / 'tables.md').read_text()

@@ -25,10 +25,10 @@ optimizer's best configuration (its refresh interval and rate) on seeds 1-3,
 so that each is judged on four seeds. The significance rule (of the kind of
 modded-nanogpt's optimizer track): a one-sided Welch t-test of the steps to
 the target over the four seeds against the best Muon variant's, p < 0.05.
-Then the training step's cost on CPU with a refresh every call against
-every 10, measured alone (stage 1 and 2 may run two at a time with
+Then the training step's cost on CPU with a refresh every call and every
+2 calls against every 10, measured alone (stage 1 and 2 may run two at a time with
 ``--workers 2``, which makes their wall-clock columns slower than a run
-alone; the shares and the losses are unaffected).
+alone; the losses are unaffected).
 """
 
 import math
@@ -74,9 +74,9 @@ REFRESHES = (1, 2)
 # Muon's Adam part is tuned too (its best, ADAM_PART, and AdamW's rate);
 # Muon in Hyperball takes Muon's best.
 MUON_ADAM_PARTS = (ADAM_PART, ADAMW_RATE)
-# The per-step cost: a refresh every call against every 10.
+# The per-step cost: a refresh every call and every 2 against every 10.
 COST_NAMES = ('adamw', 'muon', 'soap', 'soap_h', 'soap_muon')
-COST_REFRESHES = (1, 10)
+COST_REFRESHES = (1, 2, 10)
 COST_QUICK = ('soap',)
 
 
@@ -141,10 +141,12 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run, cost=None):
     records = [record] + [sweep.run(name, record['learning_rate'], seed,
                                     **options) for seed in more]
     best[name] = seed_summary(records, targets, label)
-  best_muon = min(MUONS, key=lambda n: mean_or_inf(best[n]['steps']))
+  # Among the optimizers judged on every seed (all but with quick).
+  best_muon = min([n for n in MUONS if n in judged],
+                  key=lambda n: mean_or_inf(best[n]['steps']))
   for name, summary in best.items():
     summary['against_best_muon'] = compare(summary, best[best_muon])
-  candidates = [n for n in GRIDS if n not in MUONS]
+  candidates = [n for n in GRIDS if n not in MUONS and n in judged]
   leader = min(candidates, key=lambda n: (mean_or_inf(best[n]['steps']),
                                           best[n]['final_mean']))
   return dict(sizes=sizes, seeds=list(seeds),
