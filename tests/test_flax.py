@@ -191,10 +191,12 @@ def test_linen_scanned_model_trains_with_per_layer_soap(x64):
   _, params, dims, loss_fn = _linen_setup(jnp.float64)
   tx = _soap(dimension_numbers=dims)
   state = tx.init(params)
+  # Jitted: one compile each instead of one per eager operation.
+  grad_fn, update = jax.jit(jax.grad(loss_fn)), jax.jit(tx.update)
   grads_stream, p = [], params
   for step in range(12):
-    grads = jax.grad(loss_fn)(p, step)
-    updates, state = tx.update(grads, state, p)
+    grads = grad_fn(p, step)
+    updates, state = update(grads, state, p)
     p = optax.apply_updates(p, updates)
     grads_stream.append(grads)
   held_out = 1000  # a batch no step saw.
