@@ -6,7 +6,9 @@ Every public name of ``soap_optax`` (``soap_optax.__all__``) and of
 imports) and run with ``doctest.DocTestRunner``. Each example imports what it
 uses, as a reader pasting it would: the examples run with empty globals, not
 in their module's namespace. They run with ``jax_enable_x64`` off (the
-documented outputs are float32), and the flag is restored afterwards.
+documented outputs are float32), all of them once in a fresh Python process,
+so that nothing an example does to JAX's global state reaches the test
+worker.
 
 Which names must have an example: every public function and class, except
 the ``NamedTuple`` records (the transforms' states, and the problems'
@@ -19,7 +21,12 @@ without an ``Examples:`` section fails
 
 import doctest
 import inspect
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -73,27 +80,51 @@ def test_the_public_names_are_found():
     assert f'problems.{name}' in PUBLIC, name
 
 
-@pytest.mark.parametrize('name', sorted(PUBLIC))
-def test_examples_run(name):
-  tests = _doctests(name)
-  if not tests:
-    pytest.skip(f'{name} has no examples')
-  report, failed, attempted = [], 0, 0
-  runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS, verbose=False)
-  x64 = jax.config.jax_enable_x64
-  try:
-    with jax.enable_x64(False):
-      for test in tests:
+def run_examples(names) -> dict[str, tuple[int, int, str]]:
+  """``name -> (attempted, failed, report)`` for the examples of ``names``,
+  run with ``jax_enable_x64`` off."""
+  results = {}
+  with jax.enable_x64(False):
+    for name in names:
+      report = []
+      runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS, verbose=False)
+      attempted = failed = 0
+      for test in _doctests(name):
         result = runner.run(test, out=report.append, clear_globs=True)
         failed += result.failed
         attempted += result.attempted
-  finally:
-    if jax.config.jax_enable_x64 != x64:  # an example set the global flag
-      jax.config.update('jax_enable_x64', x64)
+      results[name] = (attempted, failed, ''.join(report))
+  return results
+
+
+@pytest.fixture(scope='module')
+def example_results():
+  """Every example, run once in a fresh Python process: whatever an example
+  does to JAX's global state (its config, its compilation cache, a mesh)
+  stays out of the test worker, which goes on to other files."""
+  code = ('import json, sys; sys.path.insert(0, sys.argv[1]); '
+          'import test_docstring_examples as t; '
+          'print(json.dumps(t.run_examples(sorted(t.PUBLIC))))')
+  # Without the suite's persistent compilation cache: the examples compile
+  # the same small programs as other test files, and two processes writing
+  # and reading one cache entry at once crashed a worker inside JAX (a
+  # segmentation fault in the cache's write, then in its read).
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false')
+  result = subprocess.run(
+      [sys.executable, '-c', code, str(pathlib.Path(__file__).parent)],
+      capture_output=True, text=True, timeout=600, check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', sorted(PUBLIC))
+def test_examples_run(name, example_results):
+  if not _doctests(name):
+    pytest.skip(f'{name} has no examples')
+  attempted, failed, report = example_results[name]
   assert attempted > 0, name
   assert failed == 0, (
-      f'{failed} of the {attempted} examples of {name} failed:\n'
-      + ''.join(report))
+      f'{failed} of the {attempted} examples of {name} failed:\n' + report)
 
 
 def test_every_public_name_has_an_example():
