@@ -103,7 +103,7 @@ def adamw(config: Config, learning_rate: float):
 def soap_labels(config: Config, params):
   """'eigenbasis' or 'adamw' per parameter (Config.soap_params)."""
   def label(path, leaf):
-    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    names = _names(path)
     # Vectors: biases (the attention's are (heads, head_dim)) and norm
     # scales.
     vector = leaf.ndim < 2 or 'bias' in names or 'scale' in names
@@ -114,6 +114,17 @@ def soap_labels(config: Config, params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def _names(path):
+  """A parameter's key path as names ('blocks', 0, 'attention', ...)."""
+  return [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+
+
+def _is_blocks_kernel(path):
+  """Whether the parameter at ``path`` is a transformer block's kernel."""
+  names = _names(path)
+  return names[0] == 'blocks' and 'kernel' in names
+
+
 def muon_dimension_numbers(params):
   """Muon as its users route it: the blocks' matrices only, the 3-D
   attention kernels as matrices (query/key/value ``(d, heads, head_dim)``
@@ -122,9 +133,9 @@ def muon_dimension_numbers(params):
   head and the vectors."""
   muon = optax.contrib.MuonDimensionNumbers
   def spec(path, leaf):
-    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    if names[0] != 'blocks' or 'kernel' not in names:
+    if not _is_blocks_kernel(path):
       return None
+    names = _names(path)
     if jnp.ndim(leaf) == 2:
       return muon()
     if 'out' in names:
@@ -139,11 +150,8 @@ def muon_dimension_numbers(params):
 def muon_matrices(params):
   """True for the leaves muon_dimension_numbers gives to Muon (the blocks'
   kernels), False for the rest: what Hyperball wraps in 'muon_hyperball'."""
-  def is_matrix(path, leaf):
-    del leaf
-    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    return names[0] == 'blocks' and 'kernel' in names
-  return jax.tree_util.tree_map_with_path(is_matrix, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _is_blocks_kernel(path), params)
 
 
 def matrix_dimension_numbers(params):

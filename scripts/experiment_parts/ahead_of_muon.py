@@ -41,9 +41,9 @@ import numpy as np
 import lm_config
 import optimizers
 
-from experiment_parts.sweep import (LM_MAIN, LM_QUICK, LR_LADDER, LmSweep,
-                                    best_rate, result_row, score,
-                                    train_lm_run, tuned_options)
+from experiment_parts.sweep import (LM_MAIN, LM_QUICK, LmSweep, next_rung,
+                                    result_row, score, train_lm_run,
+                                    tuned_options)
 
 TITLE = 'Ahead of Muon: the library\'s rules against the best Muon, over seeds'
 
@@ -153,16 +153,6 @@ def run(quick: bool, out_dir: pathlib.Path, train=train_lm_run, cost=None):
               targets=[targets[s] for s in seeds], grid_rows=grid_rows,
               best=best, best_muon=best_muon, leader=leader,
               step_cost=(cost or step_cost)(sizes, quick))
-
-
-def next_rung(runs):
-  """The rate LmSweep.grid adds to ``runs`` (lr -> record) next: the rung
-  of LR_LADDER beyond the best rate when it is at an edge, else None."""
-  best = best_rate(runs)
-  if best not in (min(runs), max(runs)):
-    return None
-  rung = LR_LADDER.index(best) + (-1 if best == min(runs) else 1)
-  return LR_LADDER[rung] if 0 <= rung < len(LR_LADDER) else None
 
 
 def best_configuration(candidates, target):

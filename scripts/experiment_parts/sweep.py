@@ -154,14 +154,9 @@ class LmSweep:
     rates = sorted(rates)
     runs = {lr: self.run(name, lr, **options) for lr in rates}
     for _ in range(extend):
-      best = best_rate(runs)
-      if len(runs) > 1 and best not in (min(runs), max(runs)):
+      lr = next_rung(runs)
+      if lr is None:
         break
-      rung = LR_LADDER.index(best)
-      step = -1 if best == min(runs) else 1
-      if not 0 <= rung + step < len(LR_LADDER):
-        break
-      lr = LR_LADDER[rung + step]
       runs[lr] = self.run(name, lr, **options)
     return dict(sorted(runs.items()))
 
@@ -169,6 +164,17 @@ class LmSweep:
 def _run_in_worker(sizes, directory, name, lr, seed, options):
   """One run of LmSweep.prefetch in a worker process (kept as its JSON)."""
   LmSweep(sizes, directory).run(name, lr, seed, **options)
+
+
+def next_rung(runs):
+  """The rate LmSweep.grid adds to ``runs`` (lr -> record) next: the rung
+  of LR_LADDER beyond the best rate when it is at an edge (below a single
+  rate), else None."""
+  best = best_rate(runs)
+  if best not in (min(runs), max(runs)):
+    return None
+  rung = LR_LADDER.index(best) + (-1 if best == min(runs) else 1)
+  return LR_LADDER[rung] if 0 <= rung < len(LR_LADDER) else None
 
 
 def best_rate(runs):
