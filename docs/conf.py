@@ -1,11 +1,17 @@
 """Sphinx configuration of the soap_optax documentation.
 
 Build it with ``python -m sphinx -W -b html docs docs/_build/html`` after
-``pip install -e ".[docs]"``; ``tests/test_docs.py`` does the same in CI.
+``pip install -e ".[docs]"``; ``tests/test_docs.py`` does the same in CI
+(with ``-n``, and local inventories for the links into JAX, optax and Flax:
+see ``EXTERNAL_DOCS`` below).
 """
 
+import fnmatch
+import os
 import pathlib
 import shutil
+import subprocess
+import tarfile
 
 import soap_optax
 
@@ -20,6 +26,7 @@ extensions = [
     'myst_nb',  # MyST Markdown pages and notebooks (it loads myst_parser).
     'sphinx.ext.autodoc',
     'sphinx.ext.autosummary',
+    'sphinx.ext.intersphinx',
     'sphinx.ext.napoleon',
     'sphinx.ext.mathjax',
     'sphinx.ext.viewcode',
@@ -36,7 +43,7 @@ copybutton_prompt_is_regexp = True
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb',
                  '.ipynb': 'myst-nb'}
 templates_path = ['_templates']
-exclude_patterns = ['_build', 'README.md']
+exclude_patterns = ['_build', '_generated', 'README.md']
 
 # The API reference: one page per public name, generated from the docstrings.
 autosummary_generate = True
@@ -52,6 +59,34 @@ napoleon_attr_annotations = False
 
 # A dead cross-reference fails the build (tests/test_docs.py builds with -n).
 nitpicky = True
+
+# Links into the JAX, optax and Flax documentation: names such as
+# :class:`optax.GradientTransformation` resolve through each project's
+# inventory (objects.inv). By default Sphinx downloads the inventories. To
+# build without a network, either point SOAP_OPTAX_DOCS_INVENTORIES at a folder
+# holding jax.inv, optax.inv and flax.inv (tests/test_docs.py writes one), or
+# set SOAP_OPTAX_DOCS_OFFLINE=1: the three projects' names then render as code
+# without links, and only they are exempt from the nitpicky check.
+EXTERNAL_DOCS = {
+    'jax': 'https://docs.jax.dev/en/latest/',
+    'optax': 'https://optax.readthedocs.io/en/latest/',
+    'flax': 'https://flax.readthedocs.io/en/latest/',
+}
+_inventories = os.environ.get('SOAP_OPTAX_DOCS_INVENTORIES')
+if os.environ.get('SOAP_OPTAX_DOCS_OFFLINE') == '1':
+  intersphinx_mapping = {}
+  nitpick_ignore_regex = [
+      (r'py:.*', r'(%s)(\..*)?' % '|'.join(EXTERNAL_DOCS))]
+elif _inventories:
+  intersphinx_mapping = {
+      name: (url, os.path.join(_inventories, f'{name}.inv'))
+      for name, url in EXTERNAL_DOCS.items()}
+else:
+  intersphinx_mapping = {name: (url, None)
+                         for name, url in EXTERNAL_DOCS.items()}
+# Only explicit roles go to the other projects; a name of this site never
+# resolves there by accident.
+intersphinx_disabled_reftypes = ['std:doc']
 
 # MyST: $...$ and $$...$$ math, ::: fences, heading anchors for links.
 myst_enable_extensions = ['dollarmath', 'colon_fence', 'deflist']
@@ -75,3 +110,47 @@ def _copy_notebooks():
 
 
 _copy_notebooks()
+
+
+# The landing page offers the source of this version as an archive, so the
+# site says where the code is and how to install it without a repository
+# address. ``ARCHIVE`` is written here at every build (git-ignored).
+ARCHIVE = pathlib.Path(__file__).resolve().parent / '_generated' / (
+    'soap_optax-source.tar.gz')
+
+
+def _tracked_files() -> list[str]:
+  """The repository's files as git tracks them; outside a git checkout, the
+  files that ``.gitignore``'s patterns leave (a name or a folder/)."""
+  try:
+    listing = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    return sorted(name for name in listing.split('\0')
+                  if name and (ROOT / name).is_file())
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  patterns = [line.strip().rstrip('/') for line in
+              (ROOT / '.gitignore').read_text().splitlines()
+              if line.strip() and not line.startswith('#')]
+  patterns.append('.git')
+
+  def ignored(relative: str) -> bool:
+    parts = relative.split('/')
+    return any(fnmatch.fnmatch(part, pattern) or
+               fnmatch.fnmatch('/'.join(parts[:i + 1]), pattern)
+               for pattern in patterns for i, part in enumerate(parts))
+
+  return sorted(path.relative_to(ROOT).as_posix()
+                for path in ROOT.rglob('*') if path.is_file()
+                and not ignored(path.relative_to(ROOT).as_posix()))
+
+
+def _write_source_archive():
+  """``ARCHIVE``: the tracked files under one ``soap_optax/`` folder."""
+  ARCHIVE.parent.mkdir(exist_ok=True)
+  with tarfile.open(ARCHIVE, 'w:gz') as archive:
+    for name in _tracked_files():
+      archive.add(ROOT / name, arcname=f'soap_optax/{name}', recursive=False)
+
+
+_write_source_archive()

@@ -153,14 +153,14 @@ def scale_by_adafactor_in_eigenbasis(
     rounding_floor: floor each statistic at the rotation's rounding level
       (above); the same rule as :func:`scale_by_shampoo_eigenbasis`'s, so the
       identity holds with it on.
-    mesh: divide the state and the work over this ``jax.sharding.Mesh``.
+    mesh: divide the state and the work over this :class:`jax.sharding.Mesh`.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   The engine options are described in full in
   :ref:`engine-options`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax

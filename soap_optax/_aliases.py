@@ -1,6 +1,6 @@
 """Complete optimizers: the transforms chained with weight decay and a step size.
 
-Each alias reads like ``optax.adamw``: a preconditioning transform, decoupled
+Each alias reads like :func:`optax.adamw`: a preconditioning transform, decoupled
 weight decay, then the (possibly scheduled) learning rate.
 """
 
@@ -29,14 +29,14 @@ class DecayAfterFirstCallState(NamedTuple):
 
 def _decayed_weights_after_first_call(
     weight_decay: Any, mask: Any) -> optax.GradientTransformation:
-  """``optax.add_decayed_weights``, skipped on the first call.
+  """:func:`optax.add_decayed_weights`, skipped on the first call.
 
   The first call of the eigenbasis transforms only initializes the
   preconditioner and returns a zero update; weight decay must not move the
   parameters on that call either. Both outcomes are computed and selected
   with ``where`` (not ``cond``), so the updates' dtype is whatever
   ``add_decayed_weights`` gives (the promotion of the updates' and the
-  parameters' dtypes, as in ``optax.adamw``) on every call.
+  parameters' dtypes, as in :func:`optax.adamw`) on every call.
   """
   decay = optax.add_decayed_weights(weight_decay, mask)
 
@@ -120,7 +120,7 @@ def soap(
   :math:`\\lambda` is ``weight_decay`` (applied to the leaves selected by
   ``weight_decay_mask``). The first call only initializes the preconditioner:
   its update is exactly zero, weight decay included. The learning-rate
-  schedule, like ``optax.adamw``'s, counts every call, the first included.
+  schedule, like :func:`optax.adamw`'s, counts every call, the first included.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -160,7 +160,7 @@ def soap(
       noise from being normalized up to full-size updates (see
       :func:`soap_optax.scale_by_rotated_adam`); ``False`` reproduces the
       reference implementation's float32 behaviour.
-    mesh: a ``jax.sharding.Mesh`` to divide the optimizer's state and work
+    mesh: a :class:`jax.sharding.Mesh` to divide the optimizer's state and work
       over (``None``: single device); see
       :func:`soap_optax.scale_by_rotated_adam` and
       :func:`soap_optax.state_shardings`.
@@ -179,7 +179,7 @@ def soap(
       for KL-SOAP). See :func:`soap_optax.scale_by_rotated_adam`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax
@@ -265,7 +265,7 @@ def factorized_soap(
     ``rounding_floor``, ``mesh`` and ``shard_axes`` included).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -388,14 +388,14 @@ def shampoo(
       Rayleigh quotient (see :func:`soap_optax.scale_by_shampoo_eigenbasis`);
       this is what keeps ``grafting="none"`` from exploding between the
       first refreshes. ``False``: classic Shampoo.
-    mesh: a ``jax.sharding.Mesh`` to divide the optimizer's state and work
+    mesh: a :class:`jax.sharding.Mesh` to divide the optimizer's state and work
       over (``None``: single device); see
       :func:`soap_optax.scale_by_rotated_adam` and
       :func:`soap_optax.state_shardings`.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax
@@ -504,7 +504,7 @@ def kl_shampoo(
       ``rounding_floor``, ``mesh``, ``shard_axes`` and ``refresh``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -579,7 +579,7 @@ def soap_h(
   power-iteration step and QR, ``b1 = 0.95``, ``b2 = 0.9``, no bias
   correction. The other parameters (vectors, stacked or scanned leaves,
   matrices the mask leaves out) get SOAP's update times the learning rate;
-  route them to AdamW with ``optax.partition`` as the leaders do. The first
+  route them to AdamW with :func:`optax.partition` as the leaders do. The first
   call only initializes: its update is zero.
 
   Args:
@@ -599,7 +599,7 @@ def soap_h(
     mask: which matrices Hyperball wraps (see :func:`hyperball`).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax
@@ -676,7 +676,7 @@ def kl_soap_h(
     initial_eigenvalue: the KL estimates' prior (``None``: 0.1).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -742,7 +742,7 @@ def soap_muon(
   with :func:`soap`, the first call only initializes: its update is zero,
   weight decay included. Meant for the hidden matrices (the record runs a
   refresh every step, ``precondition_frequency=1``); route vectors,
-  embeddings and heads to AdamW (``optax.partition``).
+  embeddings and heads to AdamW (:func:`optax.partition`).
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -756,7 +756,7 @@ def soap_muon(
       and ``shard_axes``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -13,20 +13,20 @@ import jax.numpy as jnp
 
 
 def map_items(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
-  """``fn`` over the leading axis of ``stacked`` as one ``jax.lax.map``."""
+  """``fn`` over the leading axis of ``stacked`` as one :func:`jax.lax.map`."""
   return jax.lax.map(lambda args: fn(*args), tuple(stacked))
 
 
 def vmap_items(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
-  """``fn`` over the leading axis of ``stacked`` as one ``jax.vmap``."""
+  """``fn`` over the leading axis of ``stacked`` as one :func:`jax.vmap`."""
   return jax.vmap(fn)(*stacked)
 
 
 def _map_stacked(fn: Callable[..., Any], stacked: Sequence[jax.Array]):
   """``fn`` over the leading axis of ``stacked``: one call for the whole stack.
 
-  On accelerators this is ``jax.vmap`` (one batched solver launch). On CPU it
-  is ``jax.lax.map``: jaxlib's batched LAPACK kernels (``syevd``) share XLA's
+  On accelerators this is :func:`jax.vmap` (one batched solver launch). On CPU it
+  is :func:`jax.lax.map`: jaxlib's batched LAPACK kernels (``syevd``) share XLA's
   CPU thread pool, and with a batch inside a larger program they can wait for
   pool threads that are themselves waiting, so the step never finishes
   (observed with jax 0.10.2 on 2 cores, in about 1 run of 3; never with

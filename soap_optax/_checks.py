@@ -2,7 +2,7 @@
 
 Every check runs at construction (or at ``init`` for parameter dtypes) and
 raises a ``ValueError`` that names the argument and the accepted values.
-Hyperparameters that arrive as tracers (``optax.inject_hyperparams`` passes
+Hyperparameters that arrive as tracers (:func:`optax.inject_hyperparams` passes
 them that way inside ``jit``) cannot be inspected and are let through.
 """
 

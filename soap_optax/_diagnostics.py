@@ -115,7 +115,7 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
   r"""Scalars that say what the eigenbasis optimizers in ``state`` are doing.
 
   Works on any state that holds eigenbasis transforms' states (chained,
-  injected, inside ``flax.nnx.Optimizer``'s ``opt_state``, sharded or not),
+  injected, inside :class:`flax.nnx.Optimizer`'s ``opt_state``, sharded or not),
   and under ``jit``.
   Per stack of same-shape units (named ``stack{s}_{shape}``, prefixed by
   ``tx{k}/`` when the state holds several such transforms; see

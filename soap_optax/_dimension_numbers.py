@@ -20,7 +20,7 @@ import numpy as np
 class EigenbasisDimensionNumbers:
   r"""Which axes of a parameter are batch axes, and how to read it as a matrix.
 
-  Like ``optax.contrib.MuonDimensionNumbers``: a batch axis gets no Kronecker
+  Like :class:`optax.contrib.MuonDimensionNumbers`: a batch axis gets no Kronecker
   factor, and each slice along the batch axes is optimized exactly as if it
   were a parameter of its own.
 
@@ -99,7 +99,7 @@ def resolve_dimension_numbers(
 ) -> list[EigenbasisDimensionNumbers | None]:
   """One entry per leaf of ``params``, from a prefix tree (or a callable).
 
-  Entries are matched by key path, so a tree built from ``flax.nnx.State``
+  Entries are matched by key path, so a tree built from :class:`flax.nnx.State`
   (or from boxed Linen parameters) also serves the pure-array dictionaries
   that ``nnx.Optimizer`` and ``nn.unbox`` give the optimizer.
 

@@ -60,7 +60,7 @@ def accumulate(
   """``GG_i <- beta GG_i + (1 - beta) C_i``, ``C_i`` per factored axis (by
   default :func:`factor_statistics` of the gradient). ``1 - beta`` is taken
   in the factors' dtype, so that a Python ``beta`` and the same ``beta``
-  injected as an array (``optax.inject_hyperparams``) give the same bits:
+  injected as an array (:func:`optax.inject_hyperparams`) give the same bits:
   a rank-deficient float32 factor would carry their last-bit difference into
   the update."""
   new_stats = tuple(

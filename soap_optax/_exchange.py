@@ -15,12 +15,12 @@ first on ties; else its first batch axis; else it is replicated). Its
 gradient arrives in that layout (:func:`leaf_spec`; a gradient laid out
 otherwise is moved to it by one reshard at the update's boundary).
 
-**One exchange in, one out.** Inside ``jax.shard_map``, each device cuts
+**One exchange in, one out.** Inside :func:`jax.shard_map`, each device cuts
 its gradient shards into *parts* (``h`` consecutive rows of a unit along the
 divided axis; a whole unit where the division runs along a batch axis or the
 parameter is replicated) and writes each into its owner's chunk of one send
 buffer ``[N, F]`` per state dtype (``F``: the most entries one device sends
-another); one ``jax.lax.all_to_all`` delivers every part to its unit's
+another); one :func:`jax.lax.all_to_all` delivers every part to its unit's
 owner, which assembles its units. The update's parts go back the same way,
 to the same places. Everything between the two exchanges is the owners'
 local work; a replicated parameter's update is summed over the shards (only

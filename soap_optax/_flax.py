@@ -1,4 +1,4 @@
-"""Flax glue: batch axes from axis names, and ``flax.serialization`` support.
+"""Flax glue: batch axes from axis names, and :mod:`flax.serialization` support.
 
 Scanned Flax models keep their layers as one parameter with a leading layer
 axis, and name that axis in the parameter's metadata:
@@ -61,7 +61,7 @@ def dimension_numbers_from_axis_names(
     params: the parameters with their metadata: ``nnx.state(model,
       nnx.Param)`` for Flax NNX, the boxed ``params`` collection of a Linen
       model (``nn.Partitioned`` leaves), or arrays (or
-      ``jax.ShapeDtypeStruct``) whose ``NamedSharding`` names mesh axes.
+      :class:`jax.ShapeDtypeStruct`) whose ``NamedSharding`` names mesh axes.
     batch_axis_names: the axis names that mark batch axes.
 
   Returns:

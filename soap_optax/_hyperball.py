@@ -100,7 +100,7 @@ def hyperball(
   :math:`R = \lVert W_0 \rVert_F` (its norm at ``init``), and each step
   moves it by a fixed length :math:`\eta_t R` before it is retracted onto
   the sphere. With :math:`u` the ``inner`` optimizer's update of :math:`W`
-  (optax's convention: what ``optax.apply_updates`` adds) and
+  (optax's convention: what :func:`optax.apply_updates` adds) and
   :math:`N(x) = x / \lVert x \rVert_F`:
 
   .. math::
@@ -109,7 +109,7 @@ def hyperball(
 
   (the authors' :math:`R\, N\big(W - \eta R\, N(d)\big)` with :math:`d = -u`
   the inner direction). The update returned is :math:`W_{t+1} - W_t`, so
-  that ``optax.apply_updates`` lands on the sphere (to float rounding);
+  that :func:`optax.apply_updates` lands on the sphere (to float rounding);
   where :math:`u` is exactly zero (the first call of ``soap``, a rejected
   gradient) it is exactly zero, and where :math:`u` is not finite, so is the
   update. The size of :math:`u` does not matter, only its direction: the
@@ -133,7 +133,7 @@ def hyperball(
       ``scale_by_*`` transform (whose output is a direction to subtract) is
       chained with a negative scale first (``optax.chain(
       soap_optax.scale_by_rotated_adam(), optax.scale(-1.0))``;
-      :func:`soap_optax.soap_h` chains ``optax.scale_by_learning_rate``,
+      :func:`soap_optax.soap_h` chains :func:`optax.scale_by_learning_rate`,
       which also sets the rate of the leaves that pass through).
     learning_rate: :math:`\eta_t`, a float or an ``optax`` schedule of the
       call count (0 on the first call): each wrapped matrix moves by
@@ -150,11 +150,11 @@ def hyperball(
       matrix when it is 2-D.
 
   Returns:
-    An ``optax.GradientTransformation``. ``init`` raises a ``ValueError``
+    An :class:`optax.GradientTransformation`. ``init`` raises a ``ValueError``
     naming the leaf if a wrapped matrix is zero (no sphere to keep it on;
     under ``jax.jit(init)`` the values are not known, and such a matrix gets
     the inner update unchanged); ``update`` needs ``params``. The norms are
-    of whole matrices: under a ``jax.sharding`` layout XLA reduces across
+    of whole matrices: under a :mod:`jax.sharding` layout XLA reduces across
     devices, but inside a user's own ``shard_map`` each shard would keep a
     sphere of its own.
 

@@ -206,7 +206,7 @@ def scale_by_kl_shampoo(
     rounding_floor: :math:`\lambda_k + (\kappa \varepsilon)^2 \sum
       \lambda_k` in the update (the separable rounding-noise floor; see
       :doc:`/numerics`).
-    mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
+    mesh: a :class:`jax.sharding.Mesh` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: ``"qr_unsorted"`` (the authors':
       :math:`\operatorname{qr}(S_k Q_k)`, columns and estimates left in
@@ -219,7 +219,7 @@ def scale_by_kl_shampoo(
   :ref:`engine-options`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -20,8 +20,8 @@ Axes that are not factored use the identity basis. Which axes are factored is
 decided once, at ``init``, by :func:`plan_layout`, and stored in the state as
 part of a static plan (the tree structure, not an array), so the compiled
 ``update`` never depends on a traced ``max_precond_dim`` (as
-``optax.inject_hyperparams`` would pass it). The per-unit functions here are
-``jax.vmap``-ed over a stack by the transforms.
+:func:`optax.inject_hyperparams` would pass it). The per-unit functions here are
+:func:`jax.vmap`-ed over a stack by the transforms.
 
 References:
   Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -87,7 +87,7 @@ class FactorLayout:
 class KroneckerFactors(NamedTuple):
   """The factors of one unit, or of a stack of units (a leading ``U`` axis).
 
-  The per-unit functions below take one unit; the transforms ``jax.vmap``
+  The per-unit functions below take one unit; the transforms :func:`jax.vmap`
   them over a stack.
 
   Attributes:
@@ -189,7 +189,7 @@ def state_dtype(dtype: Any) -> jnp.dtype:
 
 
 # ------------------------------------------------------------------------------
-# Per-unit operations (one slice or block; ``jax.vmap`` them over a stack).
+# Per-unit operations (one slice or block; :func:`jax.vmap` them over a stack).
 
 
 def multiply_along_axis(

@@ -1,4 +1,4 @@
-"""Everything ``jax.sharding``: the stacks' layout over a mesh, placement,
+"""Everything :mod:`jax.sharding`: the stacks' layout over a mesh, placement,
 Explicit meshes, and the refresh divided over the devices.
 
 With ``mesh=``, every stack of same-shape units (see :mod:`soap_optax._stacks`)
@@ -20,7 +20,7 @@ import numpy as np
 
 
 def check_mesh(mesh: Any, shard_axes: Any) -> None:
-  """``mesh`` is None or a ``jax.sharding.Mesh``; ``shard_axes`` names its
+  """``mesh`` is None or a :class:`jax.sharding.Mesh`; ``shard_axes`` names its
   axes (and needs a mesh)."""
   if mesh is None:
     if shard_axes is not None:
@@ -38,7 +38,7 @@ def resolve_shard_axes(mesh: Any, shard_axes: Any) -> tuple[str, ...]:
   """The mesh axes the stacks are divided over (validated).
 
   Args:
-    mesh: a ``jax.sharding.Mesh``.
+    mesh: a :class:`jax.sharding.Mesh`.
     shard_axes: a mesh axis name, a tuple of them, or ``None`` for all of the
       mesh's axes.
 
@@ -74,7 +74,7 @@ class ShardedLayout:
   and the refresh skips them.
 
   Attributes:
-    mesh: the ``jax.sharding.Mesh``.
+    mesh: the :class:`jax.sharding.Mesh`.
     axes: the mesh axes the leading axis is sharded over.
     units_per_shard: per stack, the number of units each shard owns.
     unit_slots_: per stack, the slot of each unit, in unit order (see
@@ -143,7 +143,7 @@ def constrain(x: jax.Array, mesh: Any,
 
 
 def context_mesh(mesh: Any) -> Any:
-  """The mesh to give ``jax.shard_map``: the context's, where one is set."""
+  """The mesh to give :func:`jax.shard_map`: the context's, where one is set."""
   abstract = jax.sharding.get_abstract_mesh()
   return mesh if abstract.empty else abstract
 
@@ -177,10 +177,10 @@ def on_any_mesh(update_fn: Callable[..., Any],
                 layout_of: Callable[[Any], 'ShardedLayout | None']):
   """``update_fn`` made to work on Explicit meshes as on Auto ones.
 
-  With Explicit axes (``jax.make_mesh``'s default), every array's sharding
+  With Explicit axes (:func:`jax.make_mesh`'s default), every array's sharding
   is part of its type and each operation must say how its result is sharded.
   The engine's arithmetic is written for GSPMD's propagation instead, so on
-  an Explicit mesh the update runs inside ``jax.sharding.auto_axes``: the
+  an Explicit mesh the update runs inside :func:`jax.sharding.auto_axes`: the
   gradients enter as they are, and the updates leave sharded like them, the
   state as ``layout_of(state)`` says (stacks divided over the shard axes,
   scalars replicated).
@@ -221,7 +221,7 @@ def divided_map(
     arg_lists: Sequence[Sequence[jax.Array]],
     local: Callable[..., Any],
 ) -> tuple[Any, jax.Array]:
-  """``local(fn, *arg_lists)`` run as one ``jax.shard_map`` over the layout's
+  """``local(fn, *arg_lists)`` run as one :func:`jax.shard_map` over the layout's
   shard axes: each device sees only its own slots of every stacked argument
   (their leading axes are divided), so no operand of ``fn`` is partitioned.
 

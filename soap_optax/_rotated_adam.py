@@ -195,7 +195,7 @@ def scale_by_rotated_adam(
     \operatorname{unrotate}_{\text{old}}(m)\big)`.
 
   ``eps`` is added to the *uncorrected* :math:`\sqrt{v}`, as in the authors'
-  implementation (``optax.scale_by_adam`` adds it to the corrected one).
+  implementation (:func:`optax.scale_by_adam` adds it to the corrected one).
 
   With ``factored=True`` (factorized SOAP) :math:`v` is replaced by
   Adafactor's estimate built from one running statistic per (merged) axis,
@@ -231,7 +231,7 @@ def scale_by_rotated_adam(
     factored: keep Adafactor's factored second moment instead of ``v``.
     mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``); ``None``
       keeps the statistics' dtype. The arithmetic is done in the statistics'
-      dtype, as in ``optax.scale_by_adam``.
+      dtype, as in :func:`optax.scale_by_adam`.
     dimension_numbers: batch axes (and matrix axes) per parameter.
     block_size: cut longer axes into blocks with their own factors.
     bucket_padding: let units of different shapes share one stack, and so
@@ -244,7 +244,7 @@ def scale_by_rotated_adam(
       calls.
     rounding_floor: divide by :math:`\sqrt{v + f^2}` (above); ``False``
       reproduces the reference's float32 behaviour.
-    mesh: a ``jax.sharding.Mesh`` to divide the state and work over.
+    mesh: a :class:`jax.sharding.Mesh` to divide the state and work over.
     shard_axes: the mesh axes to divide over (``None``: all).
     refresh: the solver of later refreshes: ``"qr"`` (power iteration + QR,
       columns sorted: the SOAP authors'), ``"qr_unsorted"`` (the same
@@ -275,7 +275,7 @@ def scale_by_rotated_adam(
   :ref:`engine-options`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp

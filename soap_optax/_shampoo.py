@@ -217,14 +217,14 @@ def scale_by_shampoo_eigenbasis(
     rounding_floor: add the rounding-noise floor to the eigenvalues (above).
     rayleigh_floor: never use an eigenvalue below its current Rayleigh
       quotient (above); ``False`` is classic Shampoo.
-    mesh: divide the state and the work over this ``jax.sharding.Mesh``.
+    mesh: divide the state and the work over this :class:`jax.sharding.Mesh`.
     shard_axes: the mesh axis (or axes) to divide over; ``None``: all.
 
   The engine options are described in full in
   :ref:`engine-options`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax

@@ -4,7 +4,7 @@ The eigenbasis transforms keep their state stacked (see
 :mod:`soap_optax._stacks`); given a mesh, every stack's leading axis is
 divided over the mesh, and the plan in the state says how. The rest of a
 chained optimizer's state is optax's own: moments shaped like the parameters
-(``optax.scale_by_adam``'s, ``MultiSteps``' accumulated gradients, the
+(:func:`optax.scale_by_adam`'s, ``MultiSteps``' accumulated gradients, the
 shampoo alias's graft and momentum), counters and injected hyperparameters.
 """
 
@@ -40,7 +40,7 @@ def state_shardings(tx: Any, params: Any) -> Any:
   The result has the tree structure of ``jax.eval_shape(tx.init, params)``
   and serves as ``out_shardings`` of a jitted ``init`` and of the train step,
   and as the sharding of Orbax's restore target. ``tx`` may be any chain of
-  this library's transforms with optax's own (``optax.chain``,
+  this library's transforms with optax's own (:func:`optax.chain`,
   ``inject_hyperparams``, ``MultiSteps``, ``masked``, ``partition``...).
 
   Rules, per array of the state:
@@ -55,13 +55,13 @@ def state_shardings(tx: Any, params: Any) -> Any:
   * anything else (counters, hyperparameters) is replicated.
 
   Args:
-    tx: an ``optax.GradientTransformation`` (or anything with ``init``).
-    params: the parameters, as arrays or ``jax.ShapeDtypeStruct``\\ s,
+    tx: an :class:`optax.GradientTransformation` (or anything with ``init``).
+    params: the parameters, as arrays or :class:`jax.ShapeDtypeStruct`\\ s,
       carrying their shardings (``NamedSharding``; a parameter without one
       is treated as replicated).
 
   Returns:
-    A pytree of ``jax.sharding.NamedSharding``.
+    A pytree of :class:`jax.sharding.NamedSharding`.
 
   Raises:
     ValueError: if no mesh can be found: the parameters carry no
@@ -145,17 +145,17 @@ def parameter_shardings(tx: Any, params: Any) -> Any:
   tallest equal parts (then the longest, the first on ties); without one,
   the first batch axis; else replicated. A gradient laid out otherwise is
   first moved to this layout (one reshard of it per step). Lay the
-  parameters out with these shardings (``jax.device_put``, or as the
+  parameters out with these shardings (:func:`jax.device_put`, or as the
   ``out_shardings`` of their initialization) and the update moves every
   gradient row exactly once.
 
   Args:
     tx: an optimizer holding an eigenbasis transform built with ``mesh=``
       (the first one found in its state is used) for all of ``params``.
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``\\ s).
+    params: the parameters (arrays or :class:`jax.ShapeDtypeStruct`\\ s).
 
   Returns:
-    A pytree like ``params`` of ``jax.sharding.NamedSharding``.
+    A pytree like ``params`` of :class:`jax.sharding.NamedSharding`.
 
   Raises:
     ValueError: if ``tx`` holds no eigenbasis transform with a mesh for
@@ -242,7 +242,7 @@ def portable_state(state: Any) -> Any:
   entry per unit, exactly as the transform would hold it without a mesh.
   Save this form, and a checkpoint restores on any number of devices (see
   :func:`reshard_state`). ``state`` may hold arrays or
-  ``jax.ShapeDtypeStruct``\\ s (to build Orbax's restore target); anything
+  :class:`jax.ShapeDtypeStruct`\\ s (to build Orbax's restore target); anything
   outside the eigenbasis transforms' states is returned as it is.
 
   Example::
@@ -332,7 +332,7 @@ def reshard_state(state: Any, tx: Any, params: Any) -> Any:
   Args:
     state: the state to move.
     tx: the optimizer to move it to.
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``\\ s with
+    params: the parameters (arrays or :class:`jax.ShapeDtypeStruct`\\ s with
       their shardings), as for :func:`state_shardings`.
 
   Returns:

@@ -19,7 +19,7 @@ units (see :mod:`soap_optax._stacks`):
    that declare ``carries_moments``, SOAP and KL-Shampoo: a step is
    preconditioned in the old bases, then the rule's state is carried into
    the new ones by its ``on_refresh``, the estimator's by its own);
-5. per unit, ``jax.vmap``-ed over each stack: **rotate** the gradient into
+5. per unit, :func:`jax.vmap`-ed over each stack: **rotate** the gradient into
    the bases, update the **tracked quotients** ``diag(Q_i^T GG_i Q_i)``
    (``q <- β q + (1 - β)`` the estimator's increments; the refresh's values
    on a refresh before the step), the rule's **step** (a direction in the
@@ -27,7 +27,7 @@ units (see :mod:`soap_optax._stacks`):
 6. **keep** rejected units unchanged, **pack** the state, **scatter** the
    updates back to the parameters' shapes and dtypes.
 
-On an Explicit mesh the whole update runs inside ``jax.sharding.auto_axes``
+On an Explicit mesh the whole update runs inside :func:`jax.sharding.auto_axes`
 (:func:`soap_optax._mesh.on_any_mesh`).
 
 A rule says only what it keeps and how it steps in the basis (five
@@ -99,7 +99,7 @@ class EngineConfig:
       columns (and so a dead axis each), while the padding adds at most
       this fraction of the whole tree's refresh work (``d^3`` per factor;
       :func:`soap_optax._refresh.solver_sizes`). Under
-      ``optax.inject_hyperparams`` with a ``jit``-ed ``init``, list it in
+      :func:`optax.inject_hyperparams` with a ``jit``-ed ``init``, list it in
       ``static_args``.
     staggered_refresh: spread the refreshes over the ``precondition_frequency``
       calls instead of refreshing every unit on the same call: each unit is
@@ -118,7 +118,7 @@ class EngineConfig:
       ``diag(Q^T GG Q)``, then QR; about ``14/3 d^3`` flops),
       ``"qr_unsorted"`` (the same without the sort) or ``"eigh"`` (about
       ``9 d^3``). A unit's first refresh is always ``"eigh"``.
-    mesh: a ``jax.sharding.Mesh`` to divide the optimizer over, or ``None``
+    mesh: a :class:`jax.sharding.Mesh` to divide the optimizer over, or ``None``
       (single device). With a mesh, every unit has one owner device along
       ``shard_axes``, which keeps its state and does its per-unit work and
       refresh; the gradients reach the owners and the updates come back
@@ -402,7 +402,7 @@ def eigenbasis_transform(
     rule: Rule, config: EngineConfig, estimator: Any, *,
     pads_exactly: bool = True, decide: Any = None,
 ) -> optax.GradientTransformation:
-  """The ``optax.GradientTransformation`` of ``rule`` on the engine.
+  """The :class:`optax.GradientTransformation` of ``rule`` on the engine.
 
   Args:
     rule: what the transform computes per unit (see :class:`Rule`).
@@ -419,7 +419,7 @@ def eigenbasis_transform(
       (the engine's schedule or policy decides).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is ``rule.State``.
+    An :class:`optax.GradientTransformation` whose state is ``rule.State``.
   """
   fields = tuple(name for name in rule.State._fields if name != 'eigenbasis')
   carries, beta = rule.carries_moments, estimator.beta

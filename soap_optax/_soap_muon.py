@@ -22,7 +22,7 @@ MUON_NS_STEPS = 5
 
 def newton_schulz(x: jax.Array, coeffs: Any = MUON_NS_COEFFS,
                   steps: int = MUON_NS_STEPS, eps: float = 1e-8) -> jax.Array:
-  """``optax.contrib.muon``'s orthogonalization of one matrix (its default,
+  """:func:`optax.contrib.muon`'s orthogonalization of one matrix (its default,
   Frobenius-normalized iteration), every product at ``HIGHEST`` precision:
   ``X = x / (||x||_F + eps)`` (transposed when taller than wide), then
   ``steps`` times ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``."""
@@ -160,7 +160,7 @@ def scale_by_soap_muon(
     floor of :func:`soap_optax.scale_by_rotated_adam`); then the factors
     absorb :math:`C_i(G)` and, every ``precondition_frequency`` calls, the
     bases are refreshed as SOAP's (:math:`V` permuted with the columns).
-    :math:`\operatorname{NS}` is ``optax.contrib.muon``'s default
+    :math:`\operatorname{NS}` is :func:`optax.contrib.muon`'s default
     Newton-Schulz iteration: the matrix divided by its Frobenius norm (plus
     :math:`10^{-8}`), then ``ns_steps = 5`` quintic steps
     :math:`X \leftarrow a X + (b A + c A^2) X`, :math:`A = X X^\top`, with
@@ -193,7 +193,7 @@ def scale_by_soap_muon(
       engine options of :func:`soap_optax.scale_by_rotated_adam`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An :class:`optax.GradientTransformation`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -213,7 +213,7 @@ def scale_by_soap_muon(
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, 2024; Jordan
-    et al., Muon (2024), as ``optax.contrib.muon`` implements it.
+    et al., Muon (2024), as :func:`optax.contrib.muon` implements it.
   """
   config = _skeleton.EngineConfig.from_arguments(locals())
   _checks.check_arguments(

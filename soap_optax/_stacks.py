@@ -19,7 +19,7 @@ Units of the same shape and state dtype, from every parameter of the tree, form
 one **stack**: an array ``(U, *merged_shape)``. The state is kept stacked, so
 a step only gathers the gradients into stacks (:func:`gather`) and scatters
 the updates back (:func:`scatter`); the per-unit arithmetic runs once per stack
-under ``jax.vmap``, and the compiled program grows with the number of distinct
+under :func:`jax.vmap`, and the compiled program grows with the number of distinct
 shapes, not with depth.
 
 No padding is needed: an uneven last block is simply a unit of another shape,
@@ -138,7 +138,7 @@ class EigenbasisPlan:
   """Static layout of a parameter tree: placements and stacks.
 
   Part of the state's tree structure (no arrays), so the compiled ``update``
-  knows it while tracing, and ``jit``, Orbax and ``flax.nnx.Optimizer`` keep it
+  knows it while tracing, and ``jit``, Orbax and :class:`flax.nnx.Optimizer` keep it
   unchanged.
   """
 

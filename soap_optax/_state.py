@@ -90,7 +90,7 @@ def init_eigenbasis(
   divided over ``shard_axes`` (:func:`shard_plan`) and placed there.
 
   ``max_precond_dim`` (and ``block_size``) decide array shapes, so they must be
-  concrete here. They are tracers only when ``optax.inject_hyperparams``
+  concrete here. They are tracers only when :func:`optax.inject_hyperparams`
   injected them and ``init`` runs under ``jit``; the error then says how to
   keep them static.
   """

@@ -8,11 +8,13 @@ breaks fails here with the page's own line in the traceback.
 
 import html
 import importlib
+import inspect
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -53,14 +55,80 @@ def _rendered_summary(docstring: str) -> str:
   return _words(first)
 
 
+# A cross-reference to JAX, optax or Flax: a Python role naming one of them.
+EXTERNAL_ROLE = re.compile(
+    r'(?::|\{)(func|class|mod)(?::|\})`(?:[^`<]*<)?((?:jax|optax|flax)\.[\w.]+)>?`')
+ROLE_OF = {'py:function': 'func', 'py:class': 'class', 'py:module': 'mod'}
+
+
+def external_references() -> dict[str, str]:
+  """{name: role} of every reference into JAX, optax or Flax that the site
+  renders (the guides and the package's docstrings)."""
+  sources = [*DOCS.glob('*.md'), *(ROOT / 'soap_optax').rglob('*.py')]
+  references = {}
+  for source in sources:
+    for role, name in EXTERNAL_ROLE.findall(source.read_text()):
+      references.setdefault(name, set()).add(role)
+  return references
+
+
+def _python_object(name: str):
+  """The object a dotted name names in the installed packages, by import
+  and attribute lookup; a ``LookupError`` if there is none."""
+  parts = name.split('.')
+  for split in range(len(parts), 0, -1):
+    try:
+      obj = importlib.import_module('.'.join(parts[:split]))
+    except ImportError:
+      continue
+    for attribute in parts[split:]:
+      if not hasattr(obj, attribute):
+        raise LookupError(name)
+      obj = getattr(obj, attribute)
+    return obj
+  raise LookupError(name)
+
+
+def _inventory_type(obj) -> str:
+  if inspect.ismodule(obj):
+    return 'py:module'
+  return 'py:class' if inspect.isclass(obj) else 'py:function'
+
+
+def write_inventories(folder: pathlib.Path) -> None:
+  """Sphinx inventories (objects.inv, version 2) for jax, optax and flax
+  that hold the names this site references, each typed by what it is in the
+  installed package, so a misspelt name or a wrong role fails the nitpicky
+  build as it would against the projects' own inventories. The addresses
+  follow the ``name.html`` pattern: the tests check that links are made, not
+  where the projects put their pages."""
+  entries = {}
+  for name in external_references():
+    project = name.split('.')[0]
+    kind = _inventory_type(_python_object(name))
+    entries.setdefault(project, []).append(f'{name} {kind} 1 {name}.html -')
+  for project, lines in entries.items():
+    header = (f'# Sphinx inventory version 2\n# Project: {project}\n'
+              '# Version: \n# The remainder of this file is compressed using '
+              'zlib.\n').encode()
+    body = zlib.compress(('\n'.join(sorted(lines)) + '\n').encode())
+    (folder / f'{project}.inv').write_bytes(header + body)
+
+
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-  """The site, built once with warnings as errors."""
+  """The site, built once with warnings as errors, its links into JAX,
+  optax and Flax resolved against local inventories (no network)."""
   out = tmp_path_factory.mktemp('site')
+  (out / 'inventories').mkdir()
+  write_inventories(out / 'inventories')
+  env = dict(os.environ,
+             SOAP_OPTAX_DOCS_INVENTORIES=str(out / 'inventories'))
+  env.pop('SOAP_OPTAX_DOCS_OFFLINE', None)
   result = subprocess.run(
       [sys.executable, '-m', 'sphinx', '-W', '-n', '--keep-going', '-q', '-b',
        'html', '-d', str(out / 'doctrees'), str(DOCS), str(out / 'html')],
-      capture_output=True, text=True, timeout=600, check=False)
+      capture_output=True, text=True, timeout=600, check=False, env=env)
   assert result.returncode == 0, result.stdout + result.stderr
   return out / 'html'
 
@@ -78,6 +146,47 @@ def test_every_public_name_has_a_rendered_reference_page(site):
   # The docstrings' math reaches MathJax, not the page as raw markup.
   soap_page = (site / '_autosummary' / 'soap_optax.soap.html').read_text()
   assert 'math notranslate' in soap_page and '.. math::' not in soap_page
+
+
+def test_external_names_are_real_and_link_to_their_projects(site):
+  """Every reference into JAX, optax and Flax names an object of the
+  installed package with the role of its kind, and renders as a link into
+  that project's documentation."""
+  references = external_references()
+  assert {'optax.GradientTransformation', 'optax.chain', 'jax.sharding.Mesh',
+          'flax.nnx.Optimizer'} <= set(references)
+  for name, roles in references.items():
+    assert roles == {ROLE_OF[_inventory_type(_python_object(name))]}, name
+  with pytest.raises(LookupError):
+    _python_object('optax.chian')
+  index = (site / 'index.html').read_text()
+  assert ('href="https://optax.readthedocs.io/en/latest/'
+          'optax.GradientTransformation.html"') in index
+  sharding = (site / 'sharding.html').read_text()
+  assert 'href="https://docs.jax.dev/en/latest/jax.sharding.Mesh.html"' in (
+      sharding)
+
+
+def test_the_landing_page_offers_the_source_and_its_install(site):
+  """The landing page links the source archive the site carries: the
+  repository's tracked files in one ``soap_optax/`` folder, installable as
+  the page says."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  index = (site / 'index.html').read_text()
+  link = re.search(r'href="(_downloads/[^"]+/soap_optax-source\.tar\.gz)"',
+                   index)
+  assert link, 'no link to the source archive'
+  words = _article(site / 'index.html')
+  assert 'tar xzf soap_optax source tar gz cd soap_optax pip install e' in (
+      words)
+  with tarfile.open(site / link.group(1)) as archive:
+    members = {m.name for m in archive.getmembers() if m.isfile()}
+  tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+  assert members == {f'soap_optax/{name}' for name in tracked
+                     if (ROOT / name).is_file()}
+  assert {'soap_optax/pyproject.toml', 'soap_optax/README.md',
+          'soap_optax/soap_optax/__init__.py'} <= members
 
 
 def test_every_guide_and_the_notebook_are_in_the_site(site):
