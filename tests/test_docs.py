@@ -190,7 +190,8 @@ def test_the_landing_page_offers_the_source_and_its_install(site):
 
 
 def test_every_guide_and_the_notebook_are_in_the_site(site):
-  for guide in GUIDES + ('api', 'architecture', 'benchmarks'):
+  for guide in GUIDES + ('api', 'architecture', 'benchmarks', 'performance',
+                        'glossary'):
     assert (site / f'{guide}.html').exists(), guide
   notebook = site / '_notebooks' / 'shampoo_adafactor_identity.html'
   assert notebook.exists()

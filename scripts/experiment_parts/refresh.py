@@ -160,8 +160,9 @@ def tables(section) -> str:
       f'Kronecker problem {k["m"]}×{k["n"]}, {k["steps"]} steps, problem '
       f'seeds {k["problem_seeds"]} (each the mean of {k["noise_seeds"]} '
       'noise seeds), best rate of the grid per schedule; FOAM: '
-      f'{k["foam"]} with eps = ε0 = 1e-12; `shampoo_ungrafted` is classic '
-      'Shampoo (`grafting="none", rayleigh_floor=False`).', '',
+      f'{k["foam"]} with $\\varepsilon = \\varepsilon_0 = 10^{{-12}}$; '
+      '`shampoo_ungrafted` is classic Shampoo '
+      '(`grafting="none", rayleigh_floor=False`).', '',
       '| optimizer | schedule | best lr | final loss / initial | '
       'decompositions | s per run | lr diverged or > initial |',
       '| --- | --- | --- | --- | --- | --- | --- |']
