@@ -211,6 +211,49 @@ def test_math_renders_offline_and_code_has_a_copy_button(site):
   assert any('clipboard' in src or 'copybutton' in src for src in scripts)
 
 
+# Characters of a formula that Python code never holds.
+FORMULA_CHARACTERS = '²³√Σ∑⊗⊙·ᵀ⁻½∈'
+RAW_LATEX = re.compile(
+    r'\\(frac|sqrt|top|begin|mathrm|varepsilon|epsilon|beta|times|le|ge|'
+    r'odot|otimes|sum|lambda|kappa)\b|\$[^$\s][^$]*\$')
+
+
+def formula_defects(page: str) -> list[str]:
+  """A built page's formulas that did not reach MathJax: raw LaTeX (or
+  ``$...$``) in its text, and formula characters inside inline code."""
+  body = page[page.index('<body'):]
+  body = re.sub(r'<script.*?</script>', ' ', body, flags=re.S)
+  body = re.sub(r'<(span|div) class="math[^"]*">.*?</\1>', ' ', body,
+                flags=re.S)
+  body = re.sub(r'<pre.*?</pre>', ' ', body, flags=re.S)
+  defects = []
+  for code in re.findall(r'<code class="docutils literal[^"]*">(.*?)</code>',
+                         body, flags=re.S):
+    code = html.unescape(re.sub(r'<[^>]+>', '', code))
+    if any(character in code for character in FORMULA_CHARACTERS):
+      defects.append(f'formula as code: {code}')
+  text = html.unescape(re.sub(r'<[^>]+>', ' ', body))
+  defects += [f'raw LaTeX: {text[max(0, m.start() - 30):m.end() + 30]}'
+              for m in RAW_LATEX.finditer(text)]
+  return defects
+
+
+def test_formulas_are_typeset_on_every_page(site):
+  """Every page, the API pages, the notebook and the measurement log
+  included (not the highlighted sources): no raw LaTeX, no formula written
+  as inline code."""
+  pages = [p for p in site.rglob('*.html')
+           if '_modules' not in p.parts and '<article' in p.read_text()]
+  assert len(pages) > 40
+  defects = {p.name: formula_defects(p.read_text()) for p in pages}
+  assert not {name: d for name, d in defects.items() if d}
+  # The check sees both kinds of defect.
+  planted = ('<body><p>costs <code class="docutils literal notranslate">'
+             '<span class="pre">d²</span></code> and \\(\\sqrt{v}\\) '
+             'and $x^2$</p></body>')
+  assert len(formula_defects(planted)) == 3, formula_defects(planted)
+
+
 def test_no_user_page_names_a_private_module(site):
   """The guides and the API pages (not the highlighted sources under
   ``_modules``, nor the benchmark log) name no private ``soap_optax._*``."""
