@@ -1,4 +1,4 @@
-"""Flax glue: batch axes from axis names, and :mod:`flax.serialization` support.
+"""Flax glue: batch axes from axis names, and ``flax.serialization`` support.
 
 Scanned Flax models keep their layers as one parameter with a leading layer
 axis, and name that axis in the parameter's metadata:

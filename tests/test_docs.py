@@ -102,11 +102,10 @@ def write_inventories(folder: pathlib.Path) -> None:
   build as it would against the projects' own inventories. The addresses
   follow the ``name.html`` pattern: the tests check that links are made, not
   where the projects put their pages."""
-  entries = {}
+  entries = {'jax': [], 'optax': [], 'flax': []}
   for name in external_references():
-    project = name.split('.')[0]
     kind = _inventory_type(_python_object(name))
-    entries.setdefault(project, []).append(f'{name} {kind} 1 {name}.html -')
+    entries[name.split('.')[0]].append(f'{name} {kind} 1 {name}.html -')
   for project, lines in entries.items():
     header = (f'# Sphinx inventory version 2\n# Project: {project}\n'
               '# Version: \n# The remainder of this file is compressed using '
@@ -168,9 +167,9 @@ def test_external_names_are_real_and_link_to_their_projects(site):
 
 
 def test_the_landing_page_offers_the_source_and_its_install(site):
-  """The landing page links the source archive the site carries: the
-  repository's tracked files in one ``soap_optax/`` folder, installable as
-  the page says."""
+  """The landing page links the source archive the site carries (the
+  repository's tracked files in one ``soap_optax/`` folder) and says how to
+  unpack and install it."""
   import tarfile  # pylint: disable=g-import-not-at-top
   index = (site / 'index.html').read_text()
   link = re.search(r'href="(_downloads/[^"]+/soap_optax-source\.tar\.gz)"',
@@ -181,12 +180,37 @@ def test_the_landing_page_offers_the_source_and_its_install(site):
       words)
   with tarfile.open(site / link.group(1)) as archive:
     members = {m.name for m in archive.getmembers() if m.isfile()}
-  tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+  tracked = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT,
+                           capture_output=True, text=True,
+                           check=True).stdout.split('\0')
   assert members == {f'soap_optax/{name}' for name in tracked
-                     if (ROOT / name).is_file()}
+                     if name and (ROOT / name).is_file()}
   assert {'soap_optax/pyproject.toml', 'soap_optax/README.md',
           'soap_optax/soap_optax/__init__.py'} <= members
+
+
+def test_the_source_archive_rebuilds_from_itself(site, tmp_path):
+  """Outside a git checkout (the archive unpacked) the docs configuration
+  picks the same files by ``.gitignore``'s patterns, its own outputs
+  (notebook copies, the archive) and build folders left out."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  archive_path = next((site / '_downloads').glob('*/soap_optax-source.tar.gz'))
+  with tarfile.open(archive_path) as archive:
+    archive.extractall(tmp_path, filter='data')
+    members = {m.name for m in archive.getmembers() if m.isfile()}
+  unpacked = tmp_path / 'soap_optax'
+  # Files a build or a test run leaves behind, which the archive must skip.
+  (unpacked / 'soap_optax' / '__pycache__').mkdir()
+  (unpacked / 'soap_optax' / '__pycache__' / 'x.pyc').write_bytes(b'')
+  (unpacked / 'docs' / '_build').mkdir()
+  (unpacked / 'docs' / '_build' / 'index.html').write_text('')
+  env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path))
+  subprocess.run([sys.executable, str(unpacked / 'docs' / 'conf.py')],
+                 cwd=unpacked, env=env, check=True, timeout=120)
+  with tarfile.open(unpacked / 'docs' / '_generated' /
+                    'soap_optax-source.tar.gz') as archive:
+    rebuilt = {m.name for m in archive.getmembers() if m.isfile()}
+  assert rebuilt == members, (rebuilt ^ members)
 
 
 def test_every_guide_and_the_notebook_are_in_the_site(site):
