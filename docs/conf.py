@@ -75,17 +75,18 @@ EXTERNAL_DOCS = {
     'optax': 'https://optax.readthedocs.io/en/latest/',
     'flax': 'https://flax.readthedocs.io/en/latest/',
 }
-_inventories = os.environ.get('SOAP_OPTAX_DOCS_INVENTORIES')
-if _inventories and os.environ.get('SOAP_OPTAX_DOCS_OFFLINE') != '1':
+_offline = os.environ.get('SOAP_OPTAX_DOCS_OFFLINE') == '1'
+_inventories = None if _offline else os.environ.get(
+    'SOAP_OPTAX_DOCS_INVENTORIES')
+if _inventories:
   intersphinx_mapping = {
       name: (url, os.path.join(os.path.abspath(_inventories), f'{name}.inv'))
       for name, url in EXTERNAL_DOCS.items()}
 else:
   nitpick_ignore_regex = [
       (r'py:.*', r'(%s)(\..*)?' % '|'.join(EXTERNAL_DOCS))]
-  intersphinx_mapping = (
-      {} if os.environ.get('SOAP_OPTAX_DOCS_OFFLINE') == '1' else
-      {name: (url, None) for name, url in EXTERNAL_DOCS.items()})
+  intersphinx_mapping = {} if _offline else {
+      name: (url, None) for name, url in EXTERNAL_DOCS.items()}
 
 # MyST: $...$ and $$...$$ math, ::: fences, heading anchors for links.
 myst_enable_extensions = ['dollarmath', 'colon_fence', 'deflist']
@@ -138,14 +139,21 @@ def _tracked_files() -> list[str]:
   patterns.append('.git')
 
   def ignored(relative: str) -> bool:
-    parts = relative.split('/')
-    return any(fnmatch.fnmatch(part, pattern) or
-               fnmatch.fnmatch('/'.join(parts[:i + 1]), pattern)
-               for pattern in patterns for i, part in enumerate(parts))
+    """Whether a pattern matches the path's own name or the whole path
+    (its folders were checked on the way down)."""
+    name = relative.rsplit('/', 1)[-1]
+    return any(fnmatch.fnmatch(name, pattern) or
+               fnmatch.fnmatch(relative, pattern) for pattern in patterns)
 
-  return sorted(path.relative_to(ROOT).as_posix()
-                for path in ROOT.rglob('*') if path.is_file()
-                and not ignored(path.relative_to(ROOT).as_posix()))
+  names = []
+  for folder, subfolders, files in os.walk(ROOT):
+    prefix = pathlib.Path(folder).relative_to(ROOT).as_posix()
+    prefix = '' if prefix == '.' else prefix + '/'
+    # Ignored folders (.git, build outputs, a virtual environment) are not
+    # walked into.
+    subfolders[:] = [d for d in subfolders if not ignored(prefix + d)]
+    names += [prefix + f for f in files if not ignored(prefix + f)]
+  return sorted(names)
 
 
 def _write_source_archive():

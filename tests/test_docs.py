@@ -14,6 +14,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tarfile
 import zlib
 
 import pytest
@@ -61,8 +62,8 @@ EXTERNAL_ROLE = re.compile(
 ROLE_OF = {'py:function': 'func', 'py:class': 'class', 'py:module': 'mod'}
 
 
-def external_references() -> dict[str, str]:
-  """{name: role} of every reference into JAX, optax or Flax that the site
+def external_references() -> dict[str, set[str]]:
+  """{name: roles} of every reference into JAX, optax or Flax that the site
   renders (the guides and the package's docstrings)."""
   sources = [*DOCS.glob('*.md'), *(ROOT / 'soap_optax').rglob('*.py')]
   references = {}
@@ -170,7 +171,6 @@ def test_the_landing_page_offers_the_source_and_its_install(site):
   """The landing page links the source archive the site carries (the
   repository's tracked files in one ``soap_optax/`` folder) and says how to
   unpack and install it."""
-  import tarfile  # pylint: disable=g-import-not-at-top
   index = (site / 'index.html').read_text()
   link = re.search(r'href="(_downloads/[^"]+/soap_optax-source\.tar\.gz)"',
                    index)
@@ -193,7 +193,6 @@ def test_the_source_archive_rebuilds_from_itself(site, tmp_path):
   """Outside a git checkout (the archive unpacked) the docs configuration
   picks the same files by ``.gitignore``'s patterns, its own outputs
   (notebook copies, the archive) and build folders left out."""
-  import tarfile  # pylint: disable=g-import-not-at-top
   archive_path = next((site / '_downloads').glob('*/soap_optax-source.tar.gz'))
   with tarfile.open(archive_path) as archive:
     archive.extractall(tmp_path, filter='data')
